@@ -1,0 +1,1 @@
+//! Goose load generator (not built yet: see README "Status").

@@ -1,0 +1,87 @@
+//! Every bound and timing rule of the model in one place, with its default and where the
+//! figure comes from (TigerBeetle style: nothing is unbounded).
+
+use serde::{Deserialize, Serialize};
+
+/// Limits and timings of one chat server. Every queue, frame, page, group and rate has a
+/// named bound here; the core never allocates past them.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest text frame the core accepts, in bytes; larger gets error 413.
+    pub max_frame_bytes: usize,
+    /// Largest frame the WebSocket layer reads at all; past it the socket is closed (1009).
+    pub max_transport_frame_bytes: usize,
+    /// Largest `content` (opaque ciphertext) of one message, in bytes. Seed 001: ~1 KB
+    /// average message with metadata; 16 KiB leaves room for long texts.
+    pub max_content_bytes: usize,
+    /// Outbound queue bound per connection, in frames.
+    pub outbound_max_frames: usize,
+    /// Outbound queue bound per connection, in bytes.
+    pub outbound_max_bytes: usize,
+    /// Most messages in one `sync_page`, whatever the client asks (seed 002: limit is capped
+    /// server-side).
+    pub sync_page_cap: usize,
+    /// Group size cap (seed 003: 256 members).
+    pub group_cap: usize,
+    /// Groups up to this size are copied into every member's inbox on send; larger groups
+    /// keep one shared log read by cursor (seed 002: copy-on-send vs shared log).
+    pub group_fanout_threshold: usize,
+    /// Sustained sends per second allowed per user.
+    pub send_rate_per_sec: u32,
+    /// Burst of sends allowed per user above the sustained rate.
+    pub send_burst: u32,
+    /// Client heartbeat interval the server expects (seed 000: every 30 s).
+    pub heartbeat_interval_ms: u64,
+    /// A device with no frame for this long is offline and its socket closed (seed 000: 60 s).
+    pub presence_timeout_ms: u64,
+    /// A connection that has not authenticated after this long is closed.
+    pub auth_timeout_ms: u64,
+    /// Least time between two typing notices from one user in one conversation.
+    pub typing_min_interval_ms: u64,
+    /// Undelivered messages expire after this long (seed 000: 30 days).
+    pub retention_ms: u64,
+    /// Keep message bodies after every device acked them (server-side history) for all users.
+    pub keep_history: bool,
+    /// Most presence subscriptions one connection may hold.
+    pub max_presence_subscriptions: usize,
+    /// Most message ids in one read receipt.
+    pub max_receipt_ids: usize,
+    /// Largest media object, in bytes.
+    pub max_media_bytes: u64,
+    /// Largest chunk of one media upload request, in bytes.
+    pub media_chunk_bytes: usize,
+    /// An upload not completed within this long is deleted (seed 002: expire broken uploads).
+    pub media_upload_ttl_ms: u64,
+    /// Lifetime of minted auth tokens by default.
+    pub token_ttl_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_frame_bytes: 64 * 1024,
+            max_transport_frame_bytes: 1024 * 1024,
+            max_content_bytes: 16 * 1024,
+            outbound_max_frames: 1024,
+            outbound_max_bytes: 1024 * 1024,
+            sync_page_cap: 200,
+            group_cap: 256,
+            group_fanout_threshold: 100,
+            send_rate_per_sec: 20,
+            send_burst: 100,
+            heartbeat_interval_ms: 30_000,
+            presence_timeout_ms: 60_000,
+            auth_timeout_ms: 5_000,
+            typing_min_interval_ms: 2_000,
+            retention_ms: 30 * 24 * 3600 * 1000,
+            keep_history: false,
+            max_presence_subscriptions: 1024,
+            max_receipt_ids: 256,
+            max_media_bytes: 64 * 1024 * 1024,
+            media_chunk_bytes: 256 * 1024,
+            media_upload_ttl_ms: 24 * 3600 * 1000,
+            token_ttl_ms: 30 * 24 * 3600 * 1000,
+        }
+    }
+}

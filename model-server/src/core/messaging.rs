@@ -1,0 +1,600 @@
+//! Send, store, deliver, acknowledge, sync: the life of one message.
+//!
+//! The order inside `store_and_fan_out` is the design: dedup on (sender,
+//! `client_message_id`), assign the next `seq` of the conversation, commit the message and
+//! every inbox copy in one batch, and only then ack the sender and deliver to online
+//! devices (or emit a content-free push). Nothing acked can be lost, and a retry can never
+//! create a second `seq`.
+
+use super::outbound::FrameClass;
+use super::registry::Session;
+use super::{ChatCore, Handled, PushRequest, Reject, PUSH_COUNT_CAP};
+use crate::ids::{
+    is_valid_id, ClientMsgId, ConnId, ConversationId, ConversationKind, DeviceId, GroupId,
+    MediaId, MessageId, Millis, Seq, UserId,
+};
+use crate::protocol::{
+    DeliveredMessage, ErrorPayload, GroupReceiptPayload, MessageAckPayload, ReceiptPayload,
+    SendPayload, ServerFrame, Status, SyncPagePayload, SyncPayload,
+};
+use crate::store::records::{
+    conv_meta_put, dedup_key, enc, expiry_key, group_cursor_put, inbox_key, msg_key,
+    InboxEntry, StoredMessage,
+};
+use crate::store::{KvStore, Table, Write};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// A send that passed validation, ready to be stored.
+pub(super) struct NewMessage {
+    pub conv: ConversationId,
+    pub cmid: ClientMsgId,
+    pub receiver: Option<UserId>,
+    pub group: Option<(GroupId, BTreeSet<UserId>)>,
+    pub content: String,
+    pub media_id: Option<MediaId>,
+    pub reply_to: Option<MessageId>,
+    pub client_timestamp: Option<u64>,
+}
+
+impl<S: KvStore> ChatCore<S> {
+    pub(super) fn handle_send(
+        &mut self,
+        conn: ConnId,
+        sess: &Session,
+        cmid: ClientMsgId,
+        p: SendPayload,
+        now: Millis,
+    ) -> Handled {
+        let with_id = |mut r: Reject, cmid: &ClientMsgId| {
+            r.0.client_message_id = Some(cmid.clone());
+            r
+        };
+        if !is_valid_id(p.receiver_id.as_str()) || p.receiver_id == sess.user {
+            return Err(with_id(Reject::new(400, "receiver_id must be another user's id"), &cmid));
+        }
+        let conv = ConversationId::direct(&sess.user, &p.receiver_id);
+        self.store_and_fan_out(
+            conn,
+            sess,
+            NewMessage {
+                conv,
+                cmid: cmid.clone(),
+                receiver: Some(p.receiver_id),
+                group: None,
+                content: p.content,
+                media_id: p.media_id,
+                reply_to: p.reply_to,
+                client_timestamp: p.timestamp,
+            },
+            now,
+        )
+        .map_err(|r| with_id(r, &cmid))
+    }
+
+    /// Checks shared by 1:1 and group sends, then stores and delivers.
+    pub(super) fn store_and_fan_out(
+        &mut self,
+        conn: ConnId,
+        sess: &Session,
+        m: NewMessage,
+        now: Millis,
+    ) -> Handled {
+        if !is_valid_id(m.cmid.as_str()) {
+            return Err(Reject::new(400, "client_message_id must be 1-64 of [A-Za-z0-9_-]"));
+        }
+        if m.content.len() > self.cfg.max_content_bytes {
+            return Err(Reject::new(
+                413,
+                format!("content exceeds {} bytes", self.cfg.max_content_bytes),
+            ));
+        }
+        // A retry: answer with the original id and seq, store nothing.
+        if let Some((conv, seq)) = self.db.dedup(&sess.user, &m.cmid)? {
+            self.stats.messages_deduplicated += 1;
+            let mut e = ErrorPayload::new(409, "duplicate client_message_id: already stored");
+            e.message_id = Some(MessageId::new(&conv, seq));
+            e.conversation_id = Some(conv);
+            e.seq = Some(seq);
+            return Err(Reject(e));
+        }
+        let burst = self.cfg.send_burst;
+        let rate = self.cfg.send_rate_per_sec;
+        let bucket = self
+            .rates
+            .entry(sess.user.clone())
+            .or_insert_with(|| super::TokenBucket::full(burst, now));
+        if let Err(wait) = bucket.try_take(rate, burst, now) {
+            let mut e = ErrorPayload::new(429, "send rate exceeded");
+            e.retry_after_ms = Some(wait);
+            return Err(Reject(e));
+        }
+        if let Some(mid) = &m.media_id {
+            self.check_media_reference(&sess.user, mid, &m.conv)?;
+        }
+        let seq = self.db.last_seq(&m.conv)?.next();
+        // Who keeps an inbox copy: copy-on-send for 1:1 and small groups; a shared log
+        // (no copies) for groups above the threshold.
+        let recipients: Vec<UserId> = match (&m.receiver, &m.group) {
+            (Some(r), _) => vec![r.clone()],
+            (None, Some((_, members))) => {
+                members.iter().filter(|u| **u != sess.user).cloned().collect()
+            }
+            (None, None) => Vec::new(),
+        };
+        let shared_log = m
+            .group
+            .as_ref()
+            .is_some_and(|(_, members)| members.len() > self.cfg.group_fanout_threshold);
+        let mut inbox_users: Vec<(UserId, InboxEntry)> = Vec::new();
+        if !shared_log {
+            for r in &recipients {
+                inbox_users.push((r.clone(), InboxEntry::default()));
+            }
+            // The sender's other devices need it too.
+            let own = self.db.devices(&sess.user)?;
+            if own.iter().any(|d| d != &sess.device) {
+                let mut e = InboxEntry::default();
+                e.acked.insert(sess.device.clone());
+                inbox_users.push((sess.user.clone(), e));
+            }
+        }
+        let msg = StoredMessage {
+            conversation_id: m.conv.clone(),
+            seq,
+            sender: sess.user.clone(),
+            sender_device: sess.device.clone(),
+            client_message_id: m.cmid.clone(),
+            receiver: m.receiver.clone(),
+            group_id: m.group.as_ref().map(|(g, _)| g.clone()),
+            content: Some(m.content),
+            media_id: m.media_id,
+            reply_to: m.reply_to,
+            stored_at: now,
+            client_timestamp: m.client_timestamp,
+            status: crate::protocol::Status::Sent,
+            pending_users: inbox_users.len() as u32,
+            delivered_by: BTreeSet::new(),
+            read_by: BTreeSet::new(),
+            recipients: recipients.len() as u32,
+            shared_log,
+        };
+        let mut batch = vec![
+            Write::Put(Table::Messages, msg_key(&m.conv, seq), enc(&msg)),
+            conv_meta_put(&m.conv, seq),
+            Write::Put(
+                Table::Dedup,
+                dedup_key(&sess.user, &m.cmid),
+                enc(&(m.conv.clone(), seq)),
+            ),
+            Write::Put(Table::Expiry, expiry_key(now, &m.conv, seq), Vec::new()),
+        ];
+        for (u, e) in &inbox_users {
+            batch.push(Write::Put(Table::Inbox, inbox_key(u, &m.conv, seq), enc(e)));
+        }
+        // Save before ack: if this commit fails, the client gets an error and no ack.
+        self.db.commit(batch)?;
+        self.stats.messages_stored += 1;
+        tracing::debug!(conv = %m.conv, %seq, sender = %sess.user, "stored");
+
+        let message_id = msg.message_id();
+        self.enqueue(
+            conn,
+            &ServerFrame::MessageAck {
+                client_message_id: m.cmid,
+                payload: MessageAckPayload {
+                    message_id,
+                    conversation_id: m.conv,
+                    seq,
+                    status: Status::Sent,
+                    timestamp: now.0,
+                },
+            },
+            FrameClass::Essential,
+            None,
+            now,
+        );
+        let frame = delivered_frame(&msg);
+        self.deliver_to_user(&sess.user, &frame, Some(conn), Some(conn), now);
+        for r in &recipients {
+            if self.deliver_to_user(r, &frame, None, Some(conn), now) == 0 {
+                self.push_wakeup(r)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Emits a content-free push for `user`.
+    fn push_wakeup(&mut self, user: &UserId) -> Handled {
+        let pending = self.db.inbox_count(user, PUSH_COUNT_CAP)? as u64;
+        self.stats.pushes += 1;
+        self.fx.push.push(PushRequest {
+            user: user.clone(),
+            pending: pending.max(1),
+        });
+        Ok(())
+    }
+
+    /// Is `user` a participant of the conversation named in a message id or sync request?
+    pub(super) fn check_member(&self, user: &UserId, kind: &ConversationKind) -> Handled {
+        let ok = match kind {
+            ConversationKind::Direct(a, b) => a == user || b == user,
+            ConversationKind::Group(g) => self
+                .db
+                .group(g)?
+                .is_some_and(|grp| grp.members.contains(user)),
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(Reject::new(403, "not a member of this conversation"))
+        }
+    }
+
+    fn keeps_history(&self, msg: &StoredMessage) -> Result<bool, Reject> {
+        if self.cfg.keep_history {
+            return Ok(true);
+        }
+        if let Some(r) = &msg.receiver {
+            return Ok(self.db.user(&msg.sender)?.keep_history || self.db.user(r)?.keep_history);
+        }
+        Ok(false)
+    }
+
+    pub(super) fn handle_delivery_ack(
+        &mut self,
+        sess: &Session,
+        id: &MessageId,
+        now: Millis,
+    ) -> Handled {
+        let (conv, kind, seq) = id
+            .parse()
+            .ok_or_else(|| Reject::new(400, "unknown message_id"))?;
+        self.check_member(&sess.user, &kind)?;
+        let Some(mut msg) = self.db.message(&conv, seq)? else {
+            return Ok(()); // expired or never existed in a conversation we share: nothing to do
+        };
+        let mut batch = Vec::new();
+        let mut msg_changed = false;
+        if msg.shared_log {
+            if let ConversationKind::Group(g) = &kind {
+                if self.db.group_cursor(g, &sess.user, &sess.device)? < seq {
+                    batch.push(group_cursor_put(g, &sess.user, &sess.device, seq));
+                }
+            }
+        } else if let Some(mut entry) = self.db.inbox_entry(&sess.user, &conv, seq)? {
+            entry.acked.insert(sess.device.clone());
+            let devices = self.db.devices(&sess.user)?;
+            if devices.iter().all(|d| entry.acked.contains(d)) {
+                batch.push(Write::Delete(Table::Inbox, inbox_key(&sess.user, &conv, seq)));
+                msg.pending_users = msg.pending_users.saturating_sub(1);
+                msg_changed = true;
+            } else {
+                batch.push(Write::Put(Table::Inbox, inbox_key(&sess.user, &conv, seq), enc(&entry)));
+            }
+        }
+        let mut notify_sender = false;
+        if sess.user != msg.sender {
+            if msg.group_id.is_some() {
+                if msg.delivered_by.insert(sess.user.clone()) {
+                    msg_changed = true;
+                    self.dirty_group_receipts.insert((conv.clone(), seq));
+                }
+            } else if msg.status < Status::Delivered {
+                msg.status = Status::Delivered;
+                msg_changed = true;
+                notify_sender = true;
+            }
+        }
+        if msg_changed && !msg.shared_log && msg.pending_users == 0 && msg.content.is_some()
+            && !self.keeps_history(&msg)?
+        {
+            // Every recipient device has it: the body leaves the server.
+            msg.content = None;
+            self.stats.bodies_purged += 1;
+        }
+        if msg_changed {
+            batch.push(Write::Put(Table::Messages, msg_key(&conv, seq), enc(&msg)));
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.db.commit(batch)?;
+        if notify_sender {
+            let frame = ServerFrame::DeliveryAck {
+                payload: ReceiptPayload {
+                    conversation_id: conv,
+                    message_ids: vec![id.clone()],
+                    status: Status::Delivered,
+                    by: sess.user.clone(),
+                    timestamp: now.0,
+                },
+            };
+            self.deliver_to_user(&msg.sender, &frame, None, None, now);
+        }
+        Ok(())
+    }
+
+    pub(super) fn handle_read(
+        &mut self,
+        sess: &Session,
+        ids: &[MessageId],
+        now: Millis,
+    ) -> Handled {
+        if ids.len() > self.cfg.max_receipt_ids {
+            return Err(Reject::new(
+                413,
+                format!("at most {} message_ids per read_receipt", self.cfg.max_receipt_ids),
+            ));
+        }
+        // (conversation, sender) -> ids that just turned read, for one frame per sender.
+        let mut to_tell: BTreeMap<(ConversationId, UserId), Vec<MessageId>> = BTreeMap::new();
+        let mut batch = Vec::new();
+        for id in ids {
+            let (conv, kind, seq) = id
+                .parse()
+                .ok_or_else(|| Reject::new(400, "unknown message_id"))?;
+            self.check_member(&sess.user, &kind)?;
+            let Some(mut msg) = self.db.message(&conv, seq)? else {
+                continue;
+            };
+            if msg.sender == sess.user {
+                continue;
+            }
+            let changed = if msg.group_id.is_some() {
+                let a = msg.delivered_by.insert(sess.user.clone());
+                let b = msg.read_by.insert(sess.user.clone());
+                if a || b {
+                    self.dirty_group_receipts.insert((conv.clone(), seq));
+                }
+                a || b
+            } else if msg.status < Status::Read {
+                msg.status = Status::Read;
+                to_tell
+                    .entry((conv.clone(), msg.sender.clone()))
+                    .or_default()
+                    .push(id.clone());
+                true
+            } else {
+                false
+            };
+            if changed {
+                batch.push(Write::Put(Table::Messages, msg_key(&conv, seq), enc(&msg)));
+            }
+        }
+        if !batch.is_empty() {
+            self.db.commit(batch)?;
+        }
+        for ((conv, sender), message_ids) in to_tell {
+            let frame = ServerFrame::ReadReceipt {
+                payload: ReceiptPayload {
+                    conversation_id: conv,
+                    message_ids,
+                    status: Status::Read,
+                    by: sess.user.clone(),
+                    timestamp: now.0,
+                },
+            };
+            self.deliver_to_user(&sender, &frame, None, None, now);
+        }
+        Ok(())
+    }
+
+    /// Sends one aggregated receipt per changed group message to its sender (seed 002:
+    /// combine read receipts in groups rather than one event per member).
+    pub(super) fn flush_group_receipts(&mut self, now: Millis) {
+        let dirty = std::mem::take(&mut self.dirty_group_receipts);
+        for (conv, seq) in dirty {
+            let msg = match self.db.message(&conv, seq) {
+                Ok(Some(m)) => m,
+                _ => continue,
+            };
+            let frame = ServerFrame::GroupReceipt {
+                payload: GroupReceiptPayload {
+                    message_id: msg.message_id(),
+                    conversation_id: conv.clone(),
+                    seq,
+                    recipients: u64::from(msg.recipients),
+                    delivered: msg.delivered_by.len() as u64,
+                    read: msg.read_by.len() as u64,
+                },
+            };
+            let key = format!("grcpt:{}", msg.message_id());
+            for (_, c) in self.reg.user_conns(&msg.sender) {
+                self.enqueue(c, &frame, FrameClass::Droppable, Some(key.clone()), now);
+            }
+        }
+    }
+
+    /// Messages waiting for one device: inbox copies it has not acked, plus shared-log
+    /// group messages past its cursor.
+    pub(super) fn pending_for_device(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+    ) -> Result<u64, Reject> {
+        let page = self.pending_page(user, device, None, 10_000)?;
+        Ok(page.0.len() as u64)
+    }
+
+    /// Up to `limit` pending messages for a device after `cursor`, in (conversation, seq)
+    /// order, and whether more remain.
+    fn pending_page(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+        cursor: Option<(ConversationId, Seq)>,
+        limit: usize,
+    ) -> Result<(Vec<StoredMessage>, bool), Reject> {
+        let mut found: Vec<(ConversationId, Seq)> = Vec::new();
+        // Inbox copies, skipping ones this device already acked; bounded scan.
+        let mut from = cursor.clone().map(|(c, s)| (c, s.next()));
+        let mut scanned = 0usize;
+        'scan: loop {
+            let rows = self.db.inbox_scan(user, from.as_ref().map(|(c, s)| (c, *s)), 256)?;
+            if rows.is_empty() {
+                break;
+            }
+            for (c, s, e) in &rows {
+                scanned += 1;
+                if !e.acked.contains(device) {
+                    found.push((c.clone(), *s));
+                    if found.len() > limit {
+                        break 'scan;
+                    }
+                }
+            }
+            if scanned >= limit.saturating_mul(20).max(4096) || rows.len() < 256 {
+                break;
+            }
+            let (c, s, _) = &rows[rows.len() - 1];
+            from = Some((c.clone(), s.next()));
+        }
+        // Shared-log groups.
+        for g in self.db.user_groups(user)? {
+            let conv = ConversationId::group(&g);
+            if let Some((cc, _)) = &cursor {
+                if &conv < cc {
+                    continue;
+                }
+            }
+            let mut after = self.db.group_cursor(&g, user, device)?;
+            if let Some((cc, cs)) = &cursor {
+                if cc == &conv {
+                    after = after.max(*cs);
+                }
+            }
+            for m in self.db.messages_after(&conv, after, limit + 1)? {
+                if m.shared_log && m.sender != *user {
+                    found.push((conv.clone(), m.seq));
+                }
+            }
+        }
+        found.sort();
+        found.dedup();
+        let has_more = found.len() > limit;
+        found.truncate(limit);
+        let mut out = Vec::with_capacity(found.len());
+        for (c, s) in found {
+            if let Some(m) = self.db.message(&c, s)? {
+                if m.content.is_some() {
+                    out.push(m);
+                }
+            }
+        }
+        Ok((out, has_more))
+    }
+
+    pub(super) fn handle_sync(
+        &mut self,
+        conn: ConnId,
+        sess: &Session,
+        p: SyncPayload,
+        now: Millis,
+    ) -> Handled {
+        let limit = p.limit.unwrap_or(self.cfg.sync_page_cap).clamp(1, self.cfg.sync_page_cap);
+        let page = match &p.conversation_id {
+            Some(conv) => {
+                let kind = conv
+                    .kind()
+                    .ok_or_else(|| Reject::new(400, "unknown conversation_id"))?;
+                self.check_member(&sess.user, &kind)?;
+                let after = match (&p.after_seq, &p.cursor) {
+                    (Some(s), _) => *s,
+                    (None, Some(c)) => Seq(c.parse().map_err(|_| Reject::new(400, "bad cursor"))?),
+                    (None, None) => Seq(0),
+                };
+                let mut msgs = self.db.messages_after(conv, after, limit + 1)?;
+                let has_more = msgs.len() > limit;
+                msgs.truncate(limit);
+                let next = msgs.last().map(|m| m.seq.to_string());
+                let messages = msgs
+                    .iter()
+                    .filter(|m| m.content.is_some())
+                    .map(delivered_message)
+                    .collect();
+                SyncPagePayload {
+                    conversation_id: Some(conv.clone()),
+                    messages,
+                    next_cursor: next,
+                    has_more,
+                }
+            }
+            None => {
+                let cursor = match &p.cursor {
+                    Some(c) => {
+                        let (conv, _, seq) = MessageId(c.clone())
+                            .parse()
+                            .ok_or_else(|| Reject::new(400, "bad cursor"))?;
+                        Some((conv, seq))
+                    }
+                    None => None,
+                };
+                let (msgs, has_more) = self.pending_page(&sess.user, &sess.device, cursor, limit)?;
+                let next = msgs.last().map(|m| m.message_id().0);
+                SyncPagePayload {
+                    conversation_id: None,
+                    messages: msgs.iter().map(delivered_message).collect(),
+                    next_cursor: next,
+                    has_more,
+                }
+            }
+        };
+        self.enqueue(conn, &ServerFrame::SyncPage { payload: page }, FrameClass::Essential, None, now);
+        Ok(())
+    }
+
+    /// Removes messages past retention (and their inbox copies), and expired uploads.
+    pub(super) fn sweep_expired(&mut self, now: Millis) -> Result<(), Reject> {
+        let cutoff = Millis(now.0.saturating_sub(self.cfg.retention_ms));
+        for (at, conv, seq) in self.db.expired(cutoff, SWEEP_BATCH)? {
+            let mut batch = vec![Write::Delete(Table::Expiry, expiry_key(at, &conv, seq))];
+            if let Some(m) = self.db.message(&conv, seq)? {
+                batch.push(Write::Delete(Table::Messages, msg_key(&conv, seq)));
+                batch.push(Write::Delete(Table::Dedup, dedup_key(&m.sender, &m.client_message_id)));
+                let mut users: Vec<UserId> = m.receiver.iter().cloned().collect();
+                if let Some(g) = &m.group_id {
+                    if let Some(grp) = self.db.group(g)? {
+                        users.extend(grp.members);
+                    }
+                }
+                users.push(m.sender.clone());
+                for u in users {
+                    batch.push(Write::Delete(Table::Inbox, inbox_key(&u, &conv, seq)));
+                }
+                self.stats.messages_expired += 1;
+            }
+            self.db.commit(batch)?;
+        }
+        self.sweep_media(now)?;
+        Ok(())
+    }
+}
+
+use super::SWEEP_BATCH;
+
+/// The message as a device receives it.
+pub(super) fn delivered_message(m: &StoredMessage) -> DeliveredMessage {
+    DeliveredMessage {
+        message_id: m.message_id(),
+        conversation_id: m.conversation_id.clone(),
+        seq: m.seq,
+        sender_id: m.sender.clone(),
+        receiver_id: m.receiver.clone(),
+        group_id: m.group_id.clone(),
+        content: m.content.clone().unwrap_or_default(),
+        media_id: m.media_id.clone(),
+        reply_to: m.reply_to.clone(),
+        timestamp: m.stored_at.0,
+        client_timestamp: m.client_timestamp,
+    }
+}
+
+/// The frame that carries a stored message to a device.
+pub(super) fn delivered_frame(m: &StoredMessage) -> ServerFrame {
+    let payload = delivered_message(m);
+    if m.group_id.is_some() {
+        ServerFrame::GroupMessage { payload }
+    } else {
+        ServerFrame::Message { payload }
+    }
+}

@@ -1,0 +1,561 @@
+//! The sans-IO chat server: connections, sessions, routing, inbox, receipts, presence,
+//! groups, media, limits. No sockets, clocks or randomness: the runtime hands in frames and
+//! `now`, and takes out frames to send (`drain`), connections to close, and push requests.
+//!
+//! Every rule of the chat design lives in exactly one function here or in the modules
+//! below (`messaging` for send/ack/sync, `groups`, `media`, `session` for auth and
+//! presence); the tokio runtime (`crate::runtime`) and the simulator only move bytes.
+
+mod groups;
+mod media;
+mod messaging;
+pub mod outbound;
+mod presence;
+pub mod ratelimit;
+pub mod registry;
+mod session;
+
+pub use media::{MediaError, MediaStatus};
+
+use crate::auth::Secret;
+use crate::config::Limits;
+use crate::ids::{ConnId, ConversationId, GatewayId, Millis, RegionId, Seq, UserId};
+use crate::protocol::{decode_client, encode_server, ClientFrame, ErrorPayload, ServerFrame};
+use crate::store::records::Records;
+use crate::store::{KvStore, StoreError};
+use outbound::{FrameClass, PushOutcome};
+use presence::Presence;
+use ratelimit::TokenBucket;
+use registry::{Gateway, Registry};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Why the core wants a connection closed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    /// No `auth` within `auth_timeout_ms`.
+    AuthTimeout,
+    /// `auth` failed, or a frame came before it.
+    Unauthorized,
+    /// No frame within `presence_timeout_ms`.
+    HeartbeatTimeout,
+    /// The outbound queue overflowed: the client reads too slowly.
+    SlowConsumer,
+    /// Another connection authenticated as the same device.
+    Replaced,
+    /// The gateway holding it went down (deploy, crash, region failover).
+    GatewayDown,
+}
+
+impl CloseReason {
+    /// WebSocket close code to use (RFC 6455 / IANA registry).
+    pub fn ws_code(&self) -> u16 {
+        match self {
+            CloseReason::AuthTimeout | CloseReason::Unauthorized => 1008,
+            CloseReason::HeartbeatTimeout => 1001,
+            CloseReason::SlowConsumer => 1013,
+            CloseReason::Replaced => 1000,
+            CloseReason::GatewayDown => 1012,
+        }
+    }
+
+    /// Short text for the close frame and logs.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            CloseReason::AuthTimeout => "auth timeout",
+            CloseReason::Unauthorized => "unauthorized",
+            CloseReason::HeartbeatTimeout => "heartbeat timeout",
+            CloseReason::SlowConsumer => "slow consumer",
+            CloseReason::Replaced => "replaced by a newer connection",
+            CloseReason::GatewayDown => "gateway going away",
+        }
+    }
+}
+
+/// A connection to close, with the last frames to write before the close frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Close {
+    pub conn: ConnId,
+    pub reason: CloseReason,
+    pub final_frames: Vec<String>,
+}
+
+/// A wake-up for a user with no online device. Carries no content, by construction: it has
+/// no field that could hold message text (seed 002: push is "you have mail").
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PushRequest {
+    pub user: UserId,
+    /// Messages waiting in the user's inbox (badge count), capped at `PUSH_COUNT_CAP`.
+    pub pending: u64,
+}
+
+/// Largest badge count a push carries.
+pub const PUSH_COUNT_CAP: usize = 999;
+
+/// What the runtime must do after a call into the core.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Effects {
+    /// Connections with new frames to `drain`.
+    pub wake: BTreeSet<ConnId>,
+    /// Connections to close (already forgotten by the core).
+    pub close: Vec<Close>,
+    /// Push notifications to send.
+    pub push: Vec<PushRequest>,
+}
+
+impl Effects {
+    fn merge(&mut self, other: Effects) {
+        self.wake.extend(other.wake);
+        self.close.extend(other.close);
+        self.push.extend(other.push);
+    }
+}
+
+/// Counters for `/metrics` and the simulator's oracle.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub connections_opened: u64,
+    pub frames_in: u64,
+    pub frames_out: u64,
+    pub messages_stored: u64,
+    pub messages_deduplicated: u64,
+    pub deliveries_enqueued: u64,
+    pub pushes: u64,
+    pub errors_sent: u64,
+    pub droppable_frames_dropped: u64,
+    pub slow_consumer_disconnects: u64,
+    pub cross_region_deliveries: u64,
+    pub messages_expired: u64,
+    pub bodies_purged: u64,
+    /// Highest outbound depth any connection reached, in frames.
+    pub outbound_high_water: u64,
+}
+
+/// A snapshot of gauges for `/metrics`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Gauges {
+    pub connections: u64,
+    pub authenticated: u64,
+    pub outbound_frames: u64,
+    pub outbound_bytes: u64,
+    pub outbound_max_frames: u64,
+}
+
+/// How often the core sweeps expired messages and uploads.
+const SWEEP_INTERVAL_MS: u64 = 60_000;
+/// Most expired rows removed per sweep (bounded work per tick).
+const SWEEP_BATCH: usize = 1024;
+
+/// The chat server model. One instance is the chat/inbox service, the registry and the
+/// presence service for every gateway attached to it.
+pub struct ChatCore<S: KvStore> {
+    cfg: Limits,
+    secret: Secret,
+    db: Records<S>,
+    reg: Registry,
+    presence: Presence,
+    rates: BTreeMap<UserId, TokenBucket>,
+    typing_last: BTreeMap<(UserId, ConversationId), Millis>,
+    dirty_group_receipts: BTreeSet<(ConversationId, Seq)>,
+    next_session: u64,
+    last_sweep: Millis,
+    stats: Stats,
+    fx: Effects,
+}
+
+/// An error that becomes an `error` frame to the client.
+#[derive(Debug)]
+pub(crate) struct Reject(pub ErrorPayload);
+
+impl Reject {
+    pub fn new(code: u16, msg: impl Into<String>) -> Self {
+        Reject(ErrorPayload::new(code, msg))
+    }
+}
+
+impl From<StoreError> for Reject {
+    fn from(e: StoreError) -> Self {
+        tracing::error!(error = %e, "store error");
+        Reject::new(503, "storage unavailable; nothing was stored, retry")
+    }
+}
+
+type Handled = Result<(), Reject>;
+
+impl<S: KvStore> ChatCore<S> {
+    /// A core over `store`, with these limits and auth secret.
+    pub fn new(cfg: Limits, secret: Secret, store: S) -> Self {
+        ChatCore {
+            cfg,
+            secret,
+            db: Records::new(store),
+            reg: Registry::default(),
+            presence: Presence::default(),
+            rates: BTreeMap::new(),
+            typing_last: BTreeMap::new(),
+            dirty_group_receipts: BTreeSet::new(),
+            next_session: 0,
+            last_sweep: Millis(0),
+            stats: Stats::default(),
+            fx: Effects::default(),
+        }
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> &Limits {
+        &self.cfg
+    }
+
+    /// The auth secret (the HTTP lane verifies bearer tokens with it).
+    pub fn secret(&self) -> &Secret {
+        &self.secret
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// The store, for inspection by tests and the simulator's oracle.
+    pub fn store(&self) -> &S {
+        &self.db.kv
+    }
+
+    /// Current gauges.
+    pub fn gauges(&self) -> Gauges {
+        let mut g = Gauges::default();
+        for c in self.reg.conns.values() {
+            g.connections += 1;
+            if c.session.is_some() {
+                g.authenticated += 1;
+            }
+            g.outbound_frames += c.out.len() as u64;
+            g.outbound_bytes += c.out.bytes() as u64;
+            g.outbound_max_frames = g.outbound_max_frames.max(c.out.len() as u64);
+        }
+        g
+    }
+
+    /// Declares a gateway in a region (up). Idempotent.
+    pub fn add_gateway(&mut self, gw: GatewayId, region: RegionId) {
+        self.reg.gateways.insert(gw, Gateway { region, up: true });
+    }
+
+    /// A new transport connection arrived at `gw`. It must authenticate within
+    /// `auth_timeout_ms`. Refused when the gateway is unknown or down.
+    pub fn connect(&mut self, gw: &GatewayId, now: Millis) -> Option<ConnId> {
+        if !self.reg.gateways.get(gw).is_some_and(|g| g.up) {
+            return None;
+        }
+        let id = self.reg.next_id();
+        self.reg.conns.insert(
+            id,
+            registry::Conn {
+                gateway: gw.clone(),
+                opened_at: now,
+                last_frame: now,
+                session: None,
+                out: outbound::OutboundQueue::new(
+                    self.cfg.outbound_max_frames,
+                    self.cfg.outbound_max_bytes,
+                ),
+                subscriptions: BTreeSet::new(),
+            },
+        );
+        self.stats.connections_opened += 1;
+        Some(id)
+    }
+
+    /// One text frame from `conn`.
+    pub fn on_text(&mut self, conn: ConnId, text: &str, now: Millis) -> Effects {
+        let Some(c) = self.reg.conns.get_mut(&conn) else {
+            return self.take_fx();
+        };
+        c.last_frame = now;
+        self.stats.frames_in += 1;
+        if text.len() > self.cfg.max_frame_bytes {
+            self.send_error(
+                conn,
+                ErrorPayload::new(
+                    413,
+                    format!("frame exceeds {} bytes", self.cfg.max_frame_bytes),
+                ),
+            );
+            return self.take_fx();
+        }
+        let frame = match decode_client(text) {
+            Ok(f) => f,
+            Err(e) => {
+                self.send_error(conn, ErrorPayload::new(400, e.to_string()));
+                return self.take_fx();
+            }
+        };
+        if let Err(Reject(mut p)) = self.dispatch(conn, frame, now) {
+            if p.code == 401 {
+                p.message = format!("{}; closing", p.message);
+                self.send_error(conn, p);
+                self.close(conn, CloseReason::Unauthorized, now);
+            } else {
+                self.send_error(conn, p);
+            }
+        }
+        self.take_fx()
+    }
+
+    /// A binary frame: not part of the protocol.
+    pub fn on_binary(&mut self, conn: ConnId, now: Millis) -> Effects {
+        if let Some(c) = self.reg.conns.get_mut(&conn) {
+            c.last_frame = now;
+            self.send_error(conn, ErrorPayload::new(400, "binary frames are not supported; send JSON text frames"));
+        }
+        self.take_fx()
+    }
+
+    fn dispatch(&mut self, conn: ConnId, frame: ClientFrame, now: Millis) -> Handled {
+        let session = self.reg.conns.get(&conn).and_then(|c| c.session.clone());
+        let Some(sess) = session else {
+            return match frame {
+                ClientFrame::Auth { payload } => self.handle_auth(conn, payload, now),
+                _ => Err(Reject::new(401, "authenticate first: the first frame must be auth")),
+            };
+        };
+        match frame {
+            ClientFrame::Auth { .. } => Err(Reject::new(400, "already authenticated")),
+            ClientFrame::Heartbeat { .. } => {
+                self.enqueue(conn, &ServerFrame::HeartbeatAck { server_time: now.0 }, FrameClass::Essential, None, now);
+                Ok(())
+            }
+            ClientFrame::Message { client_message_id, payload } => {
+                self.handle_send(conn, &sess, client_message_id, payload, now)
+            }
+            ClientFrame::GroupMessage { client_message_id, payload } => {
+                self.handle_group_send(conn, &sess, client_message_id, payload, now)
+            }
+            ClientFrame::DeliveryAck { message_id, .. } => self.handle_delivery_ack(&sess, &message_id, now),
+            ClientFrame::ReadReceipt { message_ids, .. } => self.handle_read(&sess, &message_ids, now),
+            ClientFrame::Sync { payload } => self.handle_sync(conn, &sess, payload, now),
+            ClientFrame::GroupCreate { payload } => self.handle_group_create(conn, &sess, payload, now),
+            ClientFrame::GroupAdd { payload } => self.handle_group_add(&sess, payload, now),
+            ClientFrame::GroupRemove { payload } => self.handle_group_remove(&sess, payload, now),
+            ClientFrame::PresenceSubscribe { payload } => self.handle_presence_subscribe(conn, &sess, payload, now),
+            ClientFrame::Typing { payload } => self.handle_typing(&sess, payload, now),
+            ClientFrame::Settings { payload } => self.handle_settings(conn, &sess, payload, now),
+            ClientFrame::MediaPrepare { payload } => {
+                let prepared = self.media_prepare(&sess.user, payload, now).map_err(|e| Reject(e.to_error()))?;
+                self.enqueue(conn, &ServerFrame::MediaPrepared { payload: prepared }, FrameClass::Essential, None, now);
+                Ok(())
+            }
+        }
+    }
+
+    /// The transport under `conn` is gone (client closed, network error, or after the
+    /// runtime carried out a `Close`).
+    pub fn disconnected(&mut self, conn: ConnId, now: Millis) -> Effects {
+        self.forget_conn(conn, now);
+        self.take_fx()
+    }
+
+    /// Up to `max` encoded frames queued for `conn`, oldest first.
+    pub fn drain(&mut self, conn: ConnId, max: usize) -> Vec<String> {
+        match self.reg.conns.get_mut(&conn) {
+            Some(c) => {
+                let out = c.out.drain(max);
+                self.stats.frames_out += out.len() as u64;
+                out
+            }
+            None => Vec::new(),
+        }
+    }
+
+    /// Advances time: closes connections that never authenticated or went silent, flushes
+    /// aggregated group receipts, and sweeps expired messages and uploads.
+    pub fn tick(&mut self, now: Millis) -> Effects {
+        let mut to_close = Vec::new();
+        for (id, c) in &self.reg.conns {
+            match &c.session {
+                None if now.since(c.opened_at) >= self.cfg.auth_timeout_ms => {
+                    to_close.push((*id, CloseReason::AuthTimeout))
+                }
+                Some(_) if now.since(c.last_frame) >= self.cfg.presence_timeout_ms => {
+                    to_close.push((*id, CloseReason::HeartbeatTimeout))
+                }
+                _ => {}
+            }
+        }
+        for (id, why) in to_close {
+            self.close(id, why, now);
+        }
+        self.flush_group_receipts(now);
+        if now.since(self.last_sweep) >= SWEEP_INTERVAL_MS {
+            self.last_sweep = now;
+            if let Err(e) = self.sweep_expired(now) {
+                tracing::error!(error = %e.0.message, "expiry sweep failed; will retry next sweep");
+            }
+        }
+        self.take_fx()
+    }
+
+    /// Takes a gateway down (deploy, crash): every connection on it is closed at once and
+    /// its devices will reconnect elsewhere. Returns the closes.
+    pub fn gateway_down(&mut self, gw: &GatewayId, now: Millis) -> Effects {
+        if let Some(g) = self.reg.gateways.get_mut(gw) {
+            g.up = false;
+        }
+        let ids: Vec<ConnId> = self
+            .reg
+            .conns
+            .iter()
+            .filter(|(_, c)| &c.gateway == gw)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            self.close(id, CloseReason::GatewayDown, now);
+        }
+        self.take_fx()
+    }
+
+    /// Brings a gateway back.
+    pub fn gateway_up(&mut self, gw: &GatewayId) {
+        if let Some(g) = self.reg.gateways.get_mut(gw) {
+            g.up = true;
+        }
+    }
+
+    /// Fails a whole region over: its gateways go down and users homed there are re-homed
+    /// to the first healthy region. Returns the closes.
+    pub fn region_down(&mut self, region: &RegionId, now: Millis) -> Effects {
+        let gws: Vec<GatewayId> = self
+            .reg
+            .gateways
+            .iter()
+            .filter(|(_, g)| &g.region == region)
+            .map(|(id, _)| id.clone())
+            .collect();
+        let mut fx = Effects::default();
+        for gw in gws {
+            fx.merge(self.gateway_down(&gw, now));
+        }
+        fx
+    }
+
+    /// The home region of `user` as routing sees it now: their stored home if it has a
+    /// gateway up, else the first healthy region (failover).
+    pub fn home_region(&self, user: &UserId) -> Option<RegionId> {
+        let healthy = self.reg.healthy_regions();
+        let stored = self
+            .db
+            .user(user)
+            .ok()
+            .and_then(|u| u.home_region)
+            .map(RegionId);
+        match stored {
+            Some(r) if healthy.contains(&r) => Some(r),
+            _ => healthy.into_iter().next(),
+        }
+    }
+
+    // ---- internals shared by the handler modules ----
+
+    fn take_fx(&mut self) -> Effects {
+        std::mem::take(&mut self.fx)
+    }
+
+    /// Queues `frame` for `conn`, applying the backpressure policy.
+    fn enqueue(
+        &mut self,
+        conn: ConnId,
+        frame: &ServerFrame,
+        class: FrameClass,
+        coalesce_key: Option<String>,
+        now: Millis,
+    ) {
+        let Some(c) = self.reg.conns.get_mut(&conn) else {
+            return;
+        };
+        let text = encode_server(frame);
+        let before = c.out.dropped;
+        match c.out.push(text, class, coalesce_key) {
+            PushOutcome::Queued | PushOutcome::Coalesced => {
+                self.fx.wake.insert(conn);
+            }
+            PushOutcome::Dropped => {}
+            PushOutcome::Overflow => {
+                self.stats.slow_consumer_disconnects += 1;
+                self.close(conn, CloseReason::SlowConsumer, now);
+                return;
+            }
+        }
+        if let Some(c) = self.reg.conns.get(&conn) {
+            self.stats.droppable_frames_dropped += c.out.dropped - before;
+            self.stats.outbound_high_water =
+                self.stats.outbound_high_water.max(c.out.high_water as u64);
+        }
+    }
+
+    fn send_error(&mut self, conn: ConnId, p: ErrorPayload) {
+        self.stats.errors_sent += 1;
+        // Errors are essential; a connection too slow to take one is closed by enqueue.
+        self.enqueue(conn, &ServerFrame::Error { payload: p }, FrameClass::Essential, None, Millis(0));
+    }
+
+    /// Closes `conn`: forgets it and hands the runtime the frames still to write. A slow
+    /// consumer's queue is discarded (its messages wait in the inbox) and replaced by one
+    /// error frame carrying a resume token.
+    fn close(&mut self, conn: ConnId, reason: CloseReason, now: Millis) {
+        let Some(c) = self.reg.conns.get_mut(&conn) else {
+            return;
+        };
+        let mut final_frames = Vec::new();
+        if reason == CloseReason::SlowConsumer {
+            c.out.clear();
+            if let Some(s) = &c.session {
+                let mut p = ErrorPayload::new(
+                    503,
+                    "outbound queue full: disconnecting; reconnect with resume_token and sync",
+                );
+                p.resume_token = Some(session::resume_token(&self.secret, &s.user, &s.device));
+                final_frames.push(encode_server(&ServerFrame::Error { payload: p }));
+            }
+        } else {
+            final_frames = c.out.drain(usize::MAX);
+        }
+        self.stats.frames_out += final_frames.len() as u64;
+        self.fx.wake.remove(&conn);
+        self.fx.close.push(Close {
+            conn,
+            reason,
+            final_frames,
+        });
+        self.forget_conn(conn, now);
+    }
+
+    /// Delivers an encoded server frame to every online device of `user` except
+    /// `except`. Returns how many devices it was queued for.
+    fn deliver_to_user(
+        &mut self,
+        user: &UserId,
+        frame: &ServerFrame,
+        except: Option<ConnId>,
+        from_conn: Option<ConnId>,
+        now: Millis,
+    ) -> usize {
+        let mut n = 0;
+        let from_region = from_conn.and_then(|c| self.reg.region_of(c).cloned());
+        for (_, conn) in self.reg.user_conns(user) {
+            if Some(conn) == except {
+                continue;
+            }
+            if from_region.is_some() && self.reg.region_of(conn) != from_region.as_ref() {
+                self.stats.cross_region_deliveries += 1;
+            }
+            self.enqueue(conn, frame, FrameClass::Essential, None, now);
+            self.stats.deliveries_enqueued += 1;
+            n += 1;
+        }
+        n
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testkit;
+#[cfg(test)]
+mod tests;

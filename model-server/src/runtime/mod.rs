@@ -1,0 +1,333 @@
+//! The runtime shell: serves a `ChatCore` over WebSocket (tokio-tungstenite) and HTTP on
+//! one port. It owns sockets, the clock and tasks; every decision is the core's.
+//!
+//! The accept loop and connection handling are generic over `Listener`, so the simulator
+//! runs this same code on turmoil's network (feature `sim`), spawning with `spawn_local`
+//! there to keep task order deterministic.
+
+pub mod http;
+pub mod listener;
+mod metrics;
+mod routes;
+mod ws;
+
+pub use listener::Listener;
+
+use crate::auth::Secret;
+use crate::config::Limits;
+use crate::core::{ChatCore, Close, Effects, PushRequest};
+use crate::ids::{ConnId, GatewayId, Millis, RegionId};
+use crate::store::KvStore;
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::sync::{watch, Notify};
+
+/// Where `now` comes from: a fixed epoch plus tokio's monotonic time, which turmoil
+/// simulates. The real runtime takes the epoch from the wall clock once at start.
+#[derive(Clone, Copy, Debug)]
+pub struct Clock {
+    epoch_ms: u64,
+    start: tokio::time::Instant,
+}
+
+impl Clock {
+    /// A clock reading `epoch_ms` now and advancing with tokio time.
+    pub fn starting_at(epoch_ms: u64) -> Self {
+        Clock {
+            epoch_ms,
+            start: tokio::time::Instant::now(),
+        }
+    }
+
+    /// The wall clock (real runtime only).
+    pub fn wall() -> Self {
+        let ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        Self::starting_at(ms)
+    }
+
+    /// Current time.
+    pub fn now(&self) -> Millis {
+        Millis(self.epoch_ms + self.start.elapsed().as_millis() as u64)
+    }
+}
+
+/// How the server starts tasks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Spawner {
+    /// `tokio::spawn` (multi-threaded real runtime).
+    Tokio,
+    /// `tokio::task::spawn_local` (turmoil hosts: deterministic across crashes).
+    Local,
+}
+
+impl Spawner {
+    fn spawn<F: Future<Output = ()> + Send + 'static>(self, f: F) {
+        match self {
+            Spawner::Tokio => {
+                tokio::spawn(f);
+            }
+            Spawner::Local => {
+                tokio::task::spawn_local(f);
+            }
+        }
+    }
+}
+
+/// Settings of the runtime shell (the model's own bounds are in `Limits`).
+#[derive(Clone, Debug)]
+pub struct RuntimeConfig {
+    pub gateway: GatewayId,
+    pub region: RegionId,
+    /// Most simultaneous connections; more are refused at accept.
+    pub max_connections: usize,
+    /// How often the core's timers run.
+    pub tick_interval: Duration,
+    /// Longest a write to one socket may take before the connection is dropped.
+    pub write_timeout: Duration,
+    /// Longest a client may take to send its HTTP request head.
+    pub head_timeout: Duration,
+    /// Most frames written per wake-up of one connection (fairness).
+    pub write_batch: usize,
+    /// WebSocket read/write buffer size (tungstenite's default 128 KiB is costly at scale).
+    pub ws_buffer_bytes: usize,
+    pub spawner: Spawner,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            gateway: GatewayId::from("gw-1"),
+            region: RegionId::from("region-1"),
+            max_connections: 100_000,
+            tick_interval: Duration::from_millis(250),
+            write_timeout: Duration::from_secs(10),
+            head_timeout: Duration::from_secs(10),
+            write_batch: 64,
+            ws_buffer_bytes: 8 * 1024,
+            spawner: Spawner::Tokio,
+        }
+    }
+}
+
+/// Per-connection signals from the core's effects to the connection task.
+#[derive(Default)]
+struct ConnSignal {
+    notify: Notify,
+    close: Mutex<Option<Close>>,
+}
+
+type PushSink = Box<dyn Fn(&PushRequest) + Send + Sync>;
+
+/// One running server: the core behind a lock, and the signals to each connection task.
+pub struct Server {
+    core: Mutex<ChatCore<Box<dyn KvStore>>>,
+    conns: Mutex<BTreeMap<ConnId, Arc<ConnSignal>>>,
+    cfg: RuntimeConfig,
+    clock: Clock,
+    push_sink: Option<PushSink>,
+    shutdown: watch::Sender<bool>,
+    pushes: std::sync::atomic::AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The core is only mutated through whole calls; a panic mid-call is a bug that tests
+    // catch, and continuing with the state is better than taking the server down.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Server {
+    /// A server over `store`.
+    pub fn new(
+        limits: Limits,
+        secret: Secret,
+        store: Box<dyn KvStore>,
+        cfg: RuntimeConfig,
+        clock: Clock,
+    ) -> Arc<Self> {
+        let mut core = ChatCore::new(limits, secret, store);
+        core.add_gateway(cfg.gateway.clone(), cfg.region.clone());
+        let (shutdown, _) = watch::channel(false);
+        Arc::new(Server {
+            core: Mutex::new(core),
+            conns: Mutex::new(BTreeMap::new()),
+            cfg,
+            clock,
+            push_sink: None,
+            shutdown,
+            pushes: Default::default(),
+        })
+    }
+
+    /// Same as `new`, with a function that receives every push request (the simulator's
+    /// push service; the real server only counts and logs them).
+    pub fn with_push_sink(
+        limits: Limits,
+        secret: Secret,
+        store: Box<dyn KvStore>,
+        cfg: RuntimeConfig,
+        clock: Clock,
+        sink: PushSink,
+    ) -> Arc<Self> {
+        let mut s = Self::new(limits, secret, store, cfg, clock);
+        if let Some(s) = Arc::get_mut(&mut s) {
+            s.push_sink = Some(sink);
+        }
+        s
+    }
+
+    /// Current time on this server's clock.
+    pub fn now(&self) -> Millis {
+        self.clock.now()
+    }
+
+    /// Runs `f` with the core locked (tests, metrics, the simulator's oracle).
+    pub fn with_core<R>(&self, f: impl FnOnce(&mut ChatCore<Box<dyn KvStore>>) -> R) -> R {
+        f(&mut lock(&self.core))
+    }
+
+    /// Asks every connection to close and the accept loop to stop.
+    pub fn shutdown(&self) {
+        let _ = self.shutdown.send(true);
+    }
+
+    /// Carries out what the core asked for.
+    fn apply(&self, fx: Effects) {
+        let conns = lock(&self.conns);
+        for c in &fx.wake {
+            if let Some(sig) = conns.get(c) {
+                sig.notify.notify_one();
+            }
+        }
+        for close in fx.close {
+            if let Some(sig) = conns.get(&close.conn) {
+                tracing::debug!(conn = %close.conn, reason = close.reason.as_str(), "closing");
+                *lock(&sig.close) = Some(close);
+                sig.notify.notify_one();
+            }
+        }
+        drop(conns);
+        for p in fx.push {
+            self.pushes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            // Content-free by type: a user and a count.
+            tracing::debug!(user = %p.user, pending = p.pending, "push wake-up");
+            if let Some(sink) = &self.push_sink {
+                sink(&p);
+            }
+        }
+    }
+
+    /// Serves `listener` until `shutdown` is called: accepts connections, runs the
+    /// core's timers, and on shutdown closes every connection (code 1012) and returns.
+    pub async fn serve<L: Listener>(self: Arc<Self>, listener: L) {
+        let ticker = {
+            let me = self.clone();
+            let mut stop = self.shutdown.subscribe();
+            async move {
+                let mut iv = tokio::time::interval(me.cfg.tick_interval);
+                iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        biased;
+                        _ = stop.changed() => break,
+                        _ = iv.tick() => {
+                            let now = me.now();
+                            let fx = lock(&me.core).tick(now);
+                            me.apply(fx);
+                        }
+                    }
+                }
+            }
+        };
+        self.cfg.spawner.spawn(ticker);
+        let mut stop = self.shutdown.subscribe();
+        loop {
+            tokio::select! {
+                biased;
+                _ = stop.changed() => break,
+                r = listener.accept() => match r {
+                    Ok((stream, peer)) => {
+                        let me = self.clone();
+                        self.cfg.spawner.spawn(async move { me.handle_stream(stream, peer).await });
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        }
+        // Graceful shutdown: every connection gets a close frame; give them a moment.
+        let fx = {
+            let now = self.now();
+            lock(&self.core).gateway_down(&self.cfg.gateway, now)
+        };
+        self.apply(fx);
+        for _ in 0..50 {
+            if lock(&self.conns).is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Routes one accepted stream to the WebSocket or HTTP side.
+    async fn handle_stream<St>(self: Arc<Self>, mut stream: St, peer: std::net::SocketAddr)
+    where
+        St: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let head = match tokio::time::timeout(self.cfg.head_timeout, http::read_head(&mut stream))
+            .await
+        {
+            Ok(Ok(h)) => h,
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "bad request head");
+                let _ = http::respond(&mut stream, 400, "application/json", &http::error_json(400, &e.to_string())).await;
+                return;
+            }
+            Err(_) => return,
+        };
+        if head.is_websocket() {
+            ws::run(self, stream, head).await;
+        } else {
+            self.handle_http(stream, head).await;
+        }
+    }
+}
+
+pub use metrics::render as render_metrics;
+
+/// Reads the server secret from `path`, creating it (32 random bytes, hex, mode 0600) if
+/// it does not exist, so that `serve` and `token` agree without configuration.
+pub fn load_or_create_secret(path: &std::path::Path) -> std::io::Result<Secret> {
+    use std::io::{Error, ErrorKind, Read};
+    let bad = |m: String| Error::new(ErrorKind::InvalidData, m);
+    match std::fs::read_to_string(path) {
+        Ok(s) => Secret::new(s.trim().as_bytes().to_vec())
+            .map_err(|e| bad(format!("{}: {e}", path.display()))),
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let mut raw = [0u8; 32];
+            std::fs::File::open("/dev/urandom")?.read_exact(&mut raw)?;
+            let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+            let mut opts = std::fs::OpenOptions::new();
+            opts.write(true).create_new(true);
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::OpenOptionsExt;
+                opts.mode(0o600);
+            }
+            use std::io::Write;
+            opts.open(path)?.write_all(hex.as_bytes())?;
+            Secret::new(hex.into_bytes()).map_err(|e| bad(e.to_string()))
+        }
+        Err(e) => Err(e),
+    }
+}

@@ -1,0 +1,125 @@
+//! HTTP routes on the server port: health, metrics and the media lane.
+//!
+//! Media requests authenticate with `Authorization: Bearer <token>` (the same tokens as
+//! the WebSocket `auth` frame); the core decides who may upload, read or download.
+
+use super::http::{self, Head};
+use super::{lock, Server};
+use crate::auth;
+use crate::core::MediaError;
+use crate::ids::{MediaId, UserId};
+use crate::protocol::MediaPreparePayload;
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+const JSON: &str = "application/json";
+
+impl Server {
+    fn bearer_user(&self, head: &Head) -> Result<UserId, (u16, String)> {
+        let token = head
+            .header("authorization")
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or((401, "missing Authorization: Bearer <token>".to_string()))?;
+        let (user, device) = auth::claims(token).ok_or((401, "malformed token".to_string()))?;
+        let now = self.now();
+        auth::verify(lock(&self.core).secret(), token, &user, &device, now)
+            .map_err(|e| (401, e.to_string()))?;
+        Ok(user)
+    }
+
+    /// Answers one plain HTTP request.
+    pub(super) async fn handle_http<St>(self: Arc<Self>, mut stream: St, head: Head)
+    where
+        St: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let path = head.path.split('?').next().unwrap_or("").to_string();
+        let result: Result<(u16, &str, Vec<u8>), (u16, String)> = match (head.method.as_str(), path.as_str()) {
+            ("GET", "/health") => Ok((200, JSON, br#"{"status":"ok"}"#.to_vec())),
+            ("GET", "/metrics") => Ok((200, "text/plain; version=0.0.4", super::metrics::render(&self).into_bytes())),
+            ("POST", "/v1/media:prepare") => self.media_prepare(&mut stream, &head).await,
+            (m, p) if p.starts_with("/v1/media/") => {
+                let rest = &p["/v1/media/".len()..];
+                let (id, status) = match rest.strip_suffix("/status") {
+                    Some(id) => (id, true),
+                    None => (rest, false),
+                };
+                let id = MediaId(id.to_string());
+                match (m, status) {
+                    ("PUT", false) => self.media_put(&mut stream, &head, &id).await,
+                    ("GET", true) => self.media_status(&head, &id),
+                    ("GET", false) => self.media_get(&head, &id),
+                    _ => Err((405, "method not allowed".into())),
+                }
+            }
+            _ => Err((404, "no such route; the WebSocket endpoint is /ws".into())),
+        };
+        let _ = match result {
+            Ok((code, ct, body)) => http::respond(&mut stream, code, ct, &body).await,
+            Err((code, msg)) => http::respond(&mut stream, code, JSON, &http::error_json(code, &msg)).await,
+        };
+    }
+
+    async fn media_prepare<St: AsyncRead + Unpin>(
+        &self,
+        stream: &mut St,
+        head: &Head,
+    ) -> Result<(u16, &'static str, Vec<u8>), (u16, String)> {
+        let user = self.bearer_user(head)?;
+        let body = http::read_body(stream, head, 4096).await?;
+        let req: MediaPreparePayload = serde_json::from_slice(&body)
+            .map_err(|e| (400, format!("bad JSON body: {}", e.classify_str())))?;
+        let now = self.now();
+        let prepared = lock(&self.core).media_prepare(&user, req, now).map_err(media_err)?;
+        Ok((201, JSON, serde_json::to_vec(&prepared).unwrap_or_default()))
+    }
+
+    async fn media_put<St: AsyncRead + Unpin>(
+        &self,
+        stream: &mut St,
+        head: &Head,
+        id: &MediaId,
+    ) -> Result<(u16, &'static str, Vec<u8>), (u16, String)> {
+        let user = self.bearer_user(head)?;
+        let offset = match head.header("content-range") {
+            Some(v) => http::content_range_start(v).ok_or((400, "bad Content-Range".to_string()))?,
+            None => 0,
+        };
+        let max = lock(&self.core).limits().media_chunk_bytes;
+        let body = http::read_body(stream, head, max).await?;
+        let now = self.now();
+        let st = lock(&self.core).media_put(&user, id, offset, &body, now).map_err(media_err)?;
+        Ok((200, JSON, serde_json::to_vec(&st).unwrap_or_default()))
+    }
+
+    fn media_status(&self, head: &Head, id: &MediaId) -> Result<(u16, &'static str, Vec<u8>), (u16, String)> {
+        let user = self.bearer_user(head)?;
+        let now = self.now();
+        let st = lock(&self.core).media_status(&user, id, now).map_err(media_err)?;
+        Ok((200, JSON, serde_json::to_vec(&st).unwrap_or_default()))
+    }
+
+    fn media_get(&self, head: &Head, id: &MediaId) -> Result<(u16, &'static str, Vec<u8>), (u16, String)> {
+        let user = self.bearer_user(head)?;
+        let now = self.now();
+        let (_ct, bytes) = lock(&self.core).media_get(&user, id, now).map_err(media_err)?;
+        // Media is ciphertext to the server: always served as opaque bytes.
+        Ok((200, "application/octet-stream", bytes))
+    }
+}
+
+fn media_err(e: MediaError) -> (u16, String) {
+    (e.status(), e.to_string())
+}
+
+trait ClassifyStr {
+    fn classify_str(&self) -> &'static str;
+}
+
+impl ClassifyStr for serde_json::Error {
+    fn classify_str(&self) -> &'static str {
+        match self.classify() {
+            serde_json::error::Category::Data => "missing or mistyped field",
+            _ => "malformed JSON",
+        }
+    }
+}

@@ -1,0 +1,125 @@
+//! One WebSocket connection: frames in go to the core; frames the core queued go out when
+//! it wakes us; a close the core decided is written with its final frames and close code.
+//!
+//! Reads and writes share one task (`select!` with `biased;` so the order does not depend
+//! on an unseeded RNG under simulation). Every write is bounded by `write_timeout`, so a
+//! stalled peer cannot hold the task forever; the core's own timers close silent ones.
+
+use super::http::{self, Head, Prefixed};
+use super::{lock, ConnSignal, Server};
+use futures_util::{SinkExt, StreamExt};
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::Message;
+
+/// Serves one upgraded connection until it closes.
+pub(super) async fn run<St>(server: Arc<Server>, mut stream: St, head: Head)
+where
+    St: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    if head.path != "/ws" && head.path != "/" {
+        let _ = http::respond(&mut stream, 404, "application/json", &http::error_json(404, "WebSocket endpoint is /ws")).await;
+        return;
+    }
+    if lock(&server.conns).len() >= server.cfg.max_connections {
+        let _ = http::respond(&mut stream, 503, "application/json", &http::error_json(503, "too many connections")).await;
+        return;
+    }
+    let now = server.now();
+    let Some(conn) = lock(&server.core).connect(&server.cfg.gateway, now) else {
+        let _ = http::respond(&mut stream, 503, "application/json", &http::error_json(503, "gateway is not serving")).await;
+        return;
+    };
+    let limits_max = server.with_core(|c| c.limits().max_transport_frame_bytes);
+    let cfg = WebSocketConfig::default()
+        .read_buffer_size(server.cfg.ws_buffer_bytes)
+        .write_buffer_size(0)
+        .max_write_buffer_size(4 * 1024 * 1024)
+        .max_message_size(Some(limits_max))
+        .max_frame_size(Some(limits_max));
+    let sig = Arc::new(ConnSignal::default());
+    lock(&server.conns).insert(conn, sig.clone());
+    let ws = match tokio_tungstenite::accept_async_with_config(
+        Prefixed::new(head.raw, stream),
+        Some(cfg),
+    )
+    .await
+    {
+        Ok(ws) => ws,
+        Err(e) => {
+            tracing::debug!(%conn, error = %e, "websocket handshake failed");
+            finish(&server, conn);
+            return;
+        }
+    };
+    let (mut tx, mut rx) = ws.split();
+    let write_timeout = server.cfg.write_timeout;
+    let batch = server.cfg.write_batch;
+    loop {
+        tokio::select! {
+            biased;
+            _ = sig.notify.notified() => {
+                let close = lock(&sig.close).take();
+                if let Some(close) = close {
+                    let send_all = async {
+                        for f in close.final_frames {
+                            tx.feed(Message::text(f)).await?;
+                        }
+                        tx.send(Message::Close(Some(CloseFrame {
+                            code: CloseCode::from(close.reason.ws_code()),
+                            reason: close.reason.as_str().into(),
+                        }))).await
+                    };
+                    let _ = tokio::time::timeout(write_timeout, send_all).await;
+                    break;
+                }
+                let frames = lock(&server.core).drain(conn, batch);
+                if frames.len() == batch {
+                    sig.notify.notify_one(); // more queued: come back after this batch
+                }
+                let send_all = async {
+                    for f in frames {
+                        tx.feed(Message::text(f)).await?;
+                    }
+                    tx.flush().await
+                };
+                match tokio::time::timeout(write_timeout, send_all).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::debug!(%conn, error = %e, "write failed");
+                        break;
+                    }
+                    Err(_) => {
+                        tracing::info!(%conn, "write timed out; dropping connection");
+                        break;
+                    }
+                }
+            }
+            msg = rx.next() => {
+                let now = server.now();
+                let fx = match msg {
+                    Some(Ok(Message::Text(t))) => lock(&server.core).on_text(conn, t.as_str(), now),
+                    Some(Ok(Message::Binary(_))) => lock(&server.core).on_binary(conn, now),
+                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
+                    Some(Ok(Message::Close(_))) | None => break,
+                    Some(Err(e)) => {
+                        tracing::debug!(%conn, error = %e, "read failed");
+                        break;
+                    }
+                };
+                server.apply(fx);
+            }
+        }
+    }
+    finish(&server, conn);
+}
+
+/// Forgets the connection in the runtime and the core.
+fn finish(server: &Server, conn: crate::ids::ConnId) {
+    lock(&server.conns).remove(&conn);
+    let now = server.now();
+    let fx = lock(&server.core).disconnected(conn, now);
+    server.apply(fx);
+}

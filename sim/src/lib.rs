@@ -1,0 +1,1 @@
+//! Deterministic simulator (not built yet: see README "Status").

@@ -1,0 +1,168 @@
+//! `chatsim`: one CLI over the chat server model (and, as they land, the simulator, the
+//! load generator and playback). This file only parses arguments and calls into the crates.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use model_server::auth;
+use model_server::ids::{DeviceId, Millis, UserId};
+use model_server::runtime::{self, Clock, RuntimeConfig, Server};
+use model_server::store::{KvStore, MemoryStore, RedbStore};
+use model_server::Limits;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "chatsim", version, about = "Chat system model: serve it, simulate it, load it")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the chat server (WebSocket at /ws, /health, /metrics, media lane).
+    Serve(ServeArgs),
+    /// Mint an auth token for a user's device.
+    Token(TokenArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Address to listen on (port 0 picks a free port; the chosen address is printed).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Directory for the durable store and the server secret.
+    #[arg(long, default_value = "chatsim-data")]
+    data_dir: PathBuf,
+    /// Keep everything in memory (nothing survives a restart).
+    #[arg(long)]
+    memory: bool,
+    /// File holding the token-signing secret [default: DATA_DIR/secret, created if absent].
+    #[arg(long)]
+    secret_file: Option<PathBuf>,
+    /// Keep message bodies after every device acked them (server-side history for all).
+    #[arg(long)]
+    keep_history: bool,
+    /// Gateway name reported in routing and logs.
+    #[arg(long, default_value = "gw-1")]
+    gateway: String,
+    /// Region of this gateway.
+    #[arg(long, default_value = "region-1")]
+    region: String,
+}
+
+#[derive(clap::Args)]
+struct TokenArgs {
+    #[arg(long)]
+    user: String,
+    #[arg(long)]
+    device: String,
+    /// Token lifetime in seconds.
+    #[arg(long, default_value_t = 30 * 24 * 3600)]
+    ttl_secs: u64,
+    /// Directory whose secret `serve` uses.
+    #[arg(long, default_value = "chatsim-data")]
+    data_dir: PathBuf,
+    /// File holding the secret [default: DATA_DIR/secret, created if absent].
+    #[arg(long)]
+    secret_file: Option<PathBuf>,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().cmd {
+        Cmd::Serve(a) => serve(a),
+        Cmd::Token(a) => token(a),
+    }
+}
+
+fn token(a: TokenArgs) -> Result<()> {
+    let user = UserId(a.user);
+    let device = DeviceId(a.device);
+    if !model_server::ids::is_valid_id(user.as_str()) || !model_server::ids::is_valid_id(device.as_str()) {
+        bail!("--user and --device must be 1-64 characters of [A-Za-z0-9_-]");
+    }
+    let path = a.secret_file.unwrap_or_else(|| a.data_dir.join("secret"));
+    let secret = runtime::load_or_create_secret(&path)
+        .with_context(|| format!("reading secret file {}", path.display()))?;
+    let now = Clock::wall().now();
+    println!("{}", auth::mint(&secret, &user, &device, Millis(now.0 + a.ttl_secs * 1000)));
+    Ok(())
+}
+
+fn serve(a: ServeArgs) -> Result<()> {
+    let secret_path = a.secret_file.clone().unwrap_or_else(|| a.data_dir.join("secret"));
+    let secret = runtime::load_or_create_secret(&secret_path)
+        .with_context(|| format!("reading secret file {}", secret_path.display()))?;
+    let store: Box<dyn KvStore> = if a.memory {
+        Box::new(MemoryStore::new())
+    } else {
+        Box::new(
+            RedbStore::open(&a.data_dir)
+                .with_context(|| format!("opening store in {}", a.data_dir.display()))?,
+        )
+    };
+    let limits = Limits {
+        keep_history: a.keep_history,
+        ..Limits::default()
+    };
+    let cfg = RuntimeConfig {
+        gateway: a.gateway.as_str().into(),
+        region: a.region.as_str().into(),
+        ..RuntimeConfig::default()
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(a.listen)
+            .await
+            .with_context(|| format!("binding {}", a.listen))?;
+        let addr = listener.local_addr()?;
+        let server = Server::new(limits, secret, store, cfg, Clock::wall());
+        println!("chatsim serve: listening on {addr}");
+        println!("  WebSocket  ws://{addr}/ws   health http://{addr}/health   metrics http://{addr}/metrics");
+        println!(
+            "  store: {}   secret: {}",
+            if a.memory { "in-memory".to_string() } else { format!("{} (redb)", a.data_dir.display()) },
+            secret_path.display()
+        );
+        println!("  token: chatsim token --user alice --device phone --data-dir {}", a.data_dir.display());
+        let s2 = server.clone();
+        let serving = tokio::spawn(server.clone().serve(listener));
+        shutdown_signal().await;
+        eprintln!("chatsim serve: shutting down (closing connections)");
+        s2.shutdown();
+        let _ = serving.await;
+        anyhow::Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
