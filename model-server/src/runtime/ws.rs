@@ -104,6 +104,23 @@ where
                     Some(Ok(Message::Binary(_))) => lock(&server.core).on_binary(conn, now),
                     Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
                     Some(Ok(Message::Close(_))) | None => break,
+                    Some(Err(tokio_tungstenite::tungstenite::Error::Capacity(e))) => {
+                        // Past the transport limit: we cannot read the frame to answer 413,
+                        // so close with 1009 (message too big), as RFC 6455 says.
+                        tracing::debug!(%conn, error = %e, "frame over transport limit");
+                        let close = Message::Close(Some(CloseFrame {
+                            code: CloseCode::Size,
+                            reason: "frame too large".into(),
+                        }));
+                        let _ = tokio::time::timeout(write_timeout, tx.send(close)).await;
+                        // Read and discard the rest of the oversized frame for a moment, so
+                        // the client sees our close frame rather than a TCP reset.
+                        if let Ok(ws) = tx.reunite(rx) {
+                            discard_input(ws.into_inner()).await;
+                        }
+                        finish(&server, conn);
+                        return;
+                    }
                     Some(Err(e)) => {
                         tracing::debug!(%conn, error = %e, "read failed");
                         break;
@@ -114,6 +131,20 @@ where
         }
     }
     finish(&server, conn);
+}
+
+/// Reads and drops up to 8 MiB for up to 2 s, then returns (closing the socket).
+async fn discard_input<S: AsyncRead + Unpin>(mut s: S) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0usize;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+    while total < 8 * 1024 * 1024 {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => total += n,
+            _ => break,
+        }
+    }
 }
 
 /// Forgets the connection in the runtime and the core.
