@@ -95,7 +95,7 @@ impl<S: KvStore> ChatCore<S> {
             e.message_id = Some(MessageId::new(&conv, seq));
             e.conversation_id = Some(conv);
             e.seq = Some(seq);
-            return Err(Reject(e));
+            return Err(Reject(Box::new(e)));
         }
         let burst = self.cfg.send_burst;
         let rate = self.cfg.send_rate_per_sec;
@@ -106,7 +106,7 @@ impl<S: KvStore> ChatCore<S> {
         if let Err(wait) = bucket.try_take(rate, burst, now) {
             let mut e = ErrorPayload::new(429, "send rate exceeded");
             e.retry_after_ms = Some(wait);
-            return Err(Reject(e));
+            return Err(Reject(Box::new(e)));
         }
         if let Some(mid) = &m.media_id {
             self.check_media_reference(&sess.user, mid, &m.conv)?;

@@ -164,11 +164,11 @@ pub struct ChatCore<S: KvStore> {
 
 /// An error that becomes an `error` frame to the client.
 #[derive(Debug)]
-pub(crate) struct Reject(pub ErrorPayload);
+pub(crate) struct Reject(pub Box<ErrorPayload>);
 
 impl Reject {
     pub fn new(code: u16, msg: impl Into<String>) -> Self {
-        Reject(ErrorPayload::new(code, msg))
+        Reject(Box::new(ErrorPayload::new(code, msg)))
     }
 }
 
@@ -292,10 +292,10 @@ impl<S: KvStore> ChatCore<S> {
         if let Err(Reject(mut p)) = self.dispatch(conn, frame, now) {
             if p.code == 401 {
                 p.message = format!("{}; closing", p.message);
-                self.send_error(conn, p);
+                self.send_error(conn, *p);
                 self.close(conn, CloseReason::Unauthorized, now);
             } else {
-                self.send_error(conn, p);
+                self.send_error(conn, *p);
             }
         }
         self.take_fx()
@@ -340,7 +340,7 @@ impl<S: KvStore> ChatCore<S> {
             ClientFrame::Typing { payload } => self.handle_typing(&sess, payload, now),
             ClientFrame::Settings { payload } => self.handle_settings(conn, &sess, payload, now),
             ClientFrame::MediaPrepare { payload } => {
-                let prepared = self.media_prepare(&sess.user, payload, now).map_err(|e| Reject(e.to_error()))?;
+                let prepared = self.media_prepare(&sess.user, payload, now).map_err(|e| Reject(Box::new(e.to_error())))?;
                 self.enqueue(conn, &ServerFrame::MediaPrepared { payload: prepared }, FrameClass::Essential, None, now);
                 Ok(())
             }

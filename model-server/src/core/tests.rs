@@ -75,7 +75,7 @@ fn decode(texts: &[String]) -> Vec<ServerFrame> {
         .collect()
 }
 
-fn acks(frames: &[ServerFrame]) -> Vec<(ClientMsgIdStr, MessageAckPayload)> {
+fn acks(frames: &[ServerFrame]) -> Vec<(String, MessageAckPayload)> {
     frames
         .iter()
         .filter_map(|f| match f {
@@ -87,8 +87,6 @@ fn acks(frames: &[ServerFrame]) -> Vec<(ClientMsgIdStr, MessageAckPayload)> {
         })
         .collect()
 }
-
-type ClientMsgIdStr = String;
 
 /// The one `message_ack` in `frames`.
 fn single_ack(frames: Vec<ServerFrame>) -> MessageAckPayload {
@@ -338,7 +336,7 @@ fn no_message_ack_when_the_store_write_fails() {
     let gw = GatewayId::from("gw1");
     core.add_gateway(gw.clone(), RegionId::from("eu"));
     let now = Millis(1_700_000_000_000);
-    let mut login = |core: &mut ChatCore<FlakyStore>, user: &str| {
+    let login = |core: &mut ChatCore<FlakyStore>, user: &str| {
         let c = core.connect(&gw, now).expect("gateway up");
         let tok = mint(&secret, &uid(user), &DeviceId::from("phone"), now.plus(60_000));
         core.on_text(c, &auth_text(user, "phone", &tok, None), now);
@@ -1291,6 +1289,7 @@ fn slow_consumer_sheds_droppable_frames_then_is_disconnected_with_resume_token()
         ServerFrame::Error { payload } => payload.resume_token.clone().expect("resume token"),
         other => panic!("expected error, got {other:?}"),
     };
+    assert!(!token.is_empty());
     assert_eq!(h.core.stats().slow_consumer_disconnects, 1);
 }
 

@@ -5,7 +5,7 @@
 //! `Durability::Immediate` (the default) fsyncs before `commit` returns, which is what
 //! "save to the inbox before ack" needs. Ordered byte keys map one-to-one onto `KvStore`.
 
-use super::{KvStore, StoreError, Table, Write};
+use super::{KvStore, Row, StoreError, Table, Write};
 use redb::{Database, ReadableDatabase, TableDefinition};
 use std::path::Path;
 
@@ -53,7 +53,7 @@ impl KvStore for RedbStore {
         prefix: &[u8],
         from: &[u8],
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    ) -> Result<Vec<Row>, StoreError> {
         let tx = self.db.begin_read().map_err(backend)?;
         let t = tx.open_table(def(table)).map_err(backend)?;
         let start = if from < prefix { prefix } else { from };

@@ -1,7 +1,7 @@
 //! In-memory store: a `BTreeMap` per table. Used by tests and by the simulator, which keeps
 //! it outside the crashing host so that a restart sees exactly what was committed.
 
-use super::{KvStore, StoreError, Table, Write};
+use super::{KvStore, Row, StoreError, Table, Write};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
@@ -37,7 +37,7 @@ impl KvStore for MemoryStore {
         prefix: &[u8],
         from: &[u8],
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    ) -> Result<Vec<Row>, StoreError> {
         let guard = self.lock();
         let Some(t) = guard.get(&table) else {
             return Ok(Vec::new());

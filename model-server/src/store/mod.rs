@@ -81,6 +81,9 @@ impl Table {
     }
 }
 
+/// One (key, value) pair read from a table.
+pub type Row = (Vec<u8>, Vec<u8>);
+
 /// One write in a batch.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Write {
@@ -111,7 +114,7 @@ pub trait KvStore: Send {
         prefix: &[u8],
         from: &[u8],
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
+    ) -> Result<Vec<Row>, StoreError>;
     /// Applies every write or none.
     fn commit(&mut self, batch: Vec<Write>) -> Result<(), StoreError>;
 }
@@ -126,7 +129,7 @@ impl<T: KvStore + ?Sized> KvStore for Box<T> {
         prefix: &[u8],
         from: &[u8],
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    ) -> Result<Vec<Row>, StoreError> {
         (**self).scan(table, prefix, from, limit)
     }
     fn commit(&mut self, batch: Vec<Write>) -> Result<(), StoreError> {
