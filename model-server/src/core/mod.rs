@@ -279,23 +279,24 @@ impl<S: KvStore> ChatCore<S> {
                     413,
                     format!("frame exceeds {} bytes", self.cfg.max_frame_bytes),
                 ),
+                now,
             );
             return self.take_fx();
         }
         let frame = match decode_client(text) {
             Ok(f) => f,
             Err(e) => {
-                self.send_error(conn, ErrorPayload::new(400, e.to_string()));
+                self.send_error(conn, ErrorPayload::new(400, e.to_string()), now);
                 return self.take_fx();
             }
         };
         if let Err(Reject(mut p)) = self.dispatch(conn, frame, now) {
             if p.code == 401 {
                 p.message = format!("{}; closing", p.message);
-                self.send_error(conn, *p);
+                self.send_error(conn, *p, now);
                 self.close(conn, CloseReason::Unauthorized, now);
             } else {
-                self.send_error(conn, *p);
+                self.send_error(conn, *p, now);
             }
         }
         self.take_fx()
@@ -305,7 +306,14 @@ impl<S: KvStore> ChatCore<S> {
     pub fn on_binary(&mut self, conn: ConnId, now: Millis) -> Effects {
         if let Some(c) = self.reg.conns.get_mut(&conn) {
             c.last_frame = now;
-            self.send_error(conn, ErrorPayload::new(400, "binary frames are not supported; send JSON text frames"));
+            self.send_error(
+                conn,
+                ErrorPayload::new(
+                    400,
+                    "binary frames are not supported; send JSON text frames",
+                ),
+                now,
+            );
         }
         self.take_fx()
     }
@@ -315,33 +323,60 @@ impl<S: KvStore> ChatCore<S> {
         let Some(sess) = session else {
             return match frame {
                 ClientFrame::Auth { payload } => self.handle_auth(conn, payload, now),
-                _ => Err(Reject::new(401, "authenticate first: the first frame must be auth")),
+                _ => Err(Reject::new(
+                    401,
+                    "authenticate first: the first frame must be auth",
+                )),
             };
         };
         match frame {
             ClientFrame::Auth { .. } => Err(Reject::new(400, "already authenticated")),
             ClientFrame::Heartbeat { .. } => {
-                self.enqueue(conn, &ServerFrame::HeartbeatAck { server_time: now.0 }, FrameClass::Essential, None, now);
+                self.enqueue(
+                    conn,
+                    &ServerFrame::HeartbeatAck { server_time: now.0 },
+                    FrameClass::Essential,
+                    None,
+                    now,
+                );
                 Ok(())
             }
-            ClientFrame::Message { client_message_id, payload } => {
-                self.handle_send(conn, &sess, client_message_id, payload, now)
+            ClientFrame::Message {
+                client_message_id,
+                payload,
+            } => self.handle_send(conn, &sess, client_message_id, payload, now),
+            ClientFrame::GroupMessage {
+                client_message_id,
+                payload,
+            } => self.handle_group_send(conn, &sess, client_message_id, payload, now),
+            ClientFrame::DeliveryAck { message_id, .. } => {
+                self.handle_delivery_ack(&sess, &message_id, now)
             }
-            ClientFrame::GroupMessage { client_message_id, payload } => {
-                self.handle_group_send(conn, &sess, client_message_id, payload, now)
+            ClientFrame::ReadReceipt { message_ids, .. } => {
+                self.handle_read(&sess, &message_ids, now)
             }
-            ClientFrame::DeliveryAck { message_id, .. } => self.handle_delivery_ack(&sess, &message_id, now),
-            ClientFrame::ReadReceipt { message_ids, .. } => self.handle_read(&sess, &message_ids, now),
             ClientFrame::Sync { payload } => self.handle_sync(conn, &sess, payload, now),
-            ClientFrame::GroupCreate { payload } => self.handle_group_create(conn, &sess, payload, now),
+            ClientFrame::GroupCreate { payload } => {
+                self.handle_group_create(conn, &sess, payload, now)
+            }
             ClientFrame::GroupAdd { payload } => self.handle_group_add(&sess, payload, now),
             ClientFrame::GroupRemove { payload } => self.handle_group_remove(&sess, payload, now),
-            ClientFrame::PresenceSubscribe { payload } => self.handle_presence_subscribe(conn, &sess, payload, now),
+            ClientFrame::PresenceSubscribe { payload } => {
+                self.handle_presence_subscribe(conn, &sess, payload, now)
+            }
             ClientFrame::Typing { payload } => self.handle_typing(&sess, payload, now),
             ClientFrame::Settings { payload } => self.handle_settings(conn, &sess, payload, now),
             ClientFrame::MediaPrepare { payload } => {
-                let prepared = self.media_prepare(&sess.user, payload, now).map_err(|e| Reject(Box::new(e.to_error())))?;
-                self.enqueue(conn, &ServerFrame::MediaPrepared { payload: prepared }, FrameClass::Essential, None, now);
+                let prepared = self
+                    .media_prepare(&sess.user, payload, now)
+                    .map_err(|e| Reject(Box::new(e.to_error())))?;
+                self.enqueue(
+                    conn,
+                    &ServerFrame::MediaPrepared { payload: prepared },
+                    FrameClass::Essential,
+                    None,
+                    now,
+                );
                 Ok(())
             }
         }
@@ -411,6 +446,15 @@ impl<S: KvStore> ChatCore<S> {
             self.close(id, CloseReason::GatewayDown, now);
         }
         self.take_fx()
+    }
+
+    /// Every gateway: (id, region, up), in order.
+    pub fn gateways(&self) -> Vec<(GatewayId, RegionId, bool)> {
+        self.reg
+            .gateways
+            .iter()
+            .map(|(id, g)| (id.clone(), g.region.clone(), g.up))
+            .collect()
     }
 
     /// Brings a gateway back.
@@ -491,10 +535,17 @@ impl<S: KvStore> ChatCore<S> {
         }
     }
 
-    fn send_error(&mut self, conn: ConnId, p: ErrorPayload) {
+    fn send_error(&mut self, conn: ConnId, p: ErrorPayload, now: Millis) {
         self.stats.errors_sent += 1;
-        // Errors are essential; a connection too slow to take one is closed by enqueue.
-        self.enqueue(conn, &ServerFrame::Error { payload: p }, FrameClass::Essential, None, Millis(0));
+        // Errors are essential; a connection too slow to take one is closed by enqueue
+        // (at `now`, which becomes the user's last_seen if it was their last device).
+        self.enqueue(
+            conn,
+            &ServerFrame::Error { payload: p },
+            FrameClass::Essential,
+            None,
+            now,
+        );
     }
 
     /// Closes `conn`: forgets it and hands the runtime the frames still to write. A slow

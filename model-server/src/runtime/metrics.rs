@@ -12,7 +12,7 @@ const INBOX_COUNT_CAP: usize = 1_000_000;
 /// Renders every metric of `server`.
 pub fn render(server: &Server) -> String {
     let (g, s, inbox) = {
-        let core = lock(&server.core);
+        let core = lock(&server.hub.core);
         let inbox = core
             .store()
             .scan(Table::Inbox, b"", b"", INBOX_COUNT_CAP)

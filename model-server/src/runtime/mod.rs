@@ -96,6 +96,8 @@ pub struct RuntimeConfig {
     /// WebSocket read/write buffer size (tungstenite's default 128 KiB is costly at scale).
     pub ws_buffer_bytes: usize,
     pub spawner: Spawner,
+    /// Run the core's timers from this gateway (one gateway per hub should).
+    pub run_timers: bool,
 }
 
 impl Default for RuntimeConfig {
@@ -110,6 +112,7 @@ impl Default for RuntimeConfig {
             write_batch: 64,
             ws_buffer_bytes: 8 * 1024,
             spawner: Spawner::Tokio,
+            run_timers: true,
         }
     }
 }
@@ -123,14 +126,13 @@ struct ConnSignal {
 
 type PushSink = Box<dyn Fn(&PushRequest) + Send + Sync>;
 
-/// One running server: the core behind a lock, and the signals to each connection task.
-pub struct Server {
+/// The chat service shared by every gateway: the core behind a lock, and the signals to
+/// each connection task of every gateway attached to it. The real server has one hub and
+/// one gateway; the simulator attaches several gateways (hosts) to one hub.
+pub struct Hub {
     core: Mutex<ChatCore<Box<dyn KvStore>>>,
     conns: Mutex<BTreeMap<ConnId, Arc<ConnSignal>>>,
-    cfg: RuntimeConfig,
-    clock: Clock,
     push_sink: Option<PushSink>,
-    shutdown: watch::Sender<bool>,
     pushes: std::sync::atomic::AtomicU64,
 }
 
@@ -140,71 +142,75 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-impl Server {
-    /// A server over `store`.
+impl Hub {
+    /// A hub over `store`; `push_sink` receives every push request (the simulator's push
+    /// service; the real server only counts and logs them).
     pub fn new(
         limits: Limits,
         secret: Secret,
         store: Box<dyn KvStore>,
-        cfg: RuntimeConfig,
-        clock: Clock,
+        push_sink: Option<PushSink>,
     ) -> Arc<Self> {
-        let mut core = ChatCore::new(limits, secret, store);
-        core.add_gateway(cfg.gateway.clone(), cfg.region.clone());
-        let (shutdown, _) = watch::channel(false);
-        Arc::new(Server {
-            core: Mutex::new(core),
+        Arc::new(Hub {
+            core: Mutex::new(ChatCore::new(limits, secret, store)),
             conns: Mutex::new(BTreeMap::new()),
-            cfg,
-            clock,
-            push_sink: None,
-            shutdown,
+            push_sink,
             pushes: Default::default(),
         })
     }
 
-    /// Same as `new`, with a function that receives every push request (the simulator's
-    /// push service; the real server only counts and logs them).
-    pub fn with_push_sink(
-        limits: Limits,
-        secret: Secret,
-        store: Box<dyn KvStore>,
-        cfg: RuntimeConfig,
-        clock: Clock,
-        sink: PushSink,
-    ) -> Arc<Self> {
-        let mut s = Self::new(limits, secret, store, cfg, clock);
-        if let Some(s) = Arc::get_mut(&mut s) {
-            s.push_sink = Some(sink);
-        }
-        s
-    }
-
-    /// Current time on this server's clock.
-    pub fn now(&self) -> Millis {
-        self.clock.now()
-    }
-
-    /// Runs `f` with the core locked (tests, metrics, the simulator's oracle).
+    /// Runs `f` with the core locked (tests, metrics, the simulator's faults and oracle).
+    /// Effects `f` returns are carried out.
     pub fn with_core<R>(&self, f: impl FnOnce(&mut ChatCore<Box<dyn KvStore>>) -> R) -> R {
         f(&mut lock(&self.core))
     }
 
-    /// Asks every connection to close and the accept loop to stop.
-    pub fn shutdown(&self) {
-        let _ = self.shutdown.send(true);
+    /// Calls into the core and carries out the effects it returns.
+    pub fn act(&self, f: impl FnOnce(&mut ChatCore<Box<dyn KvStore>>) -> Effects) {
+        let fx = f(&mut lock(&self.core));
+        self.apply(fx);
+    }
+
+    /// Replaces the core by a fresh one over `store` (a chat-service crash and restart:
+    /// volatile state is lost, the store keeps what it committed). Every connection task
+    /// is told to close.
+    pub fn restart_core(&self, limits: Limits, secret: Secret, store: Box<dyn KvStore>) {
+        let gateways: Vec<_> = lock(&self.core).gateways();
+        let mut core = ChatCore::new(limits, secret, store);
+        for (gw, region, up) in gateways {
+            core.add_gateway(gw.clone(), region);
+            if !up {
+                let _ = core.gateway_down(&gw, Millis(0));
+            }
+        }
+        *lock(&self.core) = core;
+        let conns = std::mem::take(&mut *lock(&self.conns));
+        for sig in conns.values() {
+            *lock(&sig.close) = Some(Close {
+                conn: ConnId(0),
+                reason: crate::core::CloseReason::GatewayDown,
+                final_frames: Vec::new(),
+            });
+            sig.notify.notify_one();
+        }
+    }
+
+    /// Push requests carried out so far.
+    pub fn pushes(&self) -> u64 {
+        self.pushes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Carries out what the core asked for.
     fn apply(&self, fx: Effects) {
-        let conns = lock(&self.conns);
+        let mut conns = lock(&self.conns);
         for c in &fx.wake {
             if let Some(sig) = conns.get(c) {
                 sig.notify.notify_one();
             }
         }
         for close in fx.close {
-            if let Some(sig) = conns.get(&close.conn) {
+            // The core has forgotten the connection; so do we (its task holds the signal).
+            if let Some(sig) = conns.remove(&close.conn) {
                 tracing::debug!(conn = %close.conn, reason = close.reason.as_str(), "closing");
                 *lock(&sig.close) = Some(close);
                 sig.notify.notify_one();
@@ -212,14 +218,69 @@ impl Server {
         }
         drop(conns);
         for p in fx.push {
-            self.pushes
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.pushes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             // Content-free by type: a user and a count.
             tracing::debug!(user = %p.user, pending = p.pending, "push wake-up");
             if let Some(sink) = &self.push_sink {
                 sink(&p);
             }
         }
+    }
+}
+
+/// One gateway serving a hub on one listener.
+pub struct Server {
+    hub: Arc<Hub>,
+    cfg: RuntimeConfig,
+    clock: Clock,
+    shutdown: watch::Sender<bool>,
+    /// Connection tasks of this gateway still running.
+    active: std::sync::atomic::AtomicUsize,
+}
+
+impl Server {
+    /// A standalone server (its own hub) over `store`.
+    pub fn new(
+        limits: Limits,
+        secret: Secret,
+        store: Box<dyn KvStore>,
+        cfg: RuntimeConfig,
+        clock: Clock,
+    ) -> Arc<Self> {
+        Self::on_hub(Hub::new(limits, secret, store, None), cfg, clock)
+    }
+
+    /// A gateway attached to a shared hub (registers the gateway in its region).
+    pub fn on_hub(hub: Arc<Hub>, cfg: RuntimeConfig, clock: Clock) -> Arc<Self> {
+        hub.with_core(|c| c.add_gateway(cfg.gateway.clone(), cfg.region.clone()));
+        let (shutdown, _) = watch::channel(false);
+        Arc::new(Server {
+            hub,
+            cfg,
+            clock,
+            shutdown,
+            active: Default::default(),
+        })
+    }
+
+    /// The hub this gateway serves.
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
+    /// Current time on this server's clock.
+    pub fn now(&self) -> Millis {
+        self.clock.now()
+    }
+
+    /// Runs `f` with the core locked.
+    pub fn with_core<R>(&self, f: impl FnOnce(&mut ChatCore<Box<dyn KvStore>>) -> R) -> R {
+        self.hub.with_core(f)
+    }
+
+    /// Asks every connection to close and the accept loop to stop.
+    pub fn shutdown(&self) {
+        let _ = self.shutdown.send(true);
     }
 
     /// Serves `listener` until `shutdown` is called: accepts connections, runs the
@@ -237,14 +298,15 @@ impl Server {
                         _ = stop.changed() => break,
                         _ = iv.tick() => {
                             let now = me.now();
-                            let fx = lock(&me.core).tick(now);
-                            me.apply(fx);
+                            me.hub.act(|c| c.tick(now));
                         }
                     }
                 }
             }
         };
-        self.cfg.spawner.spawn(ticker);
+        if self.cfg.run_timers {
+            self.cfg.spawner.spawn(ticker);
+        }
         let mut stop = self.shutdown.subscribe();
         loop {
             tokio::select! {
@@ -263,13 +325,10 @@ impl Server {
             }
         }
         // Graceful shutdown: every connection gets a close frame; give them a moment.
-        let fx = {
-            let now = self.now();
-            lock(&self.core).gateway_down(&self.cfg.gateway, now)
-        };
-        self.apply(fx);
+        let now = self.now();
+        self.hub.act(|c| c.gateway_down(&self.cfg.gateway, now));
         for _ in 0..50 {
-            if lock(&self.conns).is_empty() {
+            if self.active.load(std::sync::atomic::Ordering::Relaxed) == 0 {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;

@@ -22,7 +22,7 @@ impl Server {
             .ok_or((401, "missing Authorization: Bearer <token>".to_string()))?;
         let (user, device) = auth::claims(token).ok_or((401, "malformed token".to_string()))?;
         let now = self.now();
-        auth::verify(lock(&self.core).secret(), token, &user, &device, now)
+        auth::verify(lock(&self.hub.core).secret(), token, &user, &device, now)
             .map_err(|e| (401, e.to_string()))?;
         Ok(user)
     }
@@ -69,7 +69,7 @@ impl Server {
         let req: MediaPreparePayload = serde_json::from_slice(&body)
             .map_err(|e| (400, format!("bad JSON body: {}", e.classify_str())))?;
         let now = self.now();
-        let prepared = lock(&self.core).media_prepare(&user, req, now).map_err(media_err)?;
+        let prepared = lock(&self.hub.core).media_prepare(&user, req, now).map_err(media_err)?;
         Ok((201, JSON, serde_json::to_vec(&prepared).unwrap_or_default()))
     }
 
@@ -84,24 +84,24 @@ impl Server {
             Some(v) => http::content_range_start(v).ok_or((400, "bad Content-Range".to_string()))?,
             None => 0,
         };
-        let max = lock(&self.core).limits().media_chunk_bytes;
+        let max = lock(&self.hub.core).limits().media_chunk_bytes;
         let body = http::read_body(stream, head, max).await?;
         let now = self.now();
-        let st = lock(&self.core).media_put(&user, id, offset, &body, now).map_err(media_err)?;
+        let st = lock(&self.hub.core).media_put(&user, id, offset, &body, now).map_err(media_err)?;
         Ok((200, JSON, serde_json::to_vec(&st).unwrap_or_default()))
     }
 
     fn media_status(&self, head: &Head, id: &MediaId) -> Result<(u16, &'static str, Vec<u8>), (u16, String)> {
         let user = self.bearer_user(head)?;
         let now = self.now();
-        let st = lock(&self.core).media_status(&user, id, now).map_err(media_err)?;
+        let st = lock(&self.hub.core).media_status(&user, id, now).map_err(media_err)?;
         Ok((200, JSON, serde_json::to_vec(&st).unwrap_or_default()))
     }
 
     fn media_get(&self, head: &Head, id: &MediaId) -> Result<(u16, &'static str, Vec<u8>), (u16, String)> {
         let user = self.bearer_user(head)?;
         let now = self.now();
-        let (_ct, bytes) = lock(&self.core).media_get(&user, id, now).map_err(media_err)?;
+        let (_ct, bytes) = lock(&self.hub.core).media_get(&user, id, now).map_err(media_err)?;
         // Media is ciphertext to the server: always served as opaque bytes.
         Ok((200, "application/octet-stream", bytes))
     }

@@ -23,24 +23,25 @@ where
         let _ = http::respond(&mut stream, 404, "application/json", &http::error_json(404, "WebSocket endpoint is /ws")).await;
         return;
     }
-    if lock(&server.conns).len() >= server.cfg.max_connections {
+    if lock(&server.hub.conns).len() >= server.cfg.max_connections {
         let _ = http::respond(&mut stream, 503, "application/json", &http::error_json(503, "too many connections")).await;
         return;
     }
     let now = server.now();
-    let Some(conn) = lock(&server.core).connect(&server.cfg.gateway, now) else {
+    let Some(conn) = lock(&server.hub.core).connect(&server.cfg.gateway, now) else {
         let _ = http::respond(&mut stream, 503, "application/json", &http::error_json(503, "gateway is not serving")).await;
         return;
     };
-    let limits_max = server.with_core(|c| c.limits().max_transport_frame_bytes);
+    let limits_max = server.hub.with_core(|c| c.limits().max_transport_frame_bytes);
     let cfg = WebSocketConfig::default()
         .read_buffer_size(server.cfg.ws_buffer_bytes)
         .write_buffer_size(0)
         .max_write_buffer_size(4 * 1024 * 1024)
         .max_message_size(Some(limits_max))
         .max_frame_size(Some(limits_max));
+    let _active = ActiveGuard::new(&server);
     let sig = Arc::new(ConnSignal::default());
-    lock(&server.conns).insert(conn, sig.clone());
+    lock(&server.hub.conns).insert(conn, sig.clone());
     let ws = match tokio_tungstenite::accept_async_with_config(
         Prefixed::new(head.raw, stream),
         Some(cfg),
@@ -75,7 +76,7 @@ where
                     let _ = tokio::time::timeout(write_timeout, send_all).await;
                     break;
                 }
-                let frames = lock(&server.core).drain(conn, batch);
+                let frames = lock(&server.hub.core).drain(conn, batch);
                 if frames.len() == batch {
                     sig.notify.notify_one(); // more queued: come back after this batch
                 }
@@ -100,8 +101,8 @@ where
             msg = rx.next() => {
                 let now = server.now();
                 let fx = match msg {
-                    Some(Ok(Message::Text(t))) => lock(&server.core).on_text(conn, t.as_str(), now),
-                    Some(Ok(Message::Binary(_))) => lock(&server.core).on_binary(conn, now),
+                    Some(Ok(Message::Text(t))) => lock(&server.hub.core).on_text(conn, t.as_str(), now),
+                    Some(Ok(Message::Binary(_))) => lock(&server.hub.core).on_binary(conn, now),
                     Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
                     Some(Ok(Message::Close(_))) | None => break,
                     Some(Err(tokio_tungstenite::tungstenite::Error::Capacity(e))) => {
@@ -126,11 +127,27 @@ where
                         break;
                     }
                 };
-                server.apply(fx);
+                server.hub.apply(fx);
             }
         }
     }
     finish(&server, conn);
+}
+
+/// Counts this gateway's running connection tasks (graceful shutdown waits for zero).
+struct ActiveGuard<'a>(&'a Server);
+
+impl<'a> ActiveGuard<'a> {
+    fn new(s: &'a Server) -> Self {
+        s.active.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        ActiveGuard(s)
+    }
+}
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Reads and drops up to 8 MiB for up to 2 s, then returns (closing the socket).
@@ -149,8 +166,8 @@ async fn discard_input<S: AsyncRead + Unpin>(mut s: S) {
 
 /// Forgets the connection in the runtime and the core.
 fn finish(server: &Server, conn: crate::ids::ConnId) {
-    lock(&server.conns).remove(&conn);
+    lock(&server.hub.conns).remove(&conn);
     let now = server.now();
-    let fx = lock(&server.core).disconnected(conn, now);
-    server.apply(fx);
+    let fx = lock(&server.hub.core).disconnected(conn, now);
+    server.hub.apply(fx);
 }
