@@ -129,7 +129,10 @@ mod tests {
     fn minted_token_verifies_for_its_identity_only() {
         let s = secret();
         let t = mint(&s, &"alice".into(), &"phone".into(), Millis(1_000));
-        assert_eq!(verify(&s, &t, &"alice".into(), &"phone".into(), Millis(10)), Ok(()));
+        assert_eq!(
+            verify(&s, &t, &"alice".into(), &"phone".into(), Millis(10)),
+            Ok(())
+        );
         assert_eq!(
             verify(&s, &t, &"bob".into(), &"phone".into(), Millis(10)),
             Err(AuthError::WrongIdentity)

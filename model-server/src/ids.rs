@@ -17,8 +17,7 @@ pub const MAX_ID_LEN: usize = 64;
 pub fn is_valid_id(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= MAX_ID_LEN
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
@@ -120,7 +119,10 @@ impl ConversationId {
             }
         } else if let Some(g) = s.strip_prefix("grp:") {
             if is_valid_id(g) {
-                return Some((Self(s.to_owned()), ConversationKind::Group(GroupId(g.into()))));
+                return Some((
+                    Self(s.to_owned()),
+                    ConversationKind::Group(GroupId(g.into())),
+                ));
             }
         }
         None
@@ -151,9 +153,10 @@ impl fmt::Display for ConversationId {
 pub struct Seq(pub u64);
 
 impl Seq {
-    /// The seq after this one.
+    /// The seq after this one. Saturates: a client-supplied `after_seq` of `u64::MAX`
+    /// must not overflow (it names no message, so the scan from it is simply empty).
     pub fn next(self) -> Seq {
-        Seq(self.0 + 1)
+        Seq(self.0.saturating_add(1))
     }
 }
 
@@ -232,7 +235,10 @@ mod tests {
     fn direct_conversation_id_is_the_same_from_both_sides() {
         let a = UserId::from("alice");
         let b = UserId::from("bob");
-        assert_eq!(ConversationId::direct(&a, &b), ConversationId::direct(&b, &a));
+        assert_eq!(
+            ConversationId::direct(&a, &b),
+            ConversationId::direct(&b, &a)
+        );
         assert_eq!(ConversationId::direct(&a, &b).as_str(), "dm:alice:bob");
     }
 
@@ -248,7 +254,14 @@ mod tests {
 
     #[test]
     fn forged_ids_do_not_parse() {
-        for bad in ["dm:bob:alice#1", "dm:a:b#0", "dm:a#1", "grp:#3", "x:y#1", "dm:a:b#x"] {
+        for bad in [
+            "dm:bob:alice#1",
+            "dm:a:b#0",
+            "dm:a#1",
+            "grp:#3",
+            "x:y#1",
+            "dm:a:b#x",
+        ] {
             assert!(MessageId(bad.into()).parse().is_none(), "{bad}");
         }
         assert!(!is_valid_id("a:b"));

@@ -269,9 +269,7 @@ pub struct DeliveredMessage {
 }
 
 /// Delivery status as the sender sees it; only ever moves forward.
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, Default,
-)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
     /// Stored in the inbox (one tick).

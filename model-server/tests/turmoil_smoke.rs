@@ -18,8 +18,14 @@ async fn client(user: &'static str, peer: &'static str) -> turmoil::Result<Vec<V
     let stream = turmoil::net::TcpStream::connect(("server", 8080)).await?;
     let (mut ws, _) = tokio_tungstenite::client_async("ws://server:8080/ws", stream).await?;
     let secret = Secret::new(SECRET.to_vec())?;
-    let tok = mint(&secret, &user.into(), &"phone".into(), Millis(EPOCH + 3_600_000));
-    let auth = json!({"type":"auth","payload":{"user_id":user,"auth_token":tok,"device_id":"phone"}});
+    let tok = mint(
+        &secret,
+        &user.into(),
+        &"phone".into(),
+        Millis(EPOCH + 3_600_000),
+    );
+    let auth =
+        json!({"type":"auth","payload":{"user_id":user,"auth_token":tok,"device_id":"phone"}});
     ws.send(Message::text(auth.to_string())).await?;
     let mut seen = Vec::new();
     // Give both sides time to log in, then each sends one message to the other.
@@ -27,7 +33,12 @@ async fn client(user: &'static str, peer: &'static str) -> turmoil::Result<Vec<V
     let send = json!({"type":"message","client_message_id":format!("{user}-1"),
         "payload":{"receiver_id":peer,"content":"Y2lwaGVy"}});
     ws.send(Message::text(send.to_string())).await?;
-    while seen.iter().filter(|v: &&Value| v["type"] == "message" || v["type"] == "message_ack").count() < 2 {
+    while seen
+        .iter()
+        .filter(|v: &&Value| v["type"] == "message" || v["type"] == "message_ack")
+        .count()
+        < 2
+    {
         let m = tokio::time::timeout(Duration::from_secs(5), ws.next()).await?;
         match m {
             Some(Ok(Message::Text(t))) => seen.push(serde_json::from_str(t.as_str())?),
@@ -45,7 +56,10 @@ fn run(seed: u64) -> Vec<String> {
         .build();
     sim.host("server", || async {
         let listener = turmoil::net::TcpListener::bind(("0.0.0.0", 8080)).await?;
-        let cfg = RuntimeConfig { spawner: Spawner::Local, ..RuntimeConfig::default() };
+        let cfg = RuntimeConfig {
+            spawner: Spawner::Local,
+            ..RuntimeConfig::default()
+        };
         let server = Server::new(
             Limits::default(),
             Secret::new(SECRET.to_vec())?,
@@ -61,7 +75,8 @@ fn run(seed: u64) -> Vec<String> {
         let out = out.clone();
         sim.client(user, async move {
             let seen = client(user, peer).await?;
-            out.borrow_mut().push(format!("{user}: {}", serde_json::to_string(&seen)?));
+            out.borrow_mut()
+                .push(format!("{user}: {}", serde_json::to_string(&seen)?));
             Ok(())
         });
     }
@@ -78,8 +93,14 @@ fn server_runs_unchanged_on_turmoil_and_two_clients_chat() {
     let alice = &log[0];
     assert!(alice.contains(r#""type":"auth_success""#), "{alice}");
     assert!(alice.contains(r#""type":"message_ack""#), "{alice}");
-    assert!(alice.contains(r#""sender_id":"bob""#), "alice got bob's message: {alice}");
-    assert!(log[1].contains(r#""sender_id":"alice""#), "bob got alice's message");
+    assert!(
+        alice.contains(r#""sender_id":"bob""#),
+        "alice got bob's message: {alice}"
+    );
+    assert!(
+        log[1].contains(r#""sender_id":"alice""#),
+        "bob got alice's message"
+    );
 }
 
 #[test]

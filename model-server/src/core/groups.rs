@@ -61,14 +61,21 @@ impl<S: KvStore> ChatCore<S> {
     ) -> Handled {
         Self::check_user_ids(&p.members)?;
         if p.name.as_ref().is_some_and(|n| n.len() > MAX_GROUP_NAME) {
-            return Err(Reject::new(413, format!("group name exceeds {MAX_GROUP_NAME} bytes")));
+            return Err(Reject::new(
+                413,
+                format!("group name exceeds {MAX_GROUP_NAME} bytes"),
+            ));
         }
         let mut members: BTreeSet<UserId> = p.members.into_iter().collect();
         members.insert(sess.user.clone());
         if members.len() > self.cfg.group_cap {
             return Err(Reject::new(
                 413,
-                format!("group would have {} members; the cap is {}", members.len(), self.cfg.group_cap),
+                format!(
+                    "group would have {} members; the cap is {}",
+                    members.len(),
+                    self.cfg.group_cap
+                ),
             ));
         }
         let (n, counter) = self.db.next_counter("groups")?;
@@ -81,55 +88,105 @@ impl<S: KvStore> ChatCore<S> {
             announcement_only: p.announcement_only,
             created_at: now,
         };
-        let mut batch = vec![counter, Write::Put(Table::Groups, key(&[group_id.as_str()], None), enc(&g))];
+        let mut batch = vec![
+            counter,
+            Write::Put(Table::Groups, key(&[group_id.as_str()], None), enc(&g)),
+        ];
         for u in &g.members {
-            batch.push(Write::Put(Table::UserGroups, user_group_key(u, &group_id), Vec::new()));
+            batch.push(Write::Put(
+                Table::UserGroups,
+                user_group_key(u, &group_id),
+                Vec::new(),
+            ));
         }
         self.db.commit(batch)?;
-        self.enqueue(conn, &ServerFrame::GroupCreated { payload: info(&g) }, FrameClass::Essential, None, now);
-        let others: BTreeSet<UserId> = g.members.iter().filter(|u| **u != sess.user).cloned().collect();
+        self.enqueue(
+            conn,
+            &ServerFrame::GroupCreated { payload: info(&g) },
+            FrameClass::Essential,
+            None,
+            now,
+        );
+        let others: BTreeSet<UserId> = g
+            .members
+            .iter()
+            .filter(|u| **u != sess.user)
+            .cloned()
+            .collect();
         self.announce_group(&g, &others, now);
         Ok(())
     }
 
-    pub(super) fn handle_group_add(&mut self, sess: &Session, p: GroupMembersPayload, now: Millis) -> Handled {
+    pub(super) fn handle_group_add(
+        &mut self,
+        sess: &Session,
+        p: GroupMembersPayload,
+        now: Millis,
+    ) -> Handled {
         Self::check_user_ids(&p.user_ids)?;
         let mut g = self.load_group(&p.group_id)?;
         if !g.admins.contains(&sess.user) {
             return Err(Reject::new(403, "only group admins may add members"));
         }
-        let added: Vec<UserId> = p.user_ids.into_iter().filter(|u| !g.members.contains(u)).collect();
+        let added: Vec<UserId> = p
+            .user_ids
+            .into_iter()
+            .filter(|u| !g.members.contains(u))
+            .collect();
         if g.members.len() + added.len() > self.cfg.group_cap {
             return Err(Reject::new(
                 413,
-                format!("group would have {} members; the cap is {}", g.members.len() + added.len(), self.cfg.group_cap),
+                format!(
+                    "group would have {} members; the cap is {}",
+                    g.members.len() + added.len(),
+                    self.cfg.group_cap
+                ),
             ));
         }
         let mut batch = Vec::new();
         for u in &added {
             g.members.insert(u.clone());
-            batch.push(Write::Put(Table::UserGroups, user_group_key(u, &g.group_id), Vec::new()));
+            batch.push(Write::Put(
+                Table::UserGroups,
+                user_group_key(u, &g.group_id),
+                Vec::new(),
+            ));
         }
-        batch.push(Write::Put(Table::Groups, key(&[g.group_id.as_str()], None), enc(&g)));
+        batch.push(Write::Put(
+            Table::Groups,
+            key(&[g.group_id.as_str()], None),
+            enc(&g),
+        ));
         self.db.commit(batch)?;
         let everyone = g.members.clone();
         self.announce_group(&g, &everyone, now);
         Ok(())
     }
 
-    pub(super) fn handle_group_remove(&mut self, sess: &Session, p: GroupMembersPayload, now: Millis) -> Handled {
+    pub(super) fn handle_group_remove(
+        &mut self,
+        sess: &Session,
+        p: GroupMembersPayload,
+        now: Millis,
+    ) -> Handled {
         Self::check_user_ids(&p.user_ids)?;
         let mut g = self.load_group(&p.group_id)?;
         let only_self = p.user_ids.iter().all(|u| *u == sess.user);
         if !g.members.contains(&sess.user) || (!only_self && !g.admins.contains(&sess.user)) {
-            return Err(Reject::new(403, "only group admins may remove other members"));
+            return Err(Reject::new(
+                403,
+                "only group admins may remove other members",
+            ));
         }
         let before = g.members.clone();
         let mut batch = Vec::new();
         for u in &p.user_ids {
             if g.members.remove(u) {
                 g.admins.remove(u);
-                batch.push(Write::Delete(Table::UserGroups, user_group_key(u, &g.group_id)));
+                batch.push(Write::Delete(
+                    Table::UserGroups,
+                    user_group_key(u, &g.group_id),
+                ));
             }
         }
         // A group is never left without an admin while it has members.
@@ -138,7 +195,11 @@ impl<S: KvStore> ChatCore<S> {
                 g.admins.insert(first);
             }
         }
-        batch.push(Write::Put(Table::Groups, key(&[g.group_id.as_str()], None), enc(&g)));
+        batch.push(Write::Put(
+            Table::Groups,
+            key(&[g.group_id.as_str()], None),
+            enc(&g),
+        ));
         self.db.commit(batch)?;
         self.announce_group(&g, &before, now);
         Ok(())
@@ -161,7 +222,10 @@ impl<S: KvStore> ChatCore<S> {
             return Err(with_id(Reject::new(403, "not a member of this group")));
         }
         if g.announcement_only && !g.admins.contains(&sess.user) {
-            return Err(with_id(Reject::new(403, "announcement-only group: only admins may post")));
+            return Err(with_id(Reject::new(
+                403,
+                "announcement-only group: only admins may post",
+            )));
         }
         self.store_and_fan_out(
             conn,

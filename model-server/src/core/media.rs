@@ -157,14 +157,22 @@ impl<S: KvStore> ChatCore<S> {
             )));
         }
         if offset != rec.received {
-            return Err(MediaError::WrongOffset { received: rec.received });
+            return Err(MediaError::WrongOffset {
+                received: rec.received,
+            });
         }
         if bytes.is_empty() || offset + bytes.len() as u64 > rec.size {
-            return Err(MediaError::BadRequest("chunk is empty or runs past file_size".into()));
+            return Err(MediaError::BadRequest(
+                "chunk is empty or runs past file_size".into(),
+            ));
         }
         rec.received += bytes.len() as u64;
         self.db.commit(vec![
-            Write::Put(Table::MediaChunks, media_chunk_key(id, offset), bytes.to_vec()),
+            Write::Put(
+                Table::MediaChunks,
+                media_chunk_key(id, offset),
+                bytes.to_vec(),
+            ),
             Write::Put(Table::Media, key(&[id.as_str()], None), enc(&rec)),
         ])?;
         Ok(MediaStatus {
@@ -176,7 +184,12 @@ impl<S: KvStore> ChatCore<S> {
     }
 
     /// How much of an upload has arrived (uploader or conversation members).
-    pub fn media_status(&self, user: &UserId, id: &MediaId, now: Millis) -> Result<MediaStatus, MediaError> {
+    pub fn media_status(
+        &self,
+        user: &UserId,
+        id: &MediaId,
+        now: Millis,
+    ) -> Result<MediaStatus, MediaError> {
         let rec = self.live_media(id, now)?;
         if &rec.owner != user {
             self.member_of(user, &rec.conversation_id)?;
@@ -190,7 +203,12 @@ impl<S: KvStore> ChatCore<S> {
     }
 
     /// The bytes of a complete upload, for members of its conversation only.
-    pub fn media_get(&self, user: &UserId, id: &MediaId, now: Millis) -> Result<(String, Vec<u8>), MediaError> {
+    pub fn media_get(
+        &self,
+        user: &UserId,
+        id: &MediaId,
+        now: Millis,
+    ) -> Result<(String, Vec<u8>), MediaError> {
         let rec = self.live_media(id, now)?;
         self.member_of(user, &rec.conversation_id)?;
         if !rec.complete() {
@@ -227,9 +245,16 @@ impl<S: KvStore> ChatCore<S> {
             if !dead {
                 continue;
             }
-            let mut batch = vec![Write::Delete(Table::Media, key(&[rec.media_id.as_str()], None))];
+            let mut batch = vec![Write::Delete(
+                Table::Media,
+                key(&[rec.media_id.as_str()], None),
+            )];
             let prefix = key(&[rec.media_id.as_str()], None);
-            for (k, _) in self.db.kv.scan(Table::MediaChunks, &prefix, &prefix, usize::MAX)? {
+            for (k, _) in self
+                .db
+                .kv
+                .scan(Table::MediaChunks, &prefix, &prefix, usize::MAX)?
+            {
                 batch.push(Write::Delete(Table::MediaChunks, k));
             }
             self.db.commit(batch)?;

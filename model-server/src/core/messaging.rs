@@ -10,16 +10,16 @@ use super::outbound::FrameClass;
 use super::registry::Session;
 use super::{ChatCore, Handled, PushRequest, Reject, PUSH_COUNT_CAP};
 use crate::ids::{
-    is_valid_id, ClientMsgId, ConnId, ConversationId, ConversationKind, DeviceId, GroupId,
-    MediaId, MessageId, Millis, Seq, UserId,
+    is_valid_id, ClientMsgId, ConnId, ConversationId, ConversationKind, DeviceId, GroupId, MediaId,
+    MessageId, Millis, Seq, UserId,
 };
 use crate::protocol::{
     DeliveredMessage, ErrorPayload, GroupReceiptPayload, MessageAckPayload, ReceiptPayload,
     SendPayload, ServerFrame, Status, SyncPagePayload, SyncPayload,
 };
 use crate::store::records::{
-    conv_meta_put, dedup_key, enc, expiry_key, group_cursor_put, inbox_key, msg_key,
-    InboxEntry, StoredMessage,
+    conv_meta_put, dedup_key, enc, expiry_key, group_cursor_put, inbox_key, msg_key, InboxEntry,
+    StoredMessage,
 };
 use crate::store::{KvStore, Table, Write};
 use std::collections::{BTreeMap, BTreeSet};
@@ -50,7 +50,10 @@ impl<S: KvStore> ChatCore<S> {
             r
         };
         if !is_valid_id(p.receiver_id.as_str()) || p.receiver_id == sess.user {
-            return Err(with_id(Reject::new(400, "receiver_id must be another user's id"), &cmid));
+            return Err(with_id(
+                Reject::new(400, "receiver_id must be another user's id"),
+                &cmid,
+            ));
         }
         let conv = ConversationId::direct(&sess.user, &p.receiver_id);
         self.store_and_fan_out(
@@ -80,7 +83,10 @@ impl<S: KvStore> ChatCore<S> {
         now: Millis,
     ) -> Handled {
         if !is_valid_id(m.cmid.as_str()) {
-            return Err(Reject::new(400, "client_message_id must be 1-64 of [A-Za-z0-9_-]"));
+            return Err(Reject::new(
+                400,
+                "client_message_id must be 1-64 of [A-Za-z0-9_-]",
+            ));
         }
         if m.content.len() > self.cfg.max_content_bytes {
             return Err(Reject::new(
@@ -116,9 +122,11 @@ impl<S: KvStore> ChatCore<S> {
         // (no copies) for groups above the threshold.
         let recipients: Vec<UserId> = match (&m.receiver, &m.group) {
             (Some(r), _) => vec![r.clone()],
-            (None, Some((_, members))) => {
-                members.iter().filter(|u| **u != sess.user).cloned().collect()
-            }
+            (None, Some((_, members))) => members
+                .iter()
+                .filter(|u| **u != sess.user)
+                .cloned()
+                .collect(),
             (None, None) => Vec::new(),
         };
         let shared_log = m
@@ -265,11 +273,18 @@ impl<S: KvStore> ChatCore<S> {
             entry.acked.insert(sess.device.clone());
             let devices = self.db.devices(&sess.user)?;
             if devices.iter().all(|d| entry.acked.contains(d)) {
-                batch.push(Write::Delete(Table::Inbox, inbox_key(&sess.user, &conv, seq)));
+                batch.push(Write::Delete(
+                    Table::Inbox,
+                    inbox_key(&sess.user, &conv, seq),
+                ));
                 msg.pending_users = msg.pending_users.saturating_sub(1);
                 msg_changed = true;
             } else {
-                batch.push(Write::Put(Table::Inbox, inbox_key(&sess.user, &conv, seq), enc(&entry)));
+                batch.push(Write::Put(
+                    Table::Inbox,
+                    inbox_key(&sess.user, &conv, seq),
+                    enc(&entry),
+                ));
             }
         }
         let mut notify_sender = false;
@@ -285,7 +300,10 @@ impl<S: KvStore> ChatCore<S> {
                 notify_sender = true;
             }
         }
-        if msg_changed && !msg.shared_log && msg.pending_users == 0 && msg.content.is_some()
+        if msg_changed
+            && !msg.shared_log
+            && msg.pending_users == 0
+            && msg.content.is_some()
             && !self.keeps_history(&msg)?
         {
             // Every recipient device has it: the body leaves the server.
@@ -323,7 +341,10 @@ impl<S: KvStore> ChatCore<S> {
         if ids.len() > self.cfg.max_receipt_ids {
             return Err(Reject::new(
                 413,
-                format!("at most {} message_ids per read_receipt", self.cfg.max_receipt_ids),
+                format!(
+                    "at most {} message_ids per read_receipt",
+                    self.cfg.max_receipt_ids
+                ),
             ));
         }
         // (conversation, sender) -> ids that just turned read, for one frame per sender.
@@ -430,7 +451,9 @@ impl<S: KvStore> ChatCore<S> {
         let mut from = cursor.clone().map(|(c, s)| (c, s.next()));
         let mut scanned = 0usize;
         'scan: loop {
-            let rows = self.db.inbox_scan(user, from.as_ref().map(|(c, s)| (c, *s)), 256)?;
+            let rows = self
+                .db
+                .inbox_scan(user, from.as_ref().map(|(c, s)| (c, *s)), 256)?;
             if rows.is_empty() {
                 break;
             }
@@ -491,7 +514,10 @@ impl<S: KvStore> ChatCore<S> {
         p: SyncPayload,
         now: Millis,
     ) -> Handled {
-        let limit = p.limit.unwrap_or(self.cfg.sync_page_cap).clamp(1, self.cfg.sync_page_cap);
+        let limit = p
+            .limit
+            .unwrap_or(self.cfg.sync_page_cap)
+            .clamp(1, self.cfg.sync_page_cap);
         let page = match &p.conversation_id {
             Some(conv) => {
                 let kind = conv
@@ -500,7 +526,9 @@ impl<S: KvStore> ChatCore<S> {
                 self.check_member(&sess.user, &kind)?;
                 let after = match (&p.after_seq, &p.cursor) {
                     (Some(s), _) => *s,
-                    (None, Some(c)) => Seq(c.parse().map_err(|_| Reject::new(400, "bad cursor"))?),
+                    (None, Some(c)) => {
+                        Seq(c.parse().map_err(|_| Reject::new(400, "bad cursor"))?)
+                    }
                     (None, None) => Seq(0),
                 };
                 let mut msgs = self.db.messages_after(conv, after, limit + 1)?;
@@ -529,7 +557,8 @@ impl<S: KvStore> ChatCore<S> {
                     }
                     None => None,
                 };
-                let (msgs, has_more) = self.pending_page(&sess.user, &sess.device, cursor, limit)?;
+                let (msgs, has_more) =
+                    self.pending_page(&sess.user, &sess.device, cursor, limit)?;
                 let next = msgs.last().map(|m| m.message_id().0);
                 SyncPagePayload {
                     conversation_id: None,
@@ -539,7 +568,13 @@ impl<S: KvStore> ChatCore<S> {
                 }
             }
         };
-        self.enqueue(conn, &ServerFrame::SyncPage { payload: page }, FrameClass::Essential, None, now);
+        self.enqueue(
+            conn,
+            &ServerFrame::SyncPage { payload: page },
+            FrameClass::Essential,
+            None,
+            now,
+        );
         Ok(())
     }
 
@@ -550,7 +585,10 @@ impl<S: KvStore> ChatCore<S> {
             let mut batch = vec![Write::Delete(Table::Expiry, expiry_key(at, &conv, seq))];
             if let Some(m) = self.db.message(&conv, seq)? {
                 batch.push(Write::Delete(Table::Messages, msg_key(&conv, seq)));
-                batch.push(Write::Delete(Table::Dedup, dedup_key(&m.sender, &m.client_message_id)));
+                batch.push(Write::Delete(
+                    Table::Dedup,
+                    dedup_key(&m.sender, &m.client_message_id),
+                ));
                 let mut users: Vec<UserId> = m.receiver.iter().cloned().collect();
                 if let Some(g) = &m.group_id {
                     if let Some(grp) = self.db.group(g)? {

@@ -54,7 +54,10 @@ pub struct OutboundQueue {
 impl OutboundQueue {
     /// An empty queue with these bounds.
     pub fn new(max_frames: usize, max_bytes: usize) -> Self {
-        assert!(max_frames > 0 && max_bytes > 0, "queue bounds must be positive");
+        assert!(
+            max_frames > 0 && max_bytes > 0,
+            "queue bounds must be positive"
+        );
         OutboundQueue {
             frames: VecDeque::new(),
             bytes: 0,
@@ -85,7 +88,12 @@ impl OutboundQueue {
     }
 
     /// Queues `text`, coalescing, shedding or refusing as the class and bounds require.
-    pub fn push(&mut self, text: String, class: FrameClass, coalesce_key: Option<String>) -> PushOutcome {
+    pub fn push(
+        &mut self,
+        text: String,
+        class: FrameClass,
+        coalesce_key: Option<String>,
+    ) -> PushOutcome {
         if let Some(k) = &coalesce_key {
             if let Some(old) = self
                 .frames
@@ -100,7 +108,11 @@ impl OutboundQueue {
             }
         }
         while !self.fits(text.len()) {
-            match self.frames.iter().position(|q| q.class == FrameClass::Droppable) {
+            match self
+                .frames
+                .iter()
+                .position(|q| q.class == FrameClass::Droppable)
+            {
                 Some(i) => {
                     if let Some(q) = self.frames.remove(i) {
                         self.bytes -= q.text.len();
@@ -169,19 +181,37 @@ mod tests {
         q.push("p1".into(), FrameClass::Droppable, Some("a".into()));
         q.push("m1".into(), FrameClass::Essential, None);
         q.push("p2".into(), FrameClass::Droppable, Some("b".into()));
-        assert_eq!(q.push("m2".into(), FrameClass::Essential, None), PushOutcome::Queued);
+        assert_eq!(
+            q.push("m2".into(), FrameClass::Essential, None),
+            PushOutcome::Queued
+        );
         assert_eq!(q.dropped, 1);
-        assert_eq!(q.push("m3".into(), FrameClass::Essential, None), PushOutcome::Queued);
-        assert_eq!(q.push("m4".into(), FrameClass::Essential, None), PushOutcome::Overflow);
-        assert_eq!(q.push("p3".into(), FrameClass::Droppable, None), PushOutcome::Dropped);
+        assert_eq!(
+            q.push("m3".into(), FrameClass::Essential, None),
+            PushOutcome::Queued
+        );
+        assert_eq!(
+            q.push("m4".into(), FrameClass::Essential, None),
+            PushOutcome::Overflow
+        );
+        assert_eq!(
+            q.push("p3".into(), FrameClass::Droppable, None),
+            PushOutcome::Dropped
+        );
         assert_eq!(q.drain(10), vec!["m1", "m2", "m3"]);
     }
 
     #[test]
     fn byte_bound_is_enforced() {
         let mut q = OutboundQueue::new(100, 10);
-        assert_eq!(q.push("12345".into(), FrameClass::Essential, None), PushOutcome::Queued);
-        assert_eq!(q.push("123456".into(), FrameClass::Essential, None), PushOutcome::Overflow);
+        assert_eq!(
+            q.push("12345".into(), FrameClass::Essential, None),
+            PushOutcome::Queued
+        );
+        assert_eq!(
+            q.push("123456".into(), FrameClass::Essential, None),
+            PushOutcome::Overflow
+        );
         assert_eq!(q.bytes(), 5);
     }
 

@@ -20,7 +20,10 @@ pub struct Presence {
 impl Presence {
     /// Records that `conn` follows `user`.
     pub fn subscribe(&mut self, conn: ConnId, user: &UserId) {
-        self.subscribers.entry(user.clone()).or_default().insert(conn);
+        self.subscribers
+            .entry(user.clone())
+            .or_default()
+            .insert(conn);
     }
 
     /// Forgets every subscription of `conn`.

@@ -47,6 +47,9 @@ mod tests {
             assert!(b.try_take(10, 3, Millis(0)).is_ok());
         }
         assert_eq!(b.try_take(10, 3, Millis(0)), Err(100));
-        assert!(b.try_take(10, 3, Millis(100)).is_ok(), "refilled after 100 ms at 10/s");
+        assert!(
+            b.try_take(10, 3, Millis(100)).is_ok(),
+            "refilled after 100 ms at 10/s"
+        );
     }
 }

@@ -41,9 +41,10 @@ impl<S: KvStore> ChatCore<S> {
             tracing::info!(user = %p.user_id, device = %p.device_id, error = %e, "auth refused");
             return Err(Reject::new(401, format!("auth refused: {e}")));
         }
-        let resumed = p.resume_token.as_deref().is_some_and(|t| {
-            t == resume_token(&self.secret, &p.user_id, &p.device_id)
-        });
+        let resumed = p
+            .resume_token
+            .as_deref()
+            .is_some_and(|t| t == resume_token(&self.secret, &p.user_id, &p.device_id));
         // One connection per device: a newer one replaces the older.
         if let Some(old) = self
             .reg
@@ -56,14 +57,27 @@ impl<S: KvStore> ChatCore<S> {
         let was_online = self.reg.is_online(&p.user_id);
         // Register the device and home region durably before telling the client it is in.
         let mut batch = Vec::new();
-        if self.db.kv.get(Table::Devices, &device_key(&p.user_id, &p.device_id))?.is_none() {
-            batch.push(Write::Put(Table::Devices, device_key(&p.user_id, &p.device_id), b"{}".to_vec()));
+        if self
+            .db
+            .kv
+            .get(Table::Devices, &device_key(&p.user_id, &p.device_id))?
+            .is_none()
+        {
+            batch.push(Write::Put(
+                Table::Devices,
+                device_key(&p.user_id, &p.device_id),
+                b"{}".to_vec(),
+            ));
         }
         let mut user = self.db.user(&p.user_id)?;
         if user.home_region.is_none() {
             if let Some(r) = self.reg.region_of(conn) {
                 user.home_region = Some(r.0.clone());
-                batch.push(Write::Put(Table::Users, key(&[p.user_id.as_str()], None), enc(&user)));
+                batch.push(Write::Put(
+                    Table::Users,
+                    key(&[p.user_id.as_str()], None),
+                    enc(&user),
+                ));
             }
         }
         if !batch.is_empty() {
@@ -80,7 +94,9 @@ impl<S: KvStore> ChatCore<S> {
             device: p.device_id.clone(),
             session_id: session_id.clone(),
         });
-        self.reg.by_device.insert((p.user_id.clone(), p.device_id.clone()), conn);
+        self.reg
+            .by_device
+            .insert((p.user_id.clone(), p.device_id.clone()), conn);
         tracing::debug!(%conn, user = %p.user_id, device = %p.device_id, "authenticated");
         self.enqueue(
             conn,
@@ -129,7 +145,11 @@ impl<S: KvStore> ChatCore<S> {
         let hide = self.db.user(user)?.hide_last_seen;
         Ok(PresencePayload {
             user_id: user.clone(),
-            status: if online { PresenceStatus::Online } else { PresenceStatus::Offline },
+            status: if online {
+                PresenceStatus::Online
+            } else {
+                PresenceStatus::Offline
+            },
             last_seen: if hide || online {
                 None
             } else {
@@ -143,9 +163,17 @@ impl<S: KvStore> ChatCore<S> {
         if watchers.is_empty() {
             return Ok(());
         }
-        let frame = ServerFrame::Presence { payload: self.presence_of(user)? };
+        let frame = ServerFrame::Presence {
+            payload: self.presence_of(user)?,
+        };
         for w in watchers {
-            self.enqueue(w, &frame, FrameClass::Droppable, Some(format!("presence:{user}")), now);
+            self.enqueue(
+                w,
+                &frame,
+                FrameClass::Droppable,
+                Some(format!("presence:{user}")),
+                now,
+            );
         }
         Ok(())
     }
@@ -160,7 +188,12 @@ impl<S: KvStore> ChatCore<S> {
         if p.user_ids.iter().any(|u| !is_valid_id(u.as_str())) {
             return Err(Reject::new(400, "invalid user id in user_ids"));
         }
-        let held = self.reg.conns.get(&conn).map(|c| c.subscriptions.len()).unwrap_or(0);
+        let held = self
+            .reg
+            .conns
+            .get(&conn)
+            .map(|c| c.subscriptions.len())
+            .unwrap_or(0);
         let new: Vec<UserId> = {
             let c = self.reg.conns.get(&conn);
             p.user_ids
@@ -174,7 +207,10 @@ impl<S: KvStore> ChatCore<S> {
         if held + new.len() > self.cfg.max_presence_subscriptions {
             return Err(Reject::new(
                 413,
-                format!("at most {} presence subscriptions per connection", self.cfg.max_presence_subscriptions),
+                format!(
+                    "at most {} presence subscriptions per connection",
+                    self.cfg.max_presence_subscriptions
+                ),
             ));
         }
         for u in &p.user_ids {
@@ -182,13 +218,26 @@ impl<S: KvStore> ChatCore<S> {
                 c.subscriptions.insert(u.clone());
             }
             self.presence.subscribe(conn, u);
-            let frame = ServerFrame::Presence { payload: self.presence_of(u)? };
-            self.enqueue(conn, &frame, FrameClass::Droppable, Some(format!("presence:{u}")), now);
+            let frame = ServerFrame::Presence {
+                payload: self.presence_of(u)?,
+            };
+            self.enqueue(
+                conn,
+                &frame,
+                FrameClass::Droppable,
+                Some(format!("presence:{u}")),
+                now,
+            );
         }
         Ok(())
     }
 
-    pub(super) fn handle_typing(&mut self, sess: &Session, p: TypingPayload, now: Millis) -> Handled {
+    pub(super) fn handle_typing(
+        &mut self,
+        sess: &Session,
+        p: TypingPayload,
+        now: Millis,
+    ) -> Handled {
         let (others, conv) = match p.conversation_id.kind() {
             Some(ConversationKind::Direct(a, b)) if a == sess.user || b == sess.user => {
                 (vec![if a == sess.user { b } else { a }], p.conversation_id)
@@ -199,7 +248,13 @@ impl<S: KvStore> ChatCore<S> {
                     .group(&g)?
                     .filter(|g| g.members.contains(&sess.user))
                     .ok_or_else(|| Reject::new(403, "not a member of this conversation"))?;
-                (grp.members.into_iter().filter(|u| u != &sess.user).collect(), p.conversation_id)
+                (
+                    grp.members
+                        .into_iter()
+                        .filter(|u| u != &sess.user)
+                        .collect(),
+                    p.conversation_id,
+                )
             }
             _ => return Err(Reject::new(403, "not a member of this conversation")),
         };
@@ -212,7 +267,10 @@ impl<S: KvStore> ChatCore<S> {
         }
         self.typing_last.insert(k, now);
         let frame = ServerFrame::Typing {
-            payload: TypingNotice { conversation_id: conv.clone(), user_id: sess.user.clone() },
+            payload: TypingNotice {
+                conversation_id: conv.clone(),
+                user_id: sess.user.clone(),
+            },
         };
         let key = format!("typing:{conv}:{}", sess.user);
         for u in others {
@@ -237,11 +295,18 @@ impl<S: KvStore> ChatCore<S> {
         if let Some(h) = p.keep_history {
             u.keep_history = h;
         }
-        self.db.commit(vec![Write::Put(Table::Users, key(&[sess.user.as_str()], None), enc(&u))])?;
+        self.db.commit(vec![Write::Put(
+            Table::Users,
+            key(&[sess.user.as_str()], None),
+            enc(&u),
+        )])?;
         self.enqueue(
             conn,
             &ServerFrame::SettingsAck {
-                payload: SettingsState { hide_last_seen: u.hide_last_seen, keep_history: u.keep_history },
+                payload: SettingsState {
+                    hide_last_seen: u.hide_last_seen,
+                    keep_history: u.keep_history,
+                },
             },
             FrameClass::Essential,
             None,

@@ -47,7 +47,12 @@ impl Harness {
 
     pub fn token(&self, user: &str, device: &str) -> String {
         let secret = Secret::new(SECRET.to_vec()).expect("secret");
-        mint(&secret, &user.into(), &device.into(), self.now.plus(3_600_000))
+        mint(
+            &secret,
+            &user.into(),
+            &device.into(),
+            self.now.plus(3_600_000),
+        )
     }
 
     fn absorb(&mut self, fx: Effects) {
@@ -57,7 +62,9 @@ impl Harness {
 
     /// Opens a connection on gateway `gw` without authenticating.
     pub fn open(&mut self, gw: &str) -> ConnId {
-        self.core.connect(&GatewayId::from(gw), self.now).expect("gateway up")
+        self.core
+            .connect(&GatewayId::from(gw), self.now)
+            .expect("gateway up")
     }
 
     /// Opens and authenticates `user`'s `device` on gw1; returns the connection after

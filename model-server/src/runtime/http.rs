@@ -105,7 +105,10 @@ pub async fn read_body<S: AsyncRead + Unpin>(
     max: usize,
 ) -> Result<Vec<u8>, (u16, String)> {
     if head.header("transfer-encoding").is_some() {
-        return Err((411, "send a Content-Length body, not chunked encoding".into()));
+        return Err((
+            411,
+            "send a Content-Length body, not chunked encoding".into(),
+        ));
     }
     let len: usize = match head.header("content-length") {
         Some(v) => v

@@ -22,30 +22,138 @@ pub fn render(server: &Server) -> String {
     };
     let mut out = String::with_capacity(2048);
     let mut m = |name: &str, kind: &str, help: &str, v: u64| {
-        let _ = writeln!(out, "# HELP chatsim_{name} {help}\n# TYPE chatsim_{name} {kind}\nchatsim_{name} {v}");
+        let _ = writeln!(
+            out,
+            "# HELP chatsim_{name} {help}\n# TYPE chatsim_{name} {kind}\nchatsim_{name} {v}"
+        );
     };
-    m("connections", "gauge", "Open WebSocket connections.", g.connections);
-    m("connections_authenticated", "gauge", "Connections that completed auth.", g.authenticated);
-    m("outbound_queue_frames", "gauge", "Frames waiting in all outbound queues.", g.outbound_frames);
-    m("outbound_queue_bytes", "gauge", "Bytes waiting in all outbound queues.", g.outbound_bytes);
-    m("outbound_queue_max_frames", "gauge", "Deepest outbound queue now, in frames.", g.outbound_max_frames);
-    m("outbound_queue_high_water_frames", "gauge", "Deepest outbound queue ever, in frames.", s.outbound_high_water);
-    m("inbox_entries", "gauge", "Inbox copies not yet acked by every device.", inbox as u64);
-    m("connections_opened_total", "counter", "Connections accepted.", s.connections_opened);
-    m("frames_in_total", "counter", "Client frames received.", s.frames_in);
-    m("frames_out_total", "counter", "Server frames written.", s.frames_out);
-    m("messages_in_total", "counter", "Messages stored (after dedup).", s.messages_stored);
-    m("messages_deduplicated_total", "counter", "Retries answered with 409.", s.messages_deduplicated);
-    m("messages_out_total", "counter", "Message deliveries queued to devices.", s.deliveries_enqueued);
-    m("pushes_total", "counter", "Content-free push wake-ups.", s.pushes);
-    m("errors_total", "counter", "Error frames sent.", s.errors_sent);
-    m("dropped_frames_total", "counter", "Typing/presence frames shed under backpressure.", s.droppable_frames_dropped);
-    m("slow_consumer_disconnects_total", "counter", "Connections closed for a full outbound queue.", s.slow_consumer_disconnects);
-    m("messages_expired_total", "counter", "Messages removed after retention.", s.messages_expired);
-    m("bodies_purged_total", "counter", "Message bodies removed after every device acked.", s.bodies_purged);
+    m(
+        "connections",
+        "gauge",
+        "Open WebSocket connections.",
+        g.connections,
+    );
+    m(
+        "connections_authenticated",
+        "gauge",
+        "Connections that completed auth.",
+        g.authenticated,
+    );
+    m(
+        "outbound_queue_frames",
+        "gauge",
+        "Frames waiting in all outbound queues.",
+        g.outbound_frames,
+    );
+    m(
+        "outbound_queue_bytes",
+        "gauge",
+        "Bytes waiting in all outbound queues.",
+        g.outbound_bytes,
+    );
+    m(
+        "outbound_queue_max_frames",
+        "gauge",
+        "Deepest outbound queue now, in frames.",
+        g.outbound_max_frames,
+    );
+    m(
+        "outbound_queue_high_water_frames",
+        "gauge",
+        "Deepest outbound queue ever, in frames.",
+        s.outbound_high_water,
+    );
+    m(
+        "inbox_entries",
+        "gauge",
+        "Inbox copies not yet acked by every device.",
+        inbox as u64,
+    );
+    m(
+        "connections_opened_total",
+        "counter",
+        "Connections accepted.",
+        s.connections_opened,
+    );
+    m(
+        "frames_in_total",
+        "counter",
+        "Client frames received.",
+        s.frames_in,
+    );
+    m(
+        "frames_out_total",
+        "counter",
+        "Server frames written.",
+        s.frames_out,
+    );
+    m(
+        "messages_in_total",
+        "counter",
+        "Messages stored (after dedup).",
+        s.messages_stored,
+    );
+    m(
+        "messages_deduplicated_total",
+        "counter",
+        "Retries answered with 409.",
+        s.messages_deduplicated,
+    );
+    m(
+        "messages_out_total",
+        "counter",
+        "Message deliveries queued to devices.",
+        s.deliveries_enqueued,
+    );
+    m(
+        "pushes_total",
+        "counter",
+        "Content-free push wake-ups.",
+        s.pushes,
+    );
+    m(
+        "errors_total",
+        "counter",
+        "Error frames sent.",
+        s.errors_sent,
+    );
+    m(
+        "dropped_frames_total",
+        "counter",
+        "Typing/presence frames shed under backpressure.",
+        s.droppable_frames_dropped,
+    );
+    m(
+        "slow_consumer_disconnects_total",
+        "counter",
+        "Connections closed for a full outbound queue.",
+        s.slow_consumer_disconnects,
+    );
+    m(
+        "messages_expired_total",
+        "counter",
+        "Messages removed after retention.",
+        s.messages_expired,
+    );
+    m(
+        "bodies_purged_total",
+        "counter",
+        "Message bodies removed after every device acked.",
+        s.bodies_purged,
+    );
     if let Some((cpu_us, rss)) = process_usage() {
-        m("process_cpu_microseconds_total", "counter", "CPU time of the server process.", cpu_us);
-        m("process_resident_bytes", "gauge", "Resident memory of the server process.", rss);
+        m(
+            "process_cpu_microseconds_total",
+            "counter",
+            "CPU time of the server process.",
+            cpu_us,
+        );
+        m(
+            "process_resident_bytes",
+            "gauge",
+            "Resident memory of the server process.",
+            rss,
+        );
     }
     out
 }

@@ -218,7 +218,8 @@ impl Hub {
         }
         drop(conns);
         for p in fx.push {
-            self.pushes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.pushes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             // Content-free by type: a user and a count.
             tracing::debug!(user = %p.user, pending = p.pending, "push wake-up");
             if let Some(sink) = &self.push_sink {
@@ -340,17 +341,22 @@ impl Server {
     where
         St: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let head = match tokio::time::timeout(self.cfg.head_timeout, http::read_head(&mut stream))
-            .await
-        {
-            Ok(Ok(h)) => h,
-            Ok(Err(e)) => {
-                tracing::debug!(%peer, error = %e, "bad request head");
-                let _ = http::respond(&mut stream, 400, "application/json", &http::error_json(400, &e.to_string())).await;
-                return;
-            }
-            Err(_) => return,
-        };
+        let head =
+            match tokio::time::timeout(self.cfg.head_timeout, http::read_head(&mut stream)).await {
+                Ok(Ok(h)) => h,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "bad request head");
+                    let _ = http::respond(
+                        &mut stream,
+                        400,
+                        "application/json",
+                        &http::error_json(400, &e.to_string()),
+                    )
+                    .await;
+                    return;
+                }
+                Err(_) => return,
+            };
         if head.is_websocket() {
             ws::run(self, stream, head).await;
         } else {

@@ -33,29 +33,36 @@ impl Server {
         St: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let path = head.path.split('?').next().unwrap_or("").to_string();
-        let result: Result<(u16, &str, Vec<u8>), (u16, String)> = match (head.method.as_str(), path.as_str()) {
-            ("GET", "/health") => Ok((200, JSON, br#"{"status":"ok"}"#.to_vec())),
-            ("GET", "/metrics") => Ok((200, "text/plain; version=0.0.4", super::metrics::render(&self).into_bytes())),
-            ("POST", "/v1/media:prepare") => self.media_prepare(&mut stream, &head).await,
-            (m, p) if p.starts_with("/v1/media/") => {
-                let rest = &p["/v1/media/".len()..];
-                let (id, status) = match rest.strip_suffix("/status") {
-                    Some(id) => (id, true),
-                    None => (rest, false),
-                };
-                let id = MediaId(id.to_string());
-                match (m, status) {
-                    ("PUT", false) => self.media_put(&mut stream, &head, &id).await,
-                    ("GET", true) => self.media_status(&head, &id),
-                    ("GET", false) => self.media_get(&head, &id),
-                    _ => Err((405, "method not allowed".into())),
+        let result: Result<(u16, &str, Vec<u8>), (u16, String)> =
+            match (head.method.as_str(), path.as_str()) {
+                ("GET", "/health") => Ok((200, JSON, br#"{"status":"ok"}"#.to_vec())),
+                ("GET", "/metrics") => Ok((
+                    200,
+                    "text/plain; version=0.0.4",
+                    super::metrics::render(&self).into_bytes(),
+                )),
+                ("POST", "/v1/media:prepare") => self.media_prepare(&mut stream, &head).await,
+                (m, p) if p.starts_with("/v1/media/") => {
+                    let rest = &p["/v1/media/".len()..];
+                    let (id, status) = match rest.strip_suffix("/status") {
+                        Some(id) => (id, true),
+                        None => (rest, false),
+                    };
+                    let id = MediaId(id.to_string());
+                    match (m, status) {
+                        ("PUT", false) => self.media_put(&mut stream, &head, &id).await,
+                        ("GET", true) => self.media_status(&head, &id),
+                        ("GET", false) => self.media_get(&head, &id),
+                        _ => Err((405, "method not allowed".into())),
+                    }
                 }
-            }
-            _ => Err((404, "no such route; the WebSocket endpoint is /ws".into())),
-        };
+                _ => Err((404, "no such route; the WebSocket endpoint is /ws".into())),
+            };
         let _ = match result {
             Ok((code, ct, body)) => http::respond(&mut stream, code, ct, &body).await,
-            Err((code, msg)) => http::respond(&mut stream, code, JSON, &http::error_json(code, &msg)).await,
+            Err((code, msg)) => {
+                http::respond(&mut stream, code, JSON, &http::error_json(code, &msg)).await
+            }
         };
     }
 
@@ -69,7 +76,9 @@ impl Server {
         let req: MediaPreparePayload = serde_json::from_slice(&body)
             .map_err(|e| (400, format!("bad JSON body: {}", e.classify_str())))?;
         let now = self.now();
-        let prepared = lock(&self.hub.core).media_prepare(&user, req, now).map_err(media_err)?;
+        let prepared = lock(&self.hub.core)
+            .media_prepare(&user, req, now)
+            .map_err(media_err)?;
         Ok((201, JSON, serde_json::to_vec(&prepared).unwrap_or_default()))
     }
 
@@ -81,27 +90,43 @@ impl Server {
     ) -> Result<(u16, &'static str, Vec<u8>), (u16, String)> {
         let user = self.bearer_user(head)?;
         let offset = match head.header("content-range") {
-            Some(v) => http::content_range_start(v).ok_or((400, "bad Content-Range".to_string()))?,
+            Some(v) => {
+                http::content_range_start(v).ok_or((400, "bad Content-Range".to_string()))?
+            }
             None => 0,
         };
         let max = lock(&self.hub.core).limits().media_chunk_bytes;
         let body = http::read_body(stream, head, max).await?;
         let now = self.now();
-        let st = lock(&self.hub.core).media_put(&user, id, offset, &body, now).map_err(media_err)?;
+        let st = lock(&self.hub.core)
+            .media_put(&user, id, offset, &body, now)
+            .map_err(media_err)?;
         Ok((200, JSON, serde_json::to_vec(&st).unwrap_or_default()))
     }
 
-    fn media_status(&self, head: &Head, id: &MediaId) -> Result<(u16, &'static str, Vec<u8>), (u16, String)> {
+    fn media_status(
+        &self,
+        head: &Head,
+        id: &MediaId,
+    ) -> Result<(u16, &'static str, Vec<u8>), (u16, String)> {
         let user = self.bearer_user(head)?;
         let now = self.now();
-        let st = lock(&self.hub.core).media_status(&user, id, now).map_err(media_err)?;
+        let st = lock(&self.hub.core)
+            .media_status(&user, id, now)
+            .map_err(media_err)?;
         Ok((200, JSON, serde_json::to_vec(&st).unwrap_or_default()))
     }
 
-    fn media_get(&self, head: &Head, id: &MediaId) -> Result<(u16, &'static str, Vec<u8>), (u16, String)> {
+    fn media_get(
+        &self,
+        head: &Head,
+        id: &MediaId,
+    ) -> Result<(u16, &'static str, Vec<u8>), (u16, String)> {
         let user = self.bearer_user(head)?;
         let now = self.now();
-        let (_ct, bytes) = lock(&self.hub.core).media_get(&user, id, now).map_err(media_err)?;
+        let (_ct, bytes) = lock(&self.hub.core)
+            .media_get(&user, id, now)
+            .map_err(media_err)?;
         // Media is ciphertext to the server: always served as opaque bytes.
         Ok((200, "application/octet-stream", bytes))
     }

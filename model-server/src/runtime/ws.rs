@@ -20,19 +20,39 @@ where
     St: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     if head.path != "/ws" && head.path != "/" {
-        let _ = http::respond(&mut stream, 404, "application/json", &http::error_json(404, "WebSocket endpoint is /ws")).await;
+        let _ = http::respond(
+            &mut stream,
+            404,
+            "application/json",
+            &http::error_json(404, "WebSocket endpoint is /ws"),
+        )
+        .await;
         return;
     }
     if lock(&server.hub.conns).len() >= server.cfg.max_connections {
-        let _ = http::respond(&mut stream, 503, "application/json", &http::error_json(503, "too many connections")).await;
+        let _ = http::respond(
+            &mut stream,
+            503,
+            "application/json",
+            &http::error_json(503, "too many connections"),
+        )
+        .await;
         return;
     }
     let now = server.now();
     let Some(conn) = lock(&server.hub.core).connect(&server.cfg.gateway, now) else {
-        let _ = http::respond(&mut stream, 503, "application/json", &http::error_json(503, "gateway is not serving")).await;
+        let _ = http::respond(
+            &mut stream,
+            503,
+            "application/json",
+            &http::error_json(503, "gateway is not serving"),
+        )
+        .await;
         return;
     };
-    let limits_max = server.hub.with_core(|c| c.limits().max_transport_frame_bytes);
+    let limits_max = server
+        .hub
+        .with_core(|c| c.limits().max_transport_frame_bytes);
     let cfg = WebSocketConfig::default()
         .read_buffer_size(server.cfg.ws_buffer_bytes)
         .write_buffer_size(0)
@@ -146,7 +166,9 @@ impl<'a> ActiveGuard<'a> {
 
 impl Drop for ActiveGuard<'_> {
     fn drop(&mut self) {
-        self.0.active.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.0
+            .active
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

@@ -155,10 +155,18 @@ pub(crate) mod contract {
             store.get(Table::Messages, b"a\0\x01").expect("get"),
             Some(b"one".to_vec())
         );
-        let rows = store.scan(Table::Messages, b"a\0", b"a\0", 10).expect("scan");
+        let rows = store
+            .scan(Table::Messages, b"a\0", b"a\0", 10)
+            .expect("scan");
         let vals: Vec<_> = rows.iter().map(|(_, v)| v.as_slice()).collect();
-        assert_eq!(vals, vec![&b"one"[..], &b"two"[..]], "ordered, prefix-bounded");
-        let rows = store.scan(Table::Messages, b"a\0", b"a\0\x02", 10).expect("scan");
+        assert_eq!(
+            vals,
+            vec![&b"one"[..], &b"two"[..]],
+            "ordered, prefix-bounded"
+        );
+        let rows = store
+            .scan(Table::Messages, b"a\0", b"a\0\x02", 10)
+            .expect("scan");
         assert_eq!(rows.len(), 1, "from is inclusive");
         let rows = store.scan(Table::Messages, b"", b"", 1).expect("scan");
         assert_eq!(rows.len(), 1, "limit holds");

@@ -6,7 +6,7 @@
 
 use super::{KvStore, StoreError, Table, Write};
 use crate::ids::{
-    ClientMsgId, ConversationId, DeviceId, GroupId, MediaId, Millis, MessageId, Seq, UserId,
+    ClientMsgId, ConversationId, DeviceId, GroupId, MediaId, MessageId, Millis, Seq, UserId,
 };
 use crate::protocol::Status;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
