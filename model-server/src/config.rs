@@ -85,3 +85,79 @@ impl Default for Limits {
         }
     }
 }
+
+/// Planted bugs: deliberate design mistakes the simulator must catch (`--bug NAME`).
+///
+/// All are off by default and cost one branch when off. The core implements the ones that
+/// are server logic; the simulator's storage model implements `ack_before_persist` and
+/// `async_replication_failover`, which are durability settings of the store.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bugs {
+    /// The store acknowledges writes before they are durable (a crash loses acked messages).
+    pub ack_before_persist: bool,
+    /// Retries are not deduplicated: a retry is stored again with a new seq.
+    pub no_dedup: bool,
+    /// Messages are numbered by the sender's clock instead of the conversation counter.
+    pub order_by_client_clock: bool,
+    /// Outbound queues have no bound: a slow reader grows server memory without limit.
+    pub unbounded_outbound_queue: bool,
+    /// `sync` of pending messages answers with an empty page.
+    pub skip_sync_on_reconnect: bool,
+    /// Push notifications carry the message content.
+    pub push_with_content: bool,
+    /// Cross-region replication is asynchronous: failover loses the replication lag.
+    pub async_replication_failover: bool,
+}
+
+impl Bugs {
+    /// Every bug name, as given to `--bug`.
+    pub const NAMES: [&'static str; 7] = [
+        "ack-before-persist",
+        "no-dedup",
+        "order-by-client-clock",
+        "unbounded-outbound-queue",
+        "skip-sync-on-reconnect",
+        "push-with-content",
+        "async-replication-failover",
+    ];
+
+    /// Switches on the bug called `name`.
+    pub fn enable(&mut self, name: &str) -> Result<(), String> {
+        let flag = match name {
+            "ack-before-persist" => &mut self.ack_before_persist,
+            "no-dedup" => &mut self.no_dedup,
+            "order-by-client-clock" => &mut self.order_by_client_clock,
+            "unbounded-outbound-queue" => &mut self.unbounded_outbound_queue,
+            "skip-sync-on-reconnect" => &mut self.skip_sync_on_reconnect,
+            "push-with-content" => &mut self.push_with_content,
+            "async-replication-failover" => &mut self.async_replication_failover,
+            other => {
+                return Err(format!(
+                    "unknown bug '{other}'; known: {}",
+                    Self::NAMES.join(", ")
+                ))
+            }
+        };
+        *flag = true;
+        Ok(())
+    }
+
+    /// Names of the bugs switched on.
+    pub fn enabled(&self) -> Vec<&'static str> {
+        let flags = [
+            self.ack_before_persist,
+            self.no_dedup,
+            self.order_by_client_clock,
+            self.unbounded_outbound_queue,
+            self.skip_sync_on_reconnect,
+            self.push_with_content,
+            self.async_replication_failover,
+        ];
+        Self::NAMES
+            .iter()
+            .zip(flags)
+            .filter(|(_, on)| *on)
+            .map(|(n, _)| *n)
+            .collect()
+    }
+}

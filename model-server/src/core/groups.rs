@@ -52,22 +52,38 @@ impl<S: KvStore> ChatCore<S> {
         }
     }
 
-    pub(super) fn handle_group_create(
+    /// Creates a group outside any connection (simulator set-up, admin tools): the same
+    /// rules as `group_create`, `creator` becomes the admin.
+    pub fn admin_create_group(
         &mut self,
-        conn: ConnId,
-        sess: &Session,
-        p: GroupCreatePayload,
+        creator: &UserId,
+        members: &[UserId],
+        announcement_only: bool,
         now: Millis,
-    ) -> Handled {
-        Self::check_user_ids(&p.members)?;
-        if p.name.as_ref().is_some_and(|n| n.len() > MAX_GROUP_NAME) {
+    ) -> Result<GroupId, String> {
+        let g = self
+            .create_group_record(creator, members.to_vec(), None, announcement_only, now)
+            .map_err(|r| r.0.message)?;
+        Ok(g.group_id)
+    }
+
+    fn create_group_record(
+        &mut self,
+        creator: &UserId,
+        members: Vec<UserId>,
+        name: Option<String>,
+        announcement_only: bool,
+        now: Millis,
+    ) -> Result<GroupRecord, Reject> {
+        Self::check_user_ids(&members)?;
+        if name.as_ref().is_some_and(|n| n.len() > MAX_GROUP_NAME) {
             return Err(Reject::new(
                 413,
                 format!("group name exceeds {MAX_GROUP_NAME} bytes"),
             ));
         }
-        let mut members: BTreeSet<UserId> = p.members.into_iter().collect();
-        members.insert(sess.user.clone());
+        let mut members: BTreeSet<UserId> = members.into_iter().collect();
+        members.insert(creator.clone());
         if members.len() > self.cfg.group_cap {
             return Err(Reject::new(
                 413,
@@ -82,10 +98,10 @@ impl<S: KvStore> ChatCore<S> {
         let group_id = GroupId(format!("g{n}"));
         let g = GroupRecord {
             group_id: group_id.clone(),
-            name: p.name,
-            admins: BTreeSet::from([sess.user.clone()]),
+            name,
+            admins: BTreeSet::from([creator.clone()]),
             members,
-            announcement_only: p.announcement_only,
+            announcement_only,
             created_at: now,
         };
         let mut batch = vec![
@@ -100,6 +116,18 @@ impl<S: KvStore> ChatCore<S> {
             ));
         }
         self.db.commit(batch)?;
+        Ok(g)
+    }
+
+    pub(super) fn handle_group_create(
+        &mut self,
+        conn: ConnId,
+        sess: &Session,
+        p: GroupCreatePayload,
+        now: Millis,
+    ) -> Handled {
+        let g =
+            self.create_group_record(&sess.user, p.members, p.name, p.announcement_only, now)?;
         self.enqueue(
             conn,
             &ServerFrame::GroupCreated { payload: info(&g) },
@@ -107,13 +135,11 @@ impl<S: KvStore> ChatCore<S> {
             None,
             now,
         );
-        let others: BTreeSet<UserId> = g
-            .members
-            .iter()
-            .filter(|u| **u != sess.user)
-            .cloned()
-            .collect();
-        self.announce_group(&g, &others, now);
+        // Everyone else, including the creator's other devices, learns of it.
+        let frame = ServerFrame::GroupUpdate { payload: info(&g) };
+        for u in g.members.iter() {
+            self.deliver_to_user(u, &frame, Some(conn), None, now);
+        }
         Ok(())
     }
 
@@ -128,7 +154,7 @@ impl<S: KvStore> ChatCore<S> {
         if !g.admins.contains(&sess.user) {
             return Err(Reject::new(403, "only group admins may add members"));
         }
-        let added: Vec<UserId> = p
+        let added: BTreeSet<UserId> = p
             .user_ids
             .into_iter()
             .filter(|u| !g.members.contains(u))

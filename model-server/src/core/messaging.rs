@@ -95,7 +95,12 @@ impl<S: KvStore> ChatCore<S> {
             ));
         }
         // A retry: answer with the original id and seq, store nothing.
-        if let Some((conv, seq)) = self.db.dedup(&sess.user, &m.cmid)? {
+        let seen = if self.bugs.no_dedup {
+            None
+        } else {
+            self.db.dedup(&sess.user, &m.cmid)?
+        };
+        if let Some((conv, seq)) = seen {
             self.stats.messages_deduplicated += 1;
             let mut e = ErrorPayload::new(409, "duplicate client_message_id: already stored");
             e.message_id = Some(MessageId::new(&conv, seq));
@@ -117,7 +122,10 @@ impl<S: KvStore> ChatCore<S> {
         if let Some(mid) = &m.media_id {
             self.check_media_reference(&sess.user, mid, &m.conv)?;
         }
-        let seq = self.db.last_seq(&m.conv)?.next();
+        let seq = match (self.bugs.order_by_client_clock, m.client_timestamp) {
+            (true, Some(ts)) => Seq(ts),
+            _ => self.db.last_seq(&m.conv)?.next(),
+        };
         // Who keeps an inbox copy: copy-on-send for 1:1 and small groups; a shared log
         // (no copies) for groups above the threshold.
         let recipients: Vec<UserId> = match (&m.receiver, &m.group) {
@@ -203,21 +211,27 @@ impl<S: KvStore> ChatCore<S> {
         );
         let frame = delivered_frame(&msg);
         self.deliver_to_user(&sess.user, &frame, Some(conn), Some(conn), now);
+        let preview = if self.bugs.push_with_content {
+            msg.content.clone()
+        } else {
+            None
+        };
         for r in &recipients {
             if self.deliver_to_user(r, &frame, None, Some(conn), now) == 0 {
-                self.push_wakeup(r)?;
+                self.push_wakeup(r, preview.clone())?;
             }
         }
         Ok(())
     }
 
     /// Emits a content-free push for `user`.
-    fn push_wakeup(&mut self, user: &UserId) -> Handled {
+    fn push_wakeup(&mut self, user: &UserId, preview: Option<String>) -> Handled {
         let pending = self.db.inbox_count(user, PUSH_COUNT_CAP)? as u64;
         self.stats.pushes += 1;
         self.fx.push.push(PushRequest {
             user: user.clone(),
             pending: pending.max(1),
+            preview,
         });
         Ok(())
     }
@@ -257,7 +271,10 @@ impl<S: KvStore> ChatCore<S> {
         let (conv, kind, seq) = id
             .parse()
             .ok_or_else(|| Reject::new(400, "unknown message_id"))?;
-        self.check_member(&sess.user, &kind)?;
+        // A member removed from a group may still clear the inbox copies it was sent.
+        if self.db.inbox_entry(&sess.user, &conv, seq)?.is_none() {
+            self.check_member(&sess.user, &kind)?;
+        }
         let Some(mut msg) = self.db.message(&conv, seq)? else {
             return Ok(()); // expired or never existed in a conversation we share: nothing to do
         };
@@ -570,12 +587,44 @@ impl<S: KvStore> ChatCore<S> {
         };
         self.enqueue(
             conn,
-            &ServerFrame::SyncPage { payload: page },
+            &ServerFrame::SyncPage {
+                payload: self.fit_page(page),
+            },
             FrameClass::Essential,
             None,
             now,
         );
         Ok(())
+    }
+
+    /// Trims a page from the end until it takes at most half the outbound queue's bytes, so
+    /// a page of large messages can never overflow an empty queue (which would disconnect
+    /// the client on every sync, forever). The cursor then points at the last message kept.
+    fn fit_page(&self, mut page: SyncPagePayload) -> SyncPagePayload {
+        let budget = self.cfg.outbound_max_bytes / 2;
+        let size =
+            |m: &DeliveredMessage| serde_json::to_string(m).map(|s| s.len() + 1).unwrap_or(0);
+        let mut total = 256;
+        let mut keep = 0;
+        for m in &page.messages {
+            total += size(m);
+            if total > budget && keep > 0 {
+                break;
+            }
+            keep += 1;
+        }
+        if keep < page.messages.len() {
+            page.messages.truncate(keep);
+            page.has_more = true;
+            page.next_cursor = page.messages.last().map(|m| {
+                if page.conversation_id.is_some() {
+                    m.seq.to_string()
+                } else {
+                    m.message_id.0.clone()
+                }
+            });
+        }
+        page
     }
 
     /// Removes messages past retention (and their inbox copies), and expired uploads.

@@ -86,6 +86,8 @@ pub struct PushRequest {
     pub user: UserId,
     /// Messages waiting in the user's inbox (badge count), capped at `PUSH_COUNT_CAP`.
     pub pending: u64,
+    /// Always `None`, except under the planted bug `push-with-content`.
+    pub preview: Option<String>,
 }
 
 /// Largest badge count a push carries.
@@ -160,6 +162,7 @@ pub struct ChatCore<S: KvStore> {
     last_sweep: Millis,
     stats: Stats,
     fx: Effects,
+    bugs: crate::config::Bugs,
 }
 
 /// An error that becomes an `error` frame to the client.
@@ -197,6 +200,7 @@ impl<S: KvStore> ChatCore<S> {
             last_sweep: Millis(0),
             stats: Stats::default(),
             fx: Effects::default(),
+            bugs: crate::config::Bugs::default(),
         }
     }
 
@@ -208,6 +212,19 @@ impl<S: KvStore> ChatCore<S> {
     /// The auth secret (the HTTP lane verifies bearer tokens with it).
     pub fn secret(&self) -> &Secret {
         &self.secret
+    }
+
+    /// Switches planted bugs on (simulator only).
+    pub fn set_bugs(&mut self, bugs: crate::config::Bugs) {
+        for c in self.reg.conns.values_mut() {
+            c.out.unbounded = bugs.unbounded_outbound_queue;
+        }
+        self.bugs = bugs;
+    }
+
+    /// True when at least one device of `user` is connected and authenticated.
+    pub fn is_online(&self, user: &UserId) -> bool {
+        self.reg.is_online(user)
     }
 
     /// Counters so far.
@@ -261,6 +278,11 @@ impl<S: KvStore> ChatCore<S> {
                 subscriptions: BTreeSet::new(),
             },
         );
+        if self.bugs.unbounded_outbound_queue {
+            if let Some(c) = self.reg.conns.get_mut(&id) {
+                c.out.unbounded = true;
+            }
+        }
         self.stats.connections_opened += 1;
         Some(id)
     }
@@ -271,22 +293,20 @@ impl<S: KvStore> ChatCore<S> {
             return self.take_fx();
         };
         c.last_frame = now;
+        let authed = c.session.is_some();
         self.stats.frames_in += 1;
         if text.len() > self.cfg.max_frame_bytes {
-            self.send_error(
-                conn,
-                ErrorPayload::new(
-                    413,
-                    format!("frame exceeds {} bytes", self.cfg.max_frame_bytes),
-                ),
-                now,
+            let e = ErrorPayload::new(
+                413,
+                format!("frame exceeds {} bytes", self.cfg.max_frame_bytes),
             );
+            self.refuse(conn, e, authed, now);
             return self.take_fx();
         }
         let frame = match decode_client(text) {
             Ok(f) => f,
             Err(e) => {
-                self.send_error(conn, ErrorPayload::new(400, e.to_string()), now);
+                self.refuse(conn, ErrorPayload::new(400, e.to_string()), authed, now);
                 return self.take_fx();
             }
         };
@@ -302,18 +322,28 @@ impl<S: KvStore> ChatCore<S> {
         self.take_fx()
     }
 
+    /// Answers a bad frame; before authentication a bad frame also closes the connection
+    /// (an unauthenticated peer gets no second chance to probe the parser).
+    fn refuse(&mut self, conn: ConnId, mut e: ErrorPayload, authed: bool, now: Millis) {
+        if authed {
+            self.send_error(conn, e, now);
+        } else {
+            e.message = format!("{}; authenticate first, closing", e.message);
+            self.send_error(conn, e, now);
+            self.close(conn, CloseReason::Unauthorized, now);
+        }
+    }
+
     /// A binary frame: not part of the protocol.
     pub fn on_binary(&mut self, conn: ConnId, now: Millis) -> Effects {
         if let Some(c) = self.reg.conns.get_mut(&conn) {
             c.last_frame = now;
-            self.send_error(
-                conn,
-                ErrorPayload::new(
-                    400,
-                    "binary frames are not supported; send JSON text frames",
-                ),
-                now,
+            let authed = c.session.is_some();
+            let e = ErrorPayload::new(
+                400,
+                "binary frames are not supported; send JSON text frames",
             );
+            self.refuse(conn, e, authed, now);
         }
         self.take_fx()
     }

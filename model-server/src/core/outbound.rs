@@ -49,6 +49,8 @@ pub struct OutboundQueue {
     pub dropped: u64,
     /// Highest depth seen, in frames.
     pub high_water: usize,
+    /// Planted bug `unbounded-outbound-queue`: ignore the bounds.
+    pub unbounded: bool,
 }
 
 impl OutboundQueue {
@@ -65,6 +67,7 @@ impl OutboundQueue {
             max_bytes,
             dropped: 0,
             high_water: 0,
+            unbounded: false,
         }
     }
 
@@ -84,7 +87,8 @@ impl OutboundQueue {
     }
 
     fn fits(&self, extra: usize) -> bool {
-        self.frames.len() < self.max_frames && self.bytes + extra <= self.max_bytes
+        self.unbounded
+            || self.frames.len() < self.max_frames && self.bytes + extra <= self.max_bytes
     }
 
     /// Queues `text`, coalescing, shedding or refusing as the class and bounds require.
@@ -138,7 +142,10 @@ impl OutboundQueue {
             coalesce_key,
         });
         self.high_water = self.high_water.max(self.frames.len());
-        debug_assert!(self.frames.len() <= self.max_frames && self.bytes <= self.max_bytes);
+        debug_assert!(
+            self.unbounded
+                || (self.frames.len() <= self.max_frames && self.bytes <= self.max_bytes)
+        );
         PushOutcome::Queued
     }
 

@@ -434,8 +434,14 @@ fn offline_recipient_gets_content_free_push_with_pending_count() {
     h.say(alice, "bob", "c2", "c2VjcmV0Mg");
     assert_eq!(acks(&h.recv(alice)).len(), 2);
     assert_eq!(h.pushes.len(), 2);
-    // Exhaustive pattern: a PushRequest has no field that could carry content.
-    let PushRequest { user, pending } = &h.pushes[1];
+    // Exhaustive pattern: the only field that could carry content is the planted bug's
+    // preview, which must stay empty.
+    let PushRequest {
+        user,
+        pending,
+        preview,
+    } = &h.pushes[1];
+    assert_eq!(preview, &None);
     assert_eq!(user, &uid("bob"));
     assert_eq!(*pending, 2);
     assert_eq!(h.pushes[0].pending, 1);
@@ -443,6 +449,30 @@ fn offline_recipient_gets_content_free_push_with_pending_count() {
         h.pushes.iter().all(|p| p.user == uid("bob")),
         "no push for the online sender"
     );
+}
+
+#[test]
+fn planted_bug_push_with_content_puts_the_body_in_the_push() {
+    let mut h = Harness::new();
+    let mut bugs = crate::config::Bugs::default();
+    bugs.enable("push-with-content").expect("known bug");
+    h.core.set_bugs(bugs);
+    let alice = h.login("alice", "phone");
+    h.say(alice, "bob", "c1", "c2VjcmV0");
+    assert_eq!(h.pushes[0].preview.as_deref(), Some("c2VjcmV0"));
+}
+
+#[test]
+fn planted_bug_no_dedup_stores_a_retry_twice() {
+    let mut h = Harness::new();
+    let mut bugs = crate::config::Bugs::default();
+    bugs.enable("no-dedup").expect("known bug");
+    h.core.set_bugs(bugs);
+    let alice = h.login("alice", "phone");
+    h.say(alice, "bob", "c1", "eA");
+    h.say(alice, "bob", "c1", "eA");
+    let seqs: Vec<u64> = acks(&h.recv(alice)).iter().map(|a| a.1.seq.0).collect();
+    assert_eq!(seqs, vec![1, 2], "the bug makes a retry a second message");
 }
 
 #[test]
@@ -2069,4 +2099,52 @@ fn retry_after_restart_is_still_deduplicated() {
     let bob = h2.login("bob", "phone");
     let page = sync(&mut h2, bob, json!({"conversation_id": dm("alice", "bob")}));
     assert_eq!(seqs(&page.messages), vec![1, 2, 3]);
+}
+
+// ------------------------------------------------------------- review fixes
+
+#[test]
+fn sync_page_of_large_messages_fits_the_outbound_queue() {
+    let limits = Limits {
+        outbound_max_bytes: 64 * 1024,
+        send_burst: 1000,
+        ..Limits::default()
+    };
+    let mut h = Harness::with_limits(limits);
+    let alice = h.login("alice", "phone");
+    let body = "A".repeat(10 * 1024);
+    for i in 0..20 {
+        h.say(alice, "bob", &format!("c{i}"), &body);
+    }
+    let bob = h.login("bob", "phone");
+    let mut got = Vec::new();
+    let mut cursor = Value::Null;
+    for _ in 0..20 {
+        let page = sync(&mut h, bob, json!({ "cursor": cursor }));
+        assert!(!page.messages.is_empty());
+        got.extend(seqs(&page.messages));
+        if !page.has_more {
+            break;
+        }
+        cursor = json!(page.next_cursor);
+    }
+    assert_eq!(got, (1..=20).collect::<Vec<u64>>());
+    assert!(
+        h.closes.is_empty(),
+        "no slow-consumer disconnect: {:?}",
+        h.closes
+    );
+}
+
+#[test]
+fn bad_frame_before_auth_closes_the_connection() {
+    let mut h = Harness::new();
+    let c = h.open("gw1");
+    h.send(c, "{not json");
+    let frames = h.recv(c);
+    assert!(matches!(frames.last(), Some(ServerFrame::Error { .. })) || frames.is_empty());
+    assert!(h
+        .closes
+        .iter()
+        .any(|x| x.conn == c && x.reason == CloseReason::Unauthorized));
 }

@@ -19,7 +19,8 @@ pub(super) async fn run<St>(server: Arc<Server>, mut stream: St, head: Head)
 where
     St: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    if head.path != "/ws" && head.path != "/" {
+    let path = head.path.split('?').next().unwrap_or("");
+    if path != "/ws" && path != "/" {
         let _ = http::respond(
             &mut stream,
             404,
