@@ -1,5 +1,7 @@
-//! `chatsim`: one CLI over the chat server model (and, as they land, the simulator, the
+//! `chatsim`: one CLI over the chat server model, the simulator (and, as they land, the
 //! load generator and playback). This file only parses arguments and calls into the crates.
+
+mod run_cmd;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -12,7 +14,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "chatsim", version, about = "Chat system model: serve it, simulate it, load it")]
+#[command(
+    name = "chatsim",
+    version,
+    about = "Chat system model: serve it, simulate it, load it"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -24,6 +30,8 @@ enum Cmd {
     Serve(ServeArgs),
     /// Mint an auth token for a user's device.
     Token(TokenArgs),
+    /// Run scenarios in the deterministic simulator and check the chat invariants.
+    Run(run_cmd::RunArgs),
 }
 
 #[derive(clap::Args)]
@@ -72,32 +80,44 @@ fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+                .unwrap_or_else(|_| "info,turmoil=warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().cmd {
         Cmd::Serve(a) => serve(a),
         Cmd::Token(a) => token(a),
+        Cmd::Run(a) => {
+            let code = run_cmd::run(a)?;
+            std::process::exit(code);
+        }
     }
 }
 
 fn token(a: TokenArgs) -> Result<()> {
     let user = UserId(a.user);
     let device = DeviceId(a.device);
-    if !model_server::ids::is_valid_id(user.as_str()) || !model_server::ids::is_valid_id(device.as_str()) {
+    if !model_server::ids::is_valid_id(user.as_str())
+        || !model_server::ids::is_valid_id(device.as_str())
+    {
         bail!("--user and --device must be 1-64 characters of [A-Za-z0-9_-]");
     }
     let path = a.secret_file.unwrap_or_else(|| a.data_dir.join("secret"));
     let secret = runtime::load_or_create_secret(&path)
         .with_context(|| format!("reading secret file {}", path.display()))?;
     let now = Clock::wall().now();
-    println!("{}", auth::mint(&secret, &user, &device, Millis(now.0 + a.ttl_secs * 1000)));
+    println!(
+        "{}",
+        auth::mint(&secret, &user, &device, Millis(now.0 + a.ttl_secs * 1000))
+    );
     Ok(())
 }
 
 fn serve(a: ServeArgs) -> Result<()> {
-    let secret_path = a.secret_file.clone().unwrap_or_else(|| a.data_dir.join("secret"));
+    let secret_path = a
+        .secret_file
+        .clone()
+        .unwrap_or_else(|| a.data_dir.join("secret"));
     let secret = runtime::load_or_create_secret(&secret_path)
         .with_context(|| format!("reading secret file {}", secret_path.display()))?;
     let store: Box<dyn KvStore> = if a.memory {

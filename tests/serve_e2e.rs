@@ -26,16 +26,22 @@ async fn two_users_chat_and_receipts_flow_back() {
     assert_eq!(got["payload"]["content"], ct("hi bob"));
     assert_eq!(got["payload"]["message_id"], id);
 
-    bob.send(json!({"type":"delivery_ack","message_id":id})).await;
+    bob.send(json!({"type":"delivery_ack","message_id":id}))
+        .await;
     let d = alice.recv_type("delivery_ack").await;
     assert_eq!(d["payload"]["status"], "delivered");
-    bob.send(json!({"type":"read_receipt","message_ids":[id]})).await;
+    bob.send(json!({"type":"read_receipt","message_ids":[id]}))
+        .await;
     let r = alice.recv_type("read_receipt").await;
     assert_eq!(r["payload"]["status"], "read");
     assert_eq!(r["payload"]["by"], "bob");
 
     bob.say("alice", "b1", &ct("hey")).await;
-    assert_eq!(bob.recv_type("message_ack").await["payload"]["seq"], 2, "same conversation, next seq");
+    assert_eq!(
+        bob.recv_type("message_ack").await["payload"]["seq"],
+        2,
+        "same conversation, next seq"
+    );
     srv.stop();
 }
 
@@ -52,10 +58,20 @@ async fn retry_with_same_client_message_id_is_deduplicated() {
     assert_eq!(dup["payload"]["message_id"], ack["payload"]["message_id"]);
     assert_eq!(dup["payload"]["seq"], ack["payload"]["seq"]);
     let (mut bob, hello) = Client::login(&srv, "bob", "phone").await;
-    assert_eq!(hello["payload"]["unread_count"], 1, "one copy stored, not two");
-    bob.send(json!({"type":"sync","payload":{"conversation_id":"dm:alice:bob","after_seq":0}})).await;
+    assert_eq!(
+        hello["payload"]["unread_count"], 1,
+        "one copy stored, not two"
+    );
+    bob.send(json!({"type":"sync","payload":{"conversation_id":"dm:alice:bob","after_seq":0}}))
+        .await;
     let page = bob.recv_type("sync_page").await;
-    assert_eq!(page["payload"]["messages"].as_array().expect("messages").len(), 1);
+    assert_eq!(
+        page["payload"]["messages"]
+            .as_array()
+            .expect("messages")
+            .len(),
+        1
+    );
     srv.stop();
 }
 
@@ -67,7 +83,9 @@ async fn offline_user_syncs_backlog_in_order_after_reconnect() {
     drop(bob); // bob goes offline (registered device, nothing pending)
     let (mut alice, _) = Client::login(&srv, "alice", "phone").await;
     for i in 0..30 {
-        alice.say("bob", &format!("m{i}"), &ct(&format!("msg {i}"))).await;
+        alice
+            .say("bob", &format!("m{i}"), &ct(&format!("msg {i}")))
+            .await;
         alice.recv_type("message_ack").await;
     }
     let (b, hello) = Client::login(&srv, "bob", "phone").await;
@@ -76,18 +94,24 @@ async fn offline_user_syncs_backlog_in_order_after_reconnect() {
     let mut seqs = Vec::new();
     let mut cursor = serde_json::Value::Null;
     for _ in 0..10 {
-        bob.send(json!({"type":"sync","payload":{"cursor":cursor,"limit":7}})).await;
+        bob.send(json!({"type":"sync","payload":{"cursor":cursor,"limit":7}}))
+            .await;
         let page = bob.recv_type("sync_page").await;
         for m in page["payload"]["messages"].as_array().expect("messages") {
             seqs.push(m["seq"].as_u64().expect("seq"));
-            bob.send(json!({"type":"delivery_ack","message_id":m["message_id"]})).await;
+            bob.send(json!({"type":"delivery_ack","message_id":m["message_id"]}))
+                .await;
         }
         if page["payload"]["has_more"] == false {
             break;
         }
         cursor = page["payload"]["next_cursor"].clone();
     }
-    assert_eq!(seqs, (1..=30).collect::<Vec<u64>>(), "every message, in seq order");
+    assert_eq!(
+        seqs,
+        (1..=30).collect::<Vec<u64>>(),
+        "every message, in seq order"
+    );
     srv.stop();
 }
 
@@ -100,20 +124,35 @@ async fn group_of_256_members_fans_out_to_every_member() {
         members.push(Client::login(&srv, &format!("u{i}"), "phone").await.0);
     }
     let names: Vec<String> = (1..256).map(|i| format!("u{i}")).collect();
-    members[0].send(json!({"type":"group_create","payload":{"name":"stadium","members":names}})).await;
+    members[0]
+        .send(json!({"type":"group_create","payload":{"name":"stadium","members":names}}))
+        .await;
     let created = members[0].recv_type("group_created").await;
-    let gid = created["payload"]["group_id"].as_str().expect("gid").to_string();
-    assert_eq!(created["payload"]["members"].as_array().expect("m").len(), 256);
-    members[0].send(json!({"type":"group_message","client_message_id":"g1",
-        "payload":{"group_id":gid,"content":ct("kickoff")}})).await;
-    assert_eq!(members[0].recv_type("message_ack").await["payload"]["seq"], 1);
+    let gid = created["payload"]["group_id"]
+        .as_str()
+        .expect("gid")
+        .to_string();
+    assert_eq!(
+        created["payload"]["members"].as_array().expect("m").len(),
+        256
+    );
+    members[0]
+        .send(json!({"type":"group_message","client_message_id":"g1",
+        "payload":{"group_id":gid,"content":ct("kickoff")}}))
+        .await;
+    assert_eq!(
+        members[0].recv_type("message_ack").await["payload"]["seq"],
+        1
+    );
     for (i, m) in members.iter_mut().enumerate().skip(1) {
         let f = m.recv_type("group_message").await;
         assert_eq!(f["payload"]["content"], ct("kickoff"), "member {i}");
         assert_eq!(f["payload"]["sender_id"], "u0");
     }
     // A 257th member is refused: the cap holds.
-    members[0].send(json!({"type":"group_add","payload":{"group_id":gid,"user_ids":["late"]}})).await;
+    members[0]
+        .send(json!({"type":"group_add","payload":{"group_id":gid,"user_ids":["late"]}}))
+        .await;
     assert_eq!(members[0].recv_type("error").await["payload"]["code"], 413);
     srv.stop();
 }
@@ -174,7 +213,8 @@ async fn wrong_token_and_frames_before_auth_are_refused() {
     alice.say("bob", "a1", &ct("private")).await;
     alice.recv_type("message_ack").await;
     let (mut eve, _) = Client::login(&srv, "eve", "phone").await;
-    eve.send(json!({"type":"sync","payload":{"conversation_id":"dm:alice:bob"}})).await;
+    eve.send(json!({"type":"sync","payload":{"conversation_id":"dm:alice:bob"}}))
+        .await;
     assert_eq!(eve.recv_type("error").await["payload"]["code"], 403);
     srv.stop();
 }
@@ -188,15 +228,22 @@ async fn restart_with_durable_store_loses_nothing_acked() {
     let (mut alice, _) = Client::login(&srv, "alice", "phone").await;
     let mut acked = Vec::new();
     for i in 0..20 {
-        alice.say("bob", &format!("r{i}"), &ct(&format!("before crash {i}"))).await;
-        acked.push(alice.recv_type("message_ack").await["payload"]["seq"].as_u64().expect("seq"));
+        alice
+            .say("bob", &format!("r{i}"), &ct(&format!("before crash {i}")))
+            .await;
+        acked.push(
+            alice.recv_type("message_ack").await["payload"]["seq"]
+                .as_u64()
+                .expect("seq"),
+        );
     }
     // Hard kill, no graceful shutdown: only what was committed before each ack survives.
     drop(srv);
     let srv = ServerProc::start(dir.path(), &[]);
     let (mut bob, hello) = Client::login(&srv, "bob", "phone").await;
     assert_eq!(hello["payload"]["unread_count"], 20);
-    bob.send(json!({"type":"sync","payload":{"conversation_id":"dm:alice:bob","limit":100}})).await;
+    bob.send(json!({"type":"sync","payload":{"conversation_id":"dm:alice:bob","limit":100}}))
+        .await;
     let page = bob.recv_type("sync_page").await;
     let seqs: Vec<u64> = page["payload"]["messages"]
         .as_array()
@@ -229,8 +276,15 @@ async fn health_metrics_and_graceful_shutdown() {
     assert!(metrics.contains("chatsim_inbox_entries 1"), "{metrics}");
     assert!(!metrics.contains(&ct("x")), "metrics never carry content");
     let pid = srv.child.id();
-    let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
-    assert_eq!(alice.closed().await, Some(1012), "clients are told the service restarts");
+    let _ = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status();
+    assert_eq!(
+        alice.closed().await,
+        Some(1012),
+        "clients are told the service restarts"
+    );
     srv.stop();
 }
 
@@ -243,28 +297,52 @@ async fn media_lane_uploads_resume_and_download_only_for_members() {
     let resp = http(&srv.addr, &format!(
         "POST /v1/media:prepare HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {alice}\r\nContent-Length: {}\r\n\r\n{body}", body.len())).await;
     assert!(resp.starts_with("HTTP/1.1 201"), "{resp}");
-    let v: serde_json::Value = serde_json::from_str(resp.split("\r\n\r\n").nth(1).expect("body")).expect("json");
+    let v: serde_json::Value =
+        serde_json::from_str(resp.split("\r\n\r\n").nth(1).expect("body")).expect("json");
     let url = v["upload_url"].as_str().expect("url").to_string();
     let media_id = v["media_id"].as_str().expect("id").to_string();
-    let put = |range: &str, data: &str| format!(
-        "PUT {url} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {alice}\r\nContent-Range: bytes {range}/10\r\nContent-Length: {}\r\n\r\n{data}", data.len());
-    assert!(http(&srv.addr, &put("0-3", "0123")).await.starts_with("HTTP/1.1 200"));
+    let put = |range: &str, data: &str| {
+        format!(
+        "PUT {url} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {alice}\r\nContent-Range: bytes {range}/10\r\nContent-Length: {}\r\n\r\n{data}", data.len())
+    };
+    assert!(http(&srv.addr, &put("0-3", "0123"))
+        .await
+        .starts_with("HTTP/1.1 200"));
     // The connection broke; the client resends from byte 0: told to resume at 4.
     let again = http(&srv.addr, &put("0-3", "0123")).await;
-    assert!(again.starts_with("HTTP/1.1 409") && again.contains("byte 4"), "{again}");
-    assert!(http(&srv.addr, &put("4-9", "456789")).await.contains(r#""complete":true"#));
+    assert!(
+        again.starts_with("HTTP/1.1 409") && again.contains("byte 4"),
+        "{again}"
+    );
+    assert!(http(&srv.addr, &put("4-9", "456789"))
+        .await
+        .contains(r#""complete":true"#));
     let bob = srv.token("bob", "phone");
-    let got = http(&srv.addr, &format!("GET {url} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {bob}\r\n\r\n")).await;
-    assert!(got.starts_with("HTTP/1.1 200") && got.ends_with("0123456789"), "{got}");
+    let got = http(
+        &srv.addr,
+        &format!("GET {url} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {bob}\r\n\r\n"),
+    )
+    .await;
+    assert!(
+        got.starts_with("HTTP/1.1 200") && got.ends_with("0123456789"),
+        "{got}"
+    );
     let eve = srv.token("eve", "phone");
-    let denied = http(&srv.addr, &format!("GET {url} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {eve}\r\n\r\n")).await;
+    let denied = http(
+        &srv.addr,
+        &format!("GET {url} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {eve}\r\n\r\n"),
+    )
+    .await;
     assert!(denied.starts_with("HTTP/1.1 403"), "{denied}");
     // The message carries only the pointer.
     let (mut a, _) = Client::login(&srv, "alice", "phone").await;
     let (mut b, _) = Client::login(&srv, "bob", "phone").await;
     a.send(json!({"type":"message","client_message_id":"vid","payload":{"receiver_id":"bob","content":ct("key+caption"),"media_id":media_id}})).await;
     a.recv_type("message_ack").await;
-    assert_eq!(b.recv_type("message").await["payload"]["media_id"], media_id);
+    assert_eq!(
+        b.recv_type("message").await["payload"]["media_id"],
+        media_id
+    );
     srv.stop();
 }
 
@@ -274,6 +352,9 @@ async fn http(addr: &str, req: &str) -> String {
     let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
     s.write_all(req.as_bytes()).await.expect("write");
     let mut out = Vec::new();
-    tokio::time::timeout(common::WAIT, s.read_to_end(&mut out)).await.expect("response").expect("read");
+    tokio::time::timeout(common::WAIT, s.read_to_end(&mut out))
+        .await
+        .expect("response")
+        .expect("read");
     String::from_utf8_lossy(&out).into_owned()
 }

@@ -180,6 +180,11 @@ impl MessageId {
         Self(format!("{conv}#{seq}"))
     }
 
+    /// The id as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
     /// Splits an id back into (conversation, seq); `None` for anything we did not issue.
     pub fn parse(&self) -> Option<(ConversationId, ConversationKind, Seq)> {
         let (c, s) = self.0.rsplit_once('#')?;

@@ -49,7 +49,11 @@ impl ServerProc {
         // Keep draining stdout so the child never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
         let addr = addr.expect("server printed its address");
-        ServerProc { child, addr, data_dir: data_dir.to_path_buf() }
+        ServerProc {
+            child,
+            addr,
+            data_dir: data_dir.to_path_buf(),
+        }
     }
 
     /// A token for `user`'s `device`, signed with this server's secret.
@@ -60,12 +64,20 @@ impl ServerProc {
             .duration_since(std::time::UNIX_EPOCH)
             .expect("clock")
             .as_millis() as u64;
-        mint(&secret, &user.into(), &device.into(), Millis(now + 3_600_000))
+        mint(
+            &secret,
+            &user.into(),
+            &device.into(),
+            Millis(now + 3_600_000),
+        )
     }
 
     /// Stops the server with SIGTERM (graceful) and waits for it.
     pub fn stop(mut self) {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
         for _ in 0..100 {
             if let Ok(Some(_)) = self.child.try_wait() {
                 return;
@@ -92,9 +104,10 @@ pub struct Client {
 impl Client {
     /// Connects without authenticating.
     pub async fn connect(addr: &str) -> Self {
-        let (ws, _) = tokio_tungstenite::connect_async_with_config(format!("ws://{addr}/ws"), None, true)
-            .await
-            .expect("connect");
+        let (ws, _) =
+            tokio_tungstenite::connect_async_with_config(format!("ws://{addr}/ws"), None, true)
+                .await
+                .expect("connect");
         Client { ws }
     }
 
@@ -102,14 +115,20 @@ impl Client {
     pub async fn login(srv: &ServerProc, user: &str, device: &str) -> (Self, Value) {
         let mut c = Self::connect(&srv.addr).await;
         let tok = srv.token(user, device);
-        c.send(json!({"type":"auth","payload":{"user_id":user,"auth_token":tok,"device_id":device}})).await;
+        c.send(
+            json!({"type":"auth","payload":{"user_id":user,"auth_token":tok,"device_id":device}}),
+        )
+        .await;
         let ok = c.recv().await;
         assert_eq!(ok["type"], "auth_success", "{ok}");
         (c, ok)
     }
 
     pub async fn send(&mut self, v: Value) {
-        self.ws.send(Message::text(v.to_string())).await.expect("send");
+        self.ws
+            .send(Message::text(v.to_string()))
+            .await
+            .expect("send");
     }
 
     pub async fn send_raw(&mut self, m: Message) {
@@ -146,7 +165,10 @@ impl Client {
     /// Waits for the server to close; returns the close code.
     pub async fn closed(&mut self) -> Option<u16> {
         loop {
-            match tokio::time::timeout(WAIT, self.ws.next()).await.expect("close within WAIT") {
+            match tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("close within WAIT")
+            {
                 Some(Ok(Message::Close(f))) => return f.map(|f| u16::from(f.code)),
                 Some(Ok(_)) => continue,
                 Some(Err(_)) | None => return None,
@@ -156,7 +178,8 @@ impl Client {
 
     pub async fn say(&mut self, to: &str, cmid: &str, content: &str) {
         self.send(json!({"type":"message","client_message_id":cmid,
-            "payload":{"receiver_id":to,"content":content}})).await;
+            "payload":{"receiver_id":to,"content":content}}))
+            .await;
     }
 }
 

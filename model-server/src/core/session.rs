@@ -119,6 +119,25 @@ impl<S: KvStore> ChatCore<S> {
         Ok(())
     }
 
+    /// Registers (links) a device for `user` outside any connection, as a device-linking
+    /// flow would: from then on messages wait for it too.
+    pub fn admin_register_device(
+        &mut self,
+        user: &UserId,
+        device: &DeviceId,
+    ) -> Result<(), String> {
+        if !is_valid_id(user.as_str()) || !is_valid_id(device.as_str()) {
+            return Err("invalid user or device id".into());
+        }
+        self.db
+            .commit(vec![Write::Put(
+                Table::Devices,
+                device_key(user, device),
+                b"{}".to_vec(),
+            )])
+            .map_err(|e| e.to_string())
+    }
+
     /// Removes `conn` from the registry and tells watchers if its user went offline.
     pub(super) fn forget_conn(&mut self, conn: ConnId, now: Millis) {
         let Some(c) = self.reg.conns.remove(&conn) else {

@@ -19,6 +19,16 @@ impl MemoryStore {
         Self::default()
     }
 
+    /// Makes this store hold exactly what `other` holds (a restore from another copy; the
+    /// simulator's crash and failover).
+    pub fn replace_with(&self, other: &MemoryStore) {
+        if Arc::ptr_eq(&self.tables, &other.tables) {
+            return;
+        }
+        let copy = other.lock().clone();
+        *self.lock() = copy;
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Tables> {
         // A panic while holding the lock leaves the maps consistent (each commit is applied
         // in one go below), so a poisoned lock is safe to keep using.

@@ -1,0 +1,660 @@
+//! The simulated phone: offline-first, speaking the real protocol over tokio-tungstenite on
+//! turmoil's TCP.
+//!
+//! What it does is what the seeds' mobile client does: a local pending queue that survives
+//! an app kill; the same `client_message_id` on every retry; jittered exponential backoff
+//! (1 s doubling to a 60 s cap by default); heartbeats and an idle timeout (turmoil's TCP
+//! never retransmits, so a lost segment stalls a stream silently); sync of everything
+//! pending after each reconnect; delivery acks and, after a while, read receipts.
+
+use crate::crypto;
+use crate::ledger::{DeviceKey, Ledger, Shown};
+use crate::plan::{device_name, user_name, Plan, Target};
+use crate::scenario::Scenario;
+use futures_util::{SinkExt, StreamExt};
+use model_server::auth::{mint, Secret};
+use model_server::ids::Millis;
+use model_server::protocol::{DeliveredMessage, ServerFrame, Status};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::time::Duration;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+
+/// Simulated epoch (ms since 1970) at the start of every run.
+pub const EPOCH_MS: u64 = 1_700_000_000_000;
+
+/// Simulated ms since the start of the run.
+pub fn now_ms() -> u64 {
+    turmoil::sim_elapsed()
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// What faults have done to one device; read by its task.
+#[derive(Clone, Debug, Default)]
+pub struct Control {
+    /// App in the background or killed until then: no socket.
+    pub away_until: u64,
+    /// Bumped when the app is killed or backgrounded: the current socket must die.
+    pub generation: u64,
+    /// Reading at most this many frames per second (0: not reading) until `slow_until`.
+    pub slow_rate: Option<u32>,
+    pub slow_until: u64,
+    /// Local clock error, ms.
+    pub skew_ms: i64,
+}
+
+/// Everything the device tasks share (single-threaded: turmoil runs hosts on one thread).
+pub struct Ctx {
+    pub sc: Scenario,
+    pub plan: Plan,
+    pub seed: u64,
+    pub secret: Secret,
+    pub ledger: Rc<RefCell<Ledger>>,
+    pub control: Rc<RefCell<BTreeMap<DeviceKey, Control>>>,
+    /// Sends of each device, by plan index, in time order.
+    pub device_sends: BTreeMap<DeviceKey, Vec<usize>>,
+    /// Conversation id of each send.
+    pub send_conv: Vec<String>,
+    /// Server group id of each planned group.
+    pub group_ids: Vec<String>,
+    pub cmid_index: BTreeMap<String, usize>,
+    /// Where taps have got to, per device (durable: survives kills).
+    pub tapped: RefCell<BTreeMap<DeviceKey, usize>>,
+    pub end_ms: u64,
+}
+
+impl Ctx {
+    fn token(&self, u: usize, d: usize) -> String {
+        mint(
+            &self.secret,
+            &user_name(u).as_str().into(),
+            &device_name(d).as_str().into(),
+            Millis(EPOCH_MS + self.end_ms + 86_400_000),
+        )
+    }
+
+    /// Moves sends whose tap time has come into the device's outbox. Offline-first: a tap
+    /// lands in the local queue whether or not there is a connection.
+    fn tap_due(&self, k: DeviceKey, now: u64) -> Vec<usize> {
+        let Some(list) = self.device_sends.get(&k) else {
+            return Vec::new();
+        };
+        let mut tapped = self.tapped.borrow_mut();
+        let pos = tapped.entry(k).or_insert(0);
+        let mut new = Vec::new();
+        while *pos < list.len() && self.plan.sends[list[*pos]].at_ms <= now {
+            new.push(list[*pos]);
+            *pos += 1;
+        }
+        if !new.is_empty() {
+            let mut l = self.ledger.borrow_mut();
+            for &i in &new {
+                l.device(k).outbox.push(i);
+                let s = &self.plan.sends[i];
+                l.sends[i].first_sent_ms.get_or_insert(s.at_ms);
+                l.trace(
+                    now,
+                    dev(k),
+                    "tap",
+                    Some(&self.send_conv[i]),
+                    None,
+                    Some(&s.cmid),
+                    "",
+                );
+            }
+        }
+        new
+    }
+
+    /// When the device's next tap is due, if any.
+    fn next_tap(&self, k: DeviceKey) -> Option<u64> {
+        let list = self.device_sends.get(&k)?;
+        let pos = *self.tapped.borrow().get(&k).unwrap_or(&0);
+        list.get(pos).map(|&i| self.plan.sends[i].at_ms)
+    }
+
+    fn control(&self, k: DeviceKey) -> Control {
+        self.control.borrow().get(&k).cloned().unwrap_or_default()
+    }
+}
+
+/// `u3/d0`.
+pub fn dev(k: DeviceKey) -> String {
+    format!("{}/{}", user_name(k.0), device_name(k.1))
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<turmoil::net::TcpStream>;
+
+/// Why a session ended.
+enum End {
+    /// Socket closed, broke or went silent: reconnect with backoff.
+    Lost(&'static str),
+    /// The app was killed or backgrounded: wait until it is back.
+    Away,
+    /// The run is over.
+    Done,
+}
+
+/// Runs one device until the end of the run.
+pub async fn run_device(ctx: Rc<Ctx>, k: DeviceKey) {
+    let mut rng =
+        SmallRng::seed_from_u64(ctx.seed ^ ((k.0 as u64) << 20) ^ (k.1 as u64) ^ 0xdead_beef);
+    let cfg = ctx.sc.client.clone();
+    let mut backoff = cfg.backoff_initial_ms;
+    let gateways = gateway_order(&ctx, k);
+    let mut attempt = 0usize;
+    // Phones do not all open the app in the same millisecond.
+    let start = rng.random_range(0..=ctx.sc.client.start_jitter_ms);
+    tokio::time::sleep(Duration::from_millis(start)).await;
+    loop {
+        let now = now_ms();
+        if now >= ctx.end_ms {
+            return;
+        }
+        ctx.tap_due(k, now);
+        let ctl = ctx.control(k);
+        if ctl.away_until > now {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        let gw = &gateways[attempt % gateways.len()];
+        match connect(&ctx, k, gw).await {
+            Ok(ws) => {
+                ctx.ledger.borrow_mut().device(k).connects.push(now_ms());
+                ctx.ledger.borrow_mut().trace(
+                    now_ms(),
+                    dev(k),
+                    "connected",
+                    None,
+                    None,
+                    None,
+                    gw.as_str(),
+                );
+                backoff = cfg.backoff_initial_ms;
+                match session(&ctx, k, ws, &mut rng, ctl.generation).await {
+                    End::Done => return,
+                    End::Away => {
+                        ctx.ledger.borrow_mut().trace(
+                            now_ms(),
+                            dev(k),
+                            "app_away",
+                            None,
+                            None,
+                            None,
+                            "",
+                        );
+                        continue;
+                    }
+                    End::Lost(why) => {
+                        ctx.ledger.borrow_mut().trace(
+                            now_ms(),
+                            dev(k),
+                            "disconnected",
+                            None,
+                            None,
+                            None,
+                            why,
+                        );
+                    }
+                }
+            }
+            Err(why) => {
+                attempt += 1;
+                ctx.ledger.borrow_mut().device(k).connect_failures += 1;
+                ctx.ledger.borrow_mut().trace(
+                    now_ms(),
+                    dev(k),
+                    "connect_failed",
+                    None,
+                    None,
+                    None,
+                    format!("{gw}: {why}"),
+                );
+            }
+        }
+        // Full jitter in [backoff/2, backoff], then double up to the cap.
+        let wait = rng.random_range(backoff / 2..=backoff.max(1));
+        ctx.ledger.borrow_mut().device(k).backoffs.push(wait);
+        backoff = (backoff * 2).min(cfg.backoff_max_ms);
+        let until = now_ms() + wait;
+        while now_ms() < until && now_ms() < ctx.end_ms {
+            ctx.tap_due(k, now_ms());
+            let step = (until - now_ms()).min(wake_in(&ctx, k, now_ms()));
+            tokio::time::sleep(Duration::from_millis(step.max(1))).await;
+        }
+    }
+}
+
+/// Gateways to try, home region first, starting from this device's own gateway.
+fn gateway_order(ctx: &Ctx, k: DeviceKey) -> Vec<String> {
+    let regions = &ctx.sc.topology.regions;
+    let home = &regions[k.0 % regions.len()];
+    let all = ctx.sc.gateways();
+    let mut home_gws: Vec<String> = all
+        .iter()
+        .filter(|(_, r)| r == home)
+        .map(|(g, _)| g.clone())
+        .collect();
+    let rot = (k.0 * ctx.plan.devices_per_user + k.1) % home_gws.len().max(1);
+    home_gws.rotate_left(rot);
+    home_gws.extend(
+        all.iter()
+            .filter(|(_, r)| r != home)
+            .map(|(g, _)| g.clone()),
+    );
+    home_gws
+}
+
+async fn connect(ctx: &Ctx, k: DeviceKey, gw: &str) -> Result<Ws, String> {
+    let attempt = async {
+        let stream = turmoil::net::TcpStream::connect((gw, 8080))
+            .await
+            .map_err(|e| e.to_string())?;
+        // Small buffers: tungstenite's 128 KiB defaults cost 4x time and 9x memory here.
+        let cfg = WebSocketConfig::default()
+            .read_buffer_size(4096)
+            .write_buffer_size(0);
+        let (mut ws, _) = tokio_tungstenite::client_async_with_config(
+            format!("ws://{gw}:8080/ws"),
+            stream,
+            Some(cfg),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let auth = json!({"type":"auth","payload":{"user_id":user_name(k.0),"device_id":device_name(k.1),"auth_token":ctx.token(k.0, k.1)}});
+        ws.send(Message::text(auth.to_string()))
+            .await
+            .map_err(|e| e.to_string())?;
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(t))) => match serde_json::from_str::<ServerFrame>(t.as_str())
+                {
+                    Ok(ServerFrame::AuthSuccess { .. }) => return Ok(ws),
+                    Ok(ServerFrame::Error { payload }) => {
+                        return Err(format!("auth refused: {}", payload.message))
+                    }
+                    _ => continue,
+                },
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Err(e.to_string()),
+                None => return Err("closed during auth".into()),
+            }
+        }
+    };
+    match tokio::time::timeout(Duration::from_secs(3), attempt).await {
+        Ok(r) => r,
+        Err(_) => Err("timed out".into()),
+    }
+}
+
+/// Per-connection state of a session.
+struct Session {
+    /// When each outbox entry was last transmitted on this connection.
+    sent_at: BTreeMap<usize, u64>,
+    last_frame: u64,
+    last_heartbeat: u64,
+    next_read_at: u64,
+    /// message id -> (conversation, when to send its read receipt).
+    reads_due: BTreeMap<String, u64>,
+}
+
+async fn session(ctx: &Ctx, k: DeviceKey, mut ws: Ws, rng: &mut SmallRng, generation: u64) -> End {
+    let cfg = ctx.sc.client.clone();
+    let now = now_ms();
+    let mut s = Session {
+        sent_at: BTreeMap::new(),
+        last_frame: now,
+        last_heartbeat: now,
+        next_read_at: now,
+        reads_due: BTreeMap::new(),
+    };
+    // Catch up on everything pending for this device.
+    if ws
+        .send(Message::text(
+            json!({"type":"sync","payload":{}}).to_string(),
+        ))
+        .await
+        .is_err()
+    {
+        return End::Lost("send failed");
+    }
+    loop {
+        let now = now_ms();
+        if now >= ctx.end_ms {
+            return End::Done;
+        }
+        let ctl = ctx.control(k);
+        if ctl.generation != generation || ctl.away_until > now {
+            // Killed or backgrounded: the socket just dies, no goodbye.
+            return End::Away;
+        }
+        ctx.tap_due(k, now);
+        // (Re)transmit what is pending: never sent here, or unacked for ack_timeout.
+        let outbox = ctx
+            .ledger
+            .borrow()
+            .devices
+            .get(&k)
+            .map(|d| d.outbox.clone())
+            .unwrap_or_default();
+        for i in outbox {
+            let due = s
+                .sent_at
+                .get(&i)
+                .is_none_or(|t| now >= t + cfg.ack_timeout_ms);
+            if due {
+                s.sent_at.insert(i, now);
+                let frame = send_frame(ctx, i, ctl.skew_ms, now);
+                {
+                    let mut l = ctx.ledger.borrow_mut();
+                    l.sends[i].attempts += 1;
+                    let cmid = ctx.plan.sends[i].cmid.clone();
+                    l.trace(
+                        now,
+                        dev(k),
+                        "send",
+                        Some(&ctx.send_conv[i]),
+                        None,
+                        Some(&cmid),
+                        "",
+                    );
+                }
+                if ws.send(Message::text(frame)).await.is_err() {
+                    return End::Lost("send failed");
+                }
+            }
+        }
+        // Read receipts that are due.
+        let due: Vec<String> = s
+            .reads_due
+            .iter()
+            .filter(|(_, t)| **t <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        if !due.is_empty() {
+            for id in &due {
+                s.reads_due.remove(id);
+            }
+            let f = json!({"type":"read_receipt","message_ids":due});
+            if ws.send(Message::text(f.to_string())).await.is_err() {
+                return End::Lost("send failed");
+            }
+        }
+        if now >= s.last_heartbeat + cfg.heartbeat_ms {
+            s.last_heartbeat = now;
+            if ws
+                .send(Message::text(r#"{"type":"heartbeat"}"#))
+                .await
+                .is_err()
+            {
+                return End::Lost("send failed");
+            }
+        }
+        let slow = ctl.slow_rate.filter(|_| ctl.slow_until > now);
+        if slow.is_none() && now > s.last_frame + cfg.idle_timeout_ms {
+            return End::Lost("idle timeout");
+        }
+        let can_read = match slow {
+            Some(0) => false,
+            _ => now >= s.next_read_at,
+        };
+        tokio::select! {
+            biased;
+            m = ws.next(), if can_read => {
+                let now = now_ms();
+                s.last_frame = now;
+                if let Some(rate) = slow {
+                    s.next_read_at = now + 1000 / u64::from(rate.max(1));
+                }
+                match m {
+                    Some(Ok(Message::Text(t))) => {
+                        if let Ok(f) = serde_json::from_str::<ServerFrame>(t.as_str()) {
+                            if let Err(e) = on_frame(ctx, k, &mut ws, &mut s, rng, f).await {
+                                return End::Lost(e);
+                            }
+                        }
+                    }
+                    Some(Ok(Message::Close(_))) | None => return End::Lost("closed by server"),
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) => return End::Lost("socket error"),
+                }
+            }
+            _ = tokio::time::sleep(Duration::from_millis(wake_in(ctx, k, now))) => {}
+        }
+    }
+}
+
+/// How long to sleep before the loop must look again: at most 50 ms, less when a tap is due
+/// sooner (so a send leaves at the moment the user taps, not on the next poll).
+fn wake_in(ctx: &Ctx, k: DeviceKey, now: u64) -> u64 {
+    let cap = 50;
+    match ctx.next_tap(k) {
+        Some(t) if t > now => (t - now).min(cap),
+        Some(_) => 1,
+        None => cap,
+    }
+}
+
+fn send_frame(ctx: &Ctx, i: usize, skew_ms: i64, now: u64) -> String {
+    let s = &ctx.plan.sends[i];
+    let sender = user_name(s.user);
+    let conv = &ctx.send_conv[i];
+    let pt = crypto::plaintext(&sender, &s.cmid);
+    let content = crypto::seal(ctx.seed, conv, &sender, &s.cmid, &pt);
+    let ts = (EPOCH_MS + now) as i64 + skew_ms;
+    match s.target {
+        Target::User(u) => json!({"type":"message","client_message_id":s.cmid,
+            "payload":{"receiver_id":user_name(u),"content":content,"timestamp":ts.max(0)}}),
+        Target::Group(g) => json!({"type":"group_message","client_message_id":s.cmid,
+            "payload":{"group_id":ctx.group_ids[g],"content":content,"timestamp":ts.max(0)}}),
+    }
+    .to_string()
+}
+
+/// Records an ack (or a 409 carrying the original id) for send `i`.
+fn on_acked(ctx: &Ctx, k: DeviceKey, i: usize, conv: &str, seq: u64, mid: &str) {
+    let now = now_ms();
+    let mut l = ctx.ledger.borrow_mut();
+    let first = l.sends[i].acked.is_none();
+    l.sends[i].seqs_seen.insert((conv.to_string(), seq));
+    if first {
+        l.sends[i].acked = Some((conv.to_string(), seq, mid.to_string(), now));
+        l.send_by_message.insert(mid.to_string(), i);
+    }
+    let d = l.device(k);
+    d.outbox.retain(|x| *x != i);
+    d.shown.entry(mid.to_string()).or_insert(Shown {
+        conv: conv.to_string(),
+        seq,
+        message_id: mid.to_string(),
+        sender: k.0,
+        cmid: ctx.plan.sends[i].cmid.clone(),
+        at_ms: now,
+    });
+    let cmid = ctx.plan.sends[i].cmid.clone();
+    l.trace(
+        now,
+        dev(k),
+        "ack",
+        Some(conv),
+        Some(seq),
+        Some(&cmid),
+        if first { "" } else { "again" },
+    );
+}
+
+async fn on_frame(
+    ctx: &Ctx,
+    k: DeviceKey,
+    ws: &mut Ws,
+    s: &mut Session,
+    rng: &mut SmallRng,
+    f: ServerFrame,
+) -> Result<(), &'static str> {
+    match f {
+        ServerFrame::MessageAck {
+            client_message_id,
+            payload,
+        } => {
+            if let Some(&i) = ctx.cmid_index.get(client_message_id.as_str()) {
+                on_acked(
+                    ctx,
+                    k,
+                    i,
+                    payload.conversation_id.as_str(),
+                    payload.seq.0,
+                    payload.message_id.as_str(),
+                );
+            }
+        }
+        ServerFrame::Error { payload } => {
+            let now = now_ms();
+            let cmid = payload.client_message_id.as_ref().map(|c| c.0.clone());
+            match (
+                payload.code,
+                cmid.as_deref().and_then(|c| ctx.cmid_index.get(c)),
+            ) {
+                (409, Some(&i)) => {
+                    if let (Some(conv), Some(seq), Some(mid)) =
+                        (&payload.conversation_id, payload.seq, &payload.message_id)
+                    {
+                        on_acked(ctx, k, i, conv.as_str(), seq.0, mid.as_str());
+                    }
+                }
+                (429, Some(&i)) => {
+                    let wait = payload.retry_after_ms.unwrap_or(1000);
+                    s.sent_at.insert(i, now + wait);
+                }
+                _ => {}
+            }
+            ctx.ledger.borrow_mut().trace(
+                now,
+                dev(k),
+                "error",
+                None,
+                payload.seq.map(|x| x.0),
+                cmid.as_deref(),
+                format!("{} {}", payload.code, payload.message),
+            );
+        }
+        ServerFrame::Message { payload } | ServerFrame::GroupMessage { payload } => {
+            receive(ctx, k, ws, s, rng, payload).await?;
+        }
+        ServerFrame::SyncPage { payload } => {
+            for m in payload.messages {
+                receive(ctx, k, ws, s, rng, m).await?;
+            }
+            if payload.has_more {
+                let f = json!({"type":"sync","payload":{"cursor":payload.next_cursor}});
+                ws.send(Message::text(f.to_string()))
+                    .await
+                    .map_err(|_| "send failed")?;
+            }
+        }
+        ServerFrame::DeliveryAck { payload } | ServerFrame::ReadReceipt { payload } => {
+            let now = now_ms();
+            let mut l = ctx.ledger.borrow_mut();
+            for id in &payload.message_ids {
+                l.device(k)
+                    .statuses
+                    .entry(id.0.clone())
+                    .or_default()
+                    .push(payload.status);
+            }
+            if payload.status == Status::Read {
+                for id in &payload.message_ids {
+                    if let Some(&i) = l.send_by_message.get(id.as_str()) {
+                        l.sends[i].read_ms.get_or_insert(now);
+                    }
+                }
+            }
+            let ev = if payload.status == Status::Read {
+                "read_receipt"
+            } else {
+                "delivery_receipt"
+            };
+            l.trace(
+                now,
+                dev(k),
+                ev,
+                Some(payload.conversation_id.as_str()),
+                None,
+                None,
+                format!("{} by {}", payload.message_ids.len(), payload.by),
+            );
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// A message arrived (live or by sync): show it once, ack it, maybe read it later.
+async fn receive(
+    ctx: &Ctx,
+    k: DeviceKey,
+    ws: &mut Ws,
+    s: &mut Session,
+    rng: &mut SmallRng,
+    m: DeliveredMessage,
+) -> Result<(), &'static str> {
+    let now = now_ms();
+    let conv = m.conversation_id.as_str().to_string();
+    let id = m.message_id.0.clone();
+    let pt = crypto::open(ctx.seed, &conv, &m.content);
+    let (sender, cmid) = pt
+        .as_deref()
+        .and_then(crypto::parse_plaintext)
+        .unwrap_or_default();
+    let sender_idx = sender
+        .strip_prefix('u')
+        .and_then(|x| x.parse().ok())
+        .unwrap_or(usize::MAX);
+    let fresh = {
+        let mut l = ctx.ledger.borrow_mut();
+        let d = l.device(k);
+        if d.shown.contains_key(&id) {
+            d.redeliveries += 1;
+            false
+        } else {
+            d.shown.insert(
+                id.clone(),
+                Shown {
+                    conv: conv.clone(),
+                    seq: m.seq.0,
+                    message_id: id.clone(),
+                    sender: sender_idx,
+                    cmid: cmid.clone(),
+                    at_ms: now,
+                },
+            );
+            l.trace(
+                now,
+                dev(k),
+                "deliver",
+                Some(&conv),
+                Some(m.seq.0),
+                Some(&cmid),
+                if pt.is_none() { "undecryptable" } else { "" },
+            );
+            true
+        }
+    };
+    ws.send(Message::text(
+        json!({"type":"delivery_ack","message_id":id}).to_string(),
+    ))
+    .await
+    .map_err(|_| "send failed")?;
+    if fresh && sender_idx != k.0 && rng.random_bool(ctx.sc.client.read_probability.clamp(0.0, 1.0))
+    {
+        let [lo, hi] = ctx.sc.client.read_delay_ms;
+        s.reads_due
+            .insert(id, now + rng.random_range(lo..=hi.max(lo)));
+    }
+    Ok(())
+}

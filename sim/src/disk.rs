@@ -1,0 +1,146 @@
+//! The simulated disk under the chat service: what a crash keeps, and what a region
+//! failover keeps.
+//!
+//! Reads and writes go to `live`. With correct settings every commit is also durable and
+//! replicated before `commit` returns, so a crash or failover loses nothing acked. The
+//! planted bugs make durability (`ack-before-persist`) or cross-region replication
+//! (`async-replication-failover`) lag until the next `flush`, which the chat service's
+//! timer calls: a crash in between loses what the server already acknowledged.
+
+use model_server::store::{KvStore, MemoryStore, Row, StoreError, Table, Write};
+use std::sync::{Arc, Mutex};
+
+#[derive(Default)]
+struct Lagging {
+    durable: Vec<Write>,
+    replica: Vec<Write>,
+}
+
+/// Live, durable and replica copies of the store.
+#[derive(Clone)]
+pub struct SimDisk {
+    pub live: MemoryStore,
+    pub durable: MemoryStore,
+    pub replica: MemoryStore,
+    lag: Arc<Mutex<Lagging>>,
+    ack_before_persist: bool,
+    async_replication: bool,
+}
+
+impl SimDisk {
+    /// A fresh disk with the given (buggy or not) settings.
+    pub fn new(ack_before_persist: bool, async_replication: bool) -> Self {
+        SimDisk {
+            live: MemoryStore::new(),
+            durable: MemoryStore::new(),
+            replica: MemoryStore::new(),
+            lag: Arc::default(),
+            ack_before_persist,
+            async_replication,
+        }
+    }
+
+    /// Writes what has lagged to the durable copy and the replica (the timer's fsync and
+    /// replication round).
+    pub fn flush(&self) {
+        let (d, r) = {
+            let mut lag = self.lag.lock().unwrap_or_else(|p| p.into_inner());
+            (
+                std::mem::take(&mut lag.durable),
+                std::mem::take(&mut lag.replica),
+            )
+        };
+        let _ = self.durable.clone().commit(d);
+        let _ = self.replica.clone().commit(r);
+    }
+
+    /// A crash of the chat service: live state becomes what was durable.
+    pub fn crash(&self) {
+        self.lag
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .durable
+            .clear();
+        self.live.replace_with(&self.durable);
+    }
+
+    /// A region failover: the other region's replica becomes the truth.
+    pub fn failover(&self) {
+        {
+            let mut lag = self.lag.lock().unwrap_or_else(|p| p.into_inner());
+            lag.durable.clear();
+            lag.replica.clear();
+        }
+        self.live.replace_with(&self.replica);
+        self.durable.replace_with(&self.replica);
+    }
+}
+
+impl KvStore for SimDisk {
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.live.get(table, key)
+    }
+    fn scan(
+        &self,
+        table: Table,
+        prefix: &[u8],
+        from: &[u8],
+        limit: usize,
+    ) -> Result<Vec<Row>, StoreError> {
+        self.live.scan(table, prefix, from, limit)
+    }
+    fn commit(&mut self, batch: Vec<Write>) -> Result<(), StoreError> {
+        self.live.commit(batch.clone())?;
+        let mut lag = self.lag.lock().unwrap_or_else(|p| p.into_inner());
+        if self.ack_before_persist {
+            lag.durable.extend(batch.iter().cloned());
+        } else {
+            self.durable.commit(batch.clone())?;
+        }
+        if self.async_replication {
+            lag.replica.extend(batch);
+        } else {
+            self.replica.commit(batch)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(k: &[u8]) -> Vec<Write> {
+        vec![Write::Put(Table::Meta, k.to_vec(), b"v".to_vec())]
+    }
+
+    #[test]
+    fn correct_disk_keeps_every_commit_through_crash_and_failover() {
+        let mut d = SimDisk::new(false, false);
+        d.commit(put(b"a")).expect("commit");
+        d.crash();
+        assert!(d.get(Table::Meta, b"a").expect("get").is_some());
+        d.failover();
+        assert!(d.get(Table::Meta, b"a").expect("get").is_some());
+    }
+
+    #[test]
+    fn buggy_disk_loses_unflushed_commits() {
+        let mut d = SimDisk::new(true, true);
+        d.commit(put(b"a")).expect("commit");
+        d.flush();
+        d.commit(put(b"b")).expect("commit");
+        d.crash();
+        assert!(d.get(Table::Meta, b"a").expect("get").is_some());
+        assert!(
+            d.get(Table::Meta, b"b").expect("get").is_none(),
+            "lost in the crash"
+        );
+        d.commit(put(b"c")).expect("commit");
+        d.failover();
+        assert!(
+            d.get(Table::Meta, b"c").expect("get").is_none(),
+            "lost in the failover"
+        );
+    }
+}

@@ -1,0 +1,143 @@
+//! What every simulated device did and saw, recorded outside the hosts so it survives
+//! crashes and app kills; the oracle and the measurements read it after the run, and the
+//! trace (one JSON line per protocol event) is what playback narrates.
+//!
+//! A device's `outbox` and `shown` messages are its local database: they survive an app
+//! kill, as on a phone.
+
+use model_server::protocol::Status;
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// (user index, device index).
+pub type DeviceKey = (usize, usize);
+
+/// A push request as the simulated push service got it: (at ms, user, pending count,
+/// preview).
+pub type PushRecord = (u64, String, u64, Option<String>);
+
+/// One protocol event, as written to the JSONL trace.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct TraceEvent {
+    /// Simulated ms since the start.
+    pub t: u64,
+    /// Host or device that saw it (`u3/d0`, `gw-eu-0`, `chat`, `sim`).
+    pub at: String,
+    pub event: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conv: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cmid: Option<String>,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+}
+
+/// A message this device shows.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Shown {
+    pub conv: String,
+    pub seq: u64,
+    pub message_id: String,
+    pub sender: usize,
+    pub cmid: String,
+    pub at_ms: u64,
+}
+
+/// A device's local state and observations.
+#[derive(Clone, Debug, Default)]
+pub struct DeviceLog {
+    /// Sends not yet acked (by send index into the plan), in order: the local pending
+    /// queue that survives an app kill.
+    pub outbox: Vec<usize>,
+    /// message_id -> what is shown.
+    pub shown: BTreeMap<String, Shown>,
+    /// Frames carrying a message this device already had (at-least-once redelivery).
+    pub redeliveries: u64,
+    /// Sender-side statuses observed per message id, in arrival order.
+    pub statuses: BTreeMap<String, Vec<Status>>,
+    /// Times this device opened a connection.
+    pub connects: Vec<u64>,
+    /// Times this device (re)tried a connection that failed.
+    pub connect_failures: u64,
+    /// Backoff delays used, ms.
+    pub backoffs: Vec<u64>,
+}
+
+/// Per planned send: when it was tapped, acked, delivered and read.
+#[derive(Clone, Debug, Default)]
+pub struct SendLog {
+    pub first_sent_ms: Option<u64>,
+    pub attempts: u32,
+    /// (conversation, seq, message id, at) from the first ack (or 409).
+    pub acked: Option<(String, u64, String, u64)>,
+    /// Every distinct (conversation, seq) the server answered with for this cmid.
+    pub seqs_seen: BTreeSet<(String, u64)>,
+    pub read_ms: Option<u64>,
+}
+
+/// The whole run's record.
+#[derive(Debug, Default)]
+pub struct Ledger {
+    pub trace: Vec<TraceEvent>,
+    pub devices: BTreeMap<DeviceKey, DeviceLog>,
+    pub sends: Vec<SendLog>,
+    /// Every push request.
+    pub pushes: Vec<PushRecord>,
+    /// message id -> plan index of the send it acked.
+    pub send_by_message: BTreeMap<String, usize>,
+    /// Time the fault phase ended and the quiet phase began.
+    pub quiet_from_ms: u64,
+}
+
+impl Ledger {
+    /// Appends a trace event. (Eight arguments: one per trace column, kept flat so call
+    /// sites read like the JSON line they produce.)
+    #[allow(clippy::too_many_arguments)]
+    pub fn trace(
+        &mut self,
+        t: u64,
+        at: impl Into<String>,
+        event: &str,
+        conv: Option<&str>,
+        seq: Option<u64>,
+        cmid: Option<&str>,
+        detail: impl Into<String>,
+    ) {
+        self.trace.push(TraceEvent {
+            t,
+            at: at.into(),
+            event: event.to_string(),
+            conv: conv.map(str::to_string),
+            seq,
+            cmid: cmid.map(str::to_string),
+            detail: detail.into(),
+        });
+    }
+
+    /// The trace as JSON lines.
+    pub fn trace_jsonl(&self) -> String {
+        let mut out = String::new();
+        for e in &self.trace {
+            out.push_str(&serde_json::to_string(e).unwrap_or_default());
+            out.push('\n');
+        }
+        out
+    }
+
+    /// FNV-1a hash of the trace bytes: equal hashes mean byte-identical replays.
+    pub fn trace_hash(&self) -> u64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in self.trace_jsonl().bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        h
+    }
+
+    /// The device's log, created on first use.
+    pub fn device(&mut self, k: DeviceKey) -> &mut DeviceLog {
+        self.devices.entry(k).or_default()
+    }
+}

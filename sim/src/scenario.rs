@@ -1,0 +1,518 @@
+//! Scenario files: a workload, a fault timeline and expectations, in TOML.
+//!
+//! Parsing is strict (unknown keys are errors) and every error names the file, the line
+//! and what was wrong, because these files are written by hand in CI repos. The format is
+//! documented in docs/SCENARIOS.md.
+
+use model_server::Limits;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// A whole scenario.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    /// Seed used when none is given on the command line.
+    #[serde(default = "one")]
+    pub seed: u64,
+    /// Length of the fault phase, simulated ms.
+    pub duration_ms: u64,
+    /// Quiet phase after the faults stop: everything pending must be delivered in it.
+    #[serde(default = "default_quiet")]
+    pub quiet_ms: u64,
+    /// Simulation tick, ms (coarser is faster; latencies are multiples of it).
+    #[serde(default = "default_tick")]
+    pub tick_ms: u64,
+    #[serde(default)]
+    pub topology: Topology,
+    /// Overrides of the server's limits (any field of `Limits`).
+    #[serde(default)]
+    pub server: Option<toml::Table>,
+    #[serde(default)]
+    pub client: ClientConfig,
+    pub workload: Workload,
+    #[serde(default)]
+    pub faults: Vec<Fault>,
+    #[serde(default)]
+    pub swarm: Option<Swarm>,
+    #[serde(default)]
+    pub expect: Expect,
+    /// Design flaws this scenario studies (planted bug names, as for `--bug`): a teaching
+    /// scenario switches one on and expects the violation it causes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub design_flaws: Vec<String>,
+}
+
+fn one() -> u64 {
+    1
+}
+fn default_quiet() -> u64 {
+    60_000
+}
+fn default_tick() -> u64 {
+    5
+}
+
+/// Regions, gateways and client hosts.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Topology {
+    pub regions: Vec<String>,
+    pub gateways_per_region: usize,
+    /// Hosts that carry the simulated devices (many devices per host).
+    pub client_hosts: usize,
+    /// Per-segment latency range, ms.
+    pub latency_ms: [u64; 2],
+}
+
+impl Default for Topology {
+    fn default() -> Self {
+        Topology {
+            regions: vec!["eu".into()],
+            gateways_per_region: 1,
+            client_hosts: 1,
+            latency_ms: [1, 20],
+        }
+    }
+}
+
+/// How simulated phones behave.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientConfig {
+    /// First reconnect backoff, ms; doubles per failure up to `backoff_max_ms` (jittered).
+    pub backoff_initial_ms: u64,
+    pub backoff_max_ms: u64,
+    /// Heartbeat interval, ms.
+    pub heartbeat_ms: u64,
+    /// No frame from the server for this long: the socket is considered dead.
+    pub idle_timeout_ms: u64,
+    /// Resend an unacked message after this long on the same connection.
+    pub ack_timeout_ms: u64,
+    /// Fraction of received messages the user reads (blue ticks).
+    pub read_probability: f64,
+    /// Delay before reading, ms range.
+    pub read_delay_ms: [u64; 2],
+    /// Devices open the app at a random time in 0..=this at the start, ms.
+    pub start_jitter_ms: u64,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            backoff_initial_ms: 1_000,
+            backoff_max_ms: 60_000,
+            heartbeat_ms: 5_000,
+            idle_timeout_ms: 12_000,
+            ack_timeout_ms: 4_000,
+            read_probability: 1.0,
+            read_delay_ms: [200, 2_000],
+            start_jitter_ms: 500,
+        }
+    }
+}
+
+/// Who talks to whom, how much.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Workload {
+    pub users: usize,
+    #[serde(default = "one_usize")]
+    pub devices_per_user: usize,
+    /// `pairs` (u0-u1, u2-u3, ...), `ring` (each user to the next) or `star` (u0 to all).
+    #[serde(default = "default_pattern")]
+    pub pattern: String,
+    /// 1:1 messages each user sends.
+    #[serde(default)]
+    pub messages_per_user: usize,
+    /// Sends are spread uniformly over this window of the fault phase, ms.
+    #[serde(default)]
+    pub send_window_ms: Option<[u64; 2]>,
+    #[serde(default)]
+    pub groups: Vec<GroupLoad>,
+}
+
+fn one_usize() -> usize {
+    1
+}
+fn default_pattern() -> String {
+    "pairs".into()
+}
+
+/// A group and how many messages its members send to it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupLoad {
+    pub size: usize,
+    pub messages: usize,
+    #[serde(default)]
+    pub announcement_only: bool,
+}
+
+/// What kind of fault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FaultKind {
+    /// Drop everything between `a` and `b` (one way if `one_way`) until `until_ms`.
+    Partition,
+    /// Delay (without dropping) everything between `a` and `b` until `until_ms`.
+    Hold,
+    /// Crash `host`; restart it at `until_ms` if given. `chat` crashes the chat service.
+    Crash,
+    /// Restart a gateway at once: every socket on it drops (reconnect storm).
+    Deploy,
+    /// A user's app goes to the background: socket closed, no reconnect until `until_ms`.
+    Offline,
+    /// A user's app is killed (mid-send) and restarted at `until_ms`.
+    Kill,
+    /// A user's device reads `frames_per_sec` frames per second (0: stops) until `until_ms`.
+    SlowConsumer,
+    /// A whole region's gateways crash; clients move to another region. Back at `until_ms`.
+    RegionFailover,
+    /// A user's clock is off by `skew_ms`.
+    ClockSkew,
+    /// Links between `a` and `b` fail at random (`fail_rate` per segment) until `until_ms`.
+    Flaky,
+}
+
+/// One fault on the timeline.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Fault {
+    pub at_ms: u64,
+    pub kind: FaultKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub a: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub b: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub one_way: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frames_per_sec: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skew_ms: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fail_rate: Option<f64>,
+}
+
+/// Random faults drawn per seed (swarm testing).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Swarm {
+    pub kinds: Vec<FaultKind>,
+    pub max_faults: usize,
+}
+
+/// What a run must show.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Expect {
+    /// Violations this scenario is meant to find (teaching scenarios); empty: none allowed.
+    #[serde(default)]
+    pub violations: Vec<crate::oracle::ViolationKind>,
+    #[serde(default)]
+    pub p99_deliver_ms: Option<u64>,
+    #[serde(default)]
+    pub p99_ack_ms: Option<u64>,
+}
+
+/// A scenario file that could not be used.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}:{line}: {message}")]
+pub struct ScenarioError {
+    pub file: String,
+    pub line: usize,
+    pub message: String,
+}
+
+fn line_of(text: &str, byte: usize) -> usize {
+    text[..byte.min(text.len())].matches('\n').count() + 1
+}
+
+impl Scenario {
+    /// Reads and checks a scenario file.
+    pub fn load(path: &Path) -> Result<Scenario, ScenarioError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ScenarioError {
+            file: path.display().to_string(),
+            line: 0,
+            message: format!("cannot read: {e}"),
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and checks scenario text; `file` names it in errors.
+    pub fn parse(text: &str, file: &str) -> Result<Scenario, ScenarioError> {
+        let err = |line: usize, message: String| ScenarioError {
+            file: file.to_string(),
+            line,
+            message,
+        };
+        let sc: Scenario = toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|s| line_of(text, s.start)).unwrap_or(0);
+            err(line, e.message().to_string())
+        })?;
+        // Lines of each [[faults]] entry, to point semantic errors at them.
+        let mut fault_lines = Vec::new();
+        let mut pos = 0;
+        while let Some(i) = text[pos..].find("[[faults]]") {
+            fault_lines.push(line_of(text, pos + i));
+            pos += i + 10;
+        }
+        let key_line = |key: &str| {
+            text.lines()
+                .position(|l| l.trim_start().starts_with(key))
+                .map(|i| i + 1)
+                .unwrap_or(0)
+        };
+        sc.validate().map_err(|(fault, key, msg)| match fault {
+            Some(i) => err(
+                fault_lines.get(i).copied().unwrap_or(0),
+                format!("faults[{i}]: {msg}"),
+            ),
+            None => err(key_line(key), msg),
+        })?;
+        Ok(sc)
+    }
+
+    /// The server limits for this scenario: defaults, then `[server]` overrides.
+    pub fn limits(&self) -> Result<Limits, String> {
+        match &self.server {
+            None => Ok(Limits::default()),
+            Some(t) => t
+                .clone()
+                .try_into()
+                .map_err(|e: toml::de::Error| format!("[server]: {}", e.message())),
+        }
+    }
+
+    /// Every host name of the topology.
+    pub fn gateways(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for r in &self.topology.regions {
+            for i in 0..self.topology.gateways_per_region {
+                out.push((format!("gw-{r}-{i}"), r.clone()));
+            }
+        }
+        out
+    }
+
+    /// Names of the client hosts.
+    pub fn client_hosts(&self) -> Vec<String> {
+        (0..self.topology.client_hosts)
+            .map(|i| format!("client-{i}"))
+            .collect()
+    }
+
+    fn is_host(&self, h: &str) -> bool {
+        h == "chat"
+            || self.gateways().iter().any(|(g, _)| g == h)
+            || self.client_hosts().iter().any(|c| c == h)
+    }
+
+    fn validate(&self) -> Result<(), (Option<usize>, &'static str, String)> {
+        let top = &self.topology;
+        if top.regions.is_empty() || top.gateways_per_region == 0 || top.client_hosts == 0 {
+            return Err((
+                None,
+                "[topology]",
+                "topology needs at least one region, gateway and client host".into(),
+            ));
+        }
+        if top.latency_ms[0] > top.latency_ms[1] {
+            return Err((
+                None,
+                "latency_ms",
+                "latency_ms must be [min, max] with min <= max".into(),
+            ));
+        }
+        if self.tick_ms == 0 || self.tick_ms > 100 {
+            return Err((None, "tick_ms", "tick_ms must be 1..=100".into()));
+        }
+        let w = &self.workload;
+        if w.users < 2 || w.users > 100_000 {
+            return Err((None, "users", "workload.users must be 2..=100000".into()));
+        }
+        if w.devices_per_user == 0 || w.devices_per_user > 8 {
+            return Err((
+                None,
+                "devices_per_user",
+                "devices_per_user must be 1..=8".into(),
+            ));
+        }
+        if !["pairs", "ring", "star"].contains(&w.pattern.as_str()) {
+            return Err((
+                None,
+                "pattern",
+                format!("unknown pattern '{}': use pairs, ring or star", w.pattern),
+            ));
+        }
+        for g in &w.groups {
+            if g.size < 2 || g.size > w.users {
+                return Err((
+                    None,
+                    "[[workload.groups]]",
+                    format!("group size {} must be 2..=users ({})", g.size, w.users),
+                ));
+            }
+        }
+        if let Err(e) = self.limits() {
+            return Err((None, "[server]", e));
+        }
+        for b in &self.design_flaws {
+            if let Err(e) = model_server::config::Bugs::default().enable(b) {
+                return Err((None, "design_flaws", e));
+            }
+        }
+        let user_ok = |u: Option<usize>| u.is_some_and(|u| u < w.users);
+        for (i, f) in self.faults.iter().enumerate() {
+            let e = |m: String| Err((Some(i), "", m));
+            if f.at_ms > self.duration_ms {
+                return e(format!(
+                    "at_ms {} is after duration_ms {}",
+                    f.at_ms, self.duration_ms
+                ));
+            }
+            if let Some(u) = f.until_ms {
+                if u < f.at_ms || u > self.duration_ms {
+                    return e(format!(
+                        "until_ms {u} must be between at_ms and duration_ms"
+                    ));
+                }
+            }
+            if let Some(d) = f.device {
+                if d >= w.devices_per_user {
+                    return e(format!(
+                        "device {d} does not exist (devices_per_user = {})",
+                        w.devices_per_user
+                    ));
+                }
+            }
+            use FaultKind::*;
+            match f.kind {
+                Partition | Hold | Flaky => {
+                    for h in [&f.a, &f.b] {
+                        match h {
+                            Some(h) if self.is_host(h) || h == "*" => {}
+                            Some(h) => return e(format!("unknown host '{h}'")),
+                            None => {
+                                return e(format!("{:?} needs hosts a and b", f.kind).to_lowercase())
+                            }
+                        }
+                    }
+                    if f.kind == Flaky && !f.fail_rate.is_some_and(|r| (0.0..=1.0).contains(&r)) {
+                        return e("flaky needs fail_rate in 0..=1".into());
+                    }
+                    if f.until_ms.is_none() {
+                        return e("needs until_ms (faults must end before the quiet phase)".into());
+                    }
+                }
+                Crash => match &f.host {
+                    Some(h) if self.is_host(h) => {}
+                    Some(h) => return e(format!("unknown host '{h}'")),
+                    None => return e("crash needs host".into()),
+                },
+                Deploy => match &f.host {
+                    Some(h) if self.gateways().iter().any(|(g, _)| g == h) => {}
+                    _ => return e("deploy needs host = a gateway (gw-REGION-N)".into()),
+                },
+                Offline | Kill | SlowConsumer => {
+                    if !user_ok(f.user) {
+                        return e(format!("needs user = 0..{}", w.users));
+                    }
+                    if f.until_ms.is_none() {
+                        return e("needs until_ms".into());
+                    }
+                }
+                ClockSkew => {
+                    if !user_ok(f.user) || f.skew_ms.is_none() {
+                        return e("clock_skew needs user and skew_ms".into());
+                    }
+                }
+                RegionFailover => match &f.region {
+                    Some(r) if top.regions.contains(r) => {
+                        if top.regions.len() < 2 {
+                            return e("region_failover needs at least two regions".into());
+                        }
+                    }
+                    _ => return e("region_failover needs region = one of topology.regions".into()),
+                },
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Scenario files named by `path`: the file itself, or every `*.toml` in the directory
+/// (sorted), recursively.
+pub fn collect(path: &Path) -> std::io::Result<Vec<PathBuf>> {
+    if path.is_file() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut out = Vec::new();
+    let mut entries: Vec<_> = std::fs::read_dir(path)?.collect::<Result<_, _>>()?;
+    entries.sort_by_key(|e| e.path());
+    for e in entries {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(collect(&p)?);
+        } else if p.extension().is_some_and(|x| x == "toml") {
+            out.push(p);
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str =
+        "name = \"x\"\nduration_ms = 1000\n[workload]\nusers = 2\nmessages_per_user = 1\n";
+
+    #[test]
+    fn minimal_scenario_parses_with_defaults() {
+        let s = Scenario::parse(MIN, "x.toml").expect("parses");
+        assert_eq!(s.topology.regions, vec!["eu"]);
+        assert_eq!(s.workload.pattern, "pairs");
+    }
+
+    #[test]
+    fn unknown_key_error_names_file_and_line() {
+        let text = format!("{MIN}colour = \"red\"\n");
+        let e = Scenario::parse(&text, "bad.toml").expect_err("unknown key");
+        assert_eq!(e.file, "bad.toml");
+        assert_eq!(e.line, 6, "{e}");
+        assert!(e.message.contains("colour"), "{e}");
+    }
+
+    #[test]
+    fn semantic_fault_errors_point_at_the_fault() {
+        let text =
+            format!("{MIN}\n[[faults]]\nat_ms = 10\nkind = \"crash\"\nhost = \"gw-mars-0\"\n");
+        let e = Scenario::parse(&text, "f.toml").expect_err("bad host");
+        assert_eq!(e.line, 7, "{e}");
+        assert!(e.to_string().contains("unknown host 'gw-mars-0'"), "{e}");
+    }
+
+    #[test]
+    fn server_overrides_reach_the_limits() {
+        let text = format!("{MIN}[server]\nheartbeat_interval_ms = 1234\n");
+        let s = Scenario::parse(&text, "s.toml").expect("parses");
+        assert_eq!(s.limits().expect("limits").heartbeat_interval_ms, 1234);
+        let bad = format!("{MIN}[server]\nheartbeat = 1\n");
+        assert!(Scenario::parse(&bad, "s.toml").is_err());
+    }
+}

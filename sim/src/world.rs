@@ -1,0 +1,427 @@
+//! Builds the turmoil simulation of a scenario and drives it: hosts for the chat service
+//! timers, every gateway and every client pool; the fault timeline applied between steps;
+//! the quiet phase; then the record handed to the oracle.
+
+use crate::client::{self, now_ms, Control, Ctx, EPOCH_MS};
+use crate::disk::SimDisk;
+use crate::ledger::{Ledger, SendLog};
+use crate::plan::{user_name, Plan, Target};
+use crate::scenario::{FaultKind, Scenario};
+use model_server::auth::Secret;
+use model_server::core::Stats;
+use model_server::ids::{ConversationId, GroupId, Millis, UserId};
+use model_server::runtime::{Clock, Hub, RuntimeConfig, Server, Spawner};
+use model_server::store::MemoryStore;
+use model_server::Limits;
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Segments in flight per TCP stream (turmoil's flow control) and the accept backlog.
+/// Small enough that a phone that stops reading pushes back on the server's writer within
+/// a few hundred frames, as a real TCP window would.
+pub const TCP_CAPACITY: usize = 256;
+
+/// Secret the simulated identity service signs tokens with.
+pub const SIM_SECRET: &[u8] = b"chatsim-simulation-secret";
+
+/// Options of one run beyond the scenario.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Planted bugs to switch on in the server.
+    pub bugs: model_server::config::Bugs,
+}
+
+/// Everything a finished run leaves for the oracle and the report.
+pub struct Outcome {
+    pub seed: u64,
+    pub plan: Plan,
+    pub ledger: Ledger,
+    pub store: MemoryStore,
+    pub stats: Stats,
+    pub limits: Limits,
+    /// Users the server considers online at the end.
+    pub online_at_end: Vec<bool>,
+    /// Number of simulation steps taken.
+    pub steps: u64,
+}
+
+/// A fault action at a point in time.
+#[derive(Clone, Debug)]
+enum Action {
+    Begin(usize),
+    End(usize),
+}
+
+/// Runs `sc` with `seed`.
+pub fn run(sc: &Scenario, seed: u64, opts: &RunOptions) -> Result<Outcome, String> {
+    let limits = sc.limits()?;
+    let plan = Plan::draw(sc, seed);
+    let secret = Secret::new(SIM_SECRET.to_vec()).map_err(|e| e.to_string())?;
+    let mut bugs = opts.bugs.clone();
+    for b in &sc.design_flaws {
+        bugs.enable(b)?;
+    }
+    let opts = &RunOptions { bugs };
+    let disk = SimDisk::new(
+        opts.bugs.ack_before_persist,
+        opts.bugs.async_replication_failover,
+    );
+    let pushes: Arc<Mutex<Vec<crate::ledger::PushRecord>>> = Arc::default();
+    let sink_pushes = pushes.clone();
+    let hub = Hub::new(
+        limits.clone(),
+        secret.clone(),
+        Box::new(disk.clone()),
+        Some(Box::new(move |p| {
+            if let Ok(mut v) = sink_pushes.lock() {
+                v.push((now_ms(), p.user.to_string(), p.pending, p.preview.clone()));
+            }
+        })),
+    );
+    hub.with_core(|c| c.set_bugs(opts.bugs.clone()));
+    // Every phone is linked to its account before the run: messages wait for all of them.
+    for u in 0..plan.users {
+        for d in 0..plan.devices_per_user {
+            hub.with_core(|c| {
+                c.admin_register_device(
+                    &UserId(user_name(u)),
+                    &model_server::ids::DeviceId(crate::plan::device_name(d)),
+                )
+            })?;
+        }
+    }
+    // Groups exist before the run (their creation is not what is under test here).
+    let mut group_ids = Vec::new();
+    for g in &plan.groups {
+        let members: Vec<UserId> = g.members.iter().map(|m| UserId(user_name(*m))).collect();
+        let gid = hub
+            .with_core(|c| {
+                c.admin_create_group(
+                    &UserId(user_name(g.admin)),
+                    &members,
+                    g.announcement_only,
+                    Millis(EPOCH_MS),
+                )
+            })
+            .map_err(|e| format!("creating group: {e}"))?;
+        group_ids.push(gid.0);
+    }
+    let send_conv: Vec<String> = plan
+        .sends
+        .iter()
+        .map(|s| match s.target {
+            Target::User(u) => {
+                ConversationId::direct(&UserId(user_name(s.user)), &UserId(user_name(u))).0
+            }
+            Target::Group(g) => ConversationId::group(&GroupId(group_ids[g].clone())).0,
+        })
+        .collect();
+    let mut device_sends: BTreeMap<(usize, usize), Vec<usize>> = BTreeMap::new();
+    for (i, s) in plan.sends.iter().enumerate() {
+        device_sends.entry((s.user, s.device)).or_default().push(i);
+    }
+    let mut ledger = Ledger {
+        sends: vec![SendLog::default(); plan.sends.len()],
+        quiet_from_ms: sc.duration_ms,
+        ..Ledger::default()
+    };
+    for u in 0..plan.users {
+        for d in 0..plan.devices_per_user {
+            ledger.device((u, d));
+        }
+    }
+    let end_ms = sc.duration_ms + sc.quiet_ms;
+    let ctx = Rc::new(Ctx {
+        sc: sc.clone(),
+        plan: plan.clone(),
+        seed,
+        secret: secret.clone(),
+        ledger: Rc::new(RefCell::new(ledger)),
+        control: Rc::new(RefCell::new(BTreeMap::new())),
+        device_sends,
+        send_conv,
+        group_ids,
+        cmid_index: plan
+            .sends
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.cmid.clone(), i))
+            .collect(),
+        tapped: RefCell::new(BTreeMap::new()),
+        end_ms,
+    });
+
+    let mut sim = turmoil::Builder::new()
+        .rng_seed(seed)
+        .epoch(std::time::UNIX_EPOCH + Duration::from_millis(EPOCH_MS))
+        .simulation_duration(Duration::from_millis(end_ms + 60_000))
+        .tick_duration(Duration::from_millis(sc.tick_ms))
+        .min_message_latency(Duration::from_millis(sc.topology.latency_ms[0]))
+        .max_message_latency(Duration::from_millis(sc.topology.latency_ms[1]))
+        .tcp_capacity(TCP_CAPACITY)
+        .build();
+
+    // The chat service's timers.
+    {
+        let hub = hub.clone();
+        let disk = disk.clone();
+        sim.host("chat", move || {
+            let hub = hub.clone();
+            let disk = disk.clone();
+            async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    let now = Millis(EPOCH_MS + now_ms());
+                    hub.act(|c| c.tick(now));
+                    disk.flush();
+                }
+            }
+        });
+    }
+    for (gw, region) in sc.gateways() {
+        let hub = hub.clone();
+        let name = gw.clone();
+        sim.host(name.as_str(), move || {
+            let hub = hub.clone();
+            let (gw, region) = (gw.clone(), region.clone());
+            async move {
+                let listener = turmoil::net::TcpListener::bind(("0.0.0.0", 8080)).await?;
+                let cfg = RuntimeConfig {
+                    gateway: gw.as_str().into(),
+                    region: region.as_str().into(),
+                    spawner: Spawner::Local,
+                    run_timers: false,
+                    ..RuntimeConfig::default()
+                };
+                let server = Server::on_hub(hub, cfg, Clock::starting_at(EPOCH_MS + now_ms()));
+                server.serve(listener).await;
+                Ok(())
+            }
+        });
+    }
+    for (h, host) in sc.client_hosts().into_iter().enumerate() {
+        let ctx = ctx.clone();
+        let mine: Vec<(usize, usize)> = (0..plan.users)
+            .flat_map(|u| (0..plan.devices_per_user).map(move |d| (u, d)))
+            .filter(|(u, d)| plan.host_of(sc, *u, *d) == h)
+            .collect();
+        sim.host(host.as_str(), move || {
+            let ctx = ctx.clone();
+            let mine = mine.clone();
+            async move {
+                for k in mine {
+                    tokio::task::spawn_local(client::run_device(ctx.clone(), k));
+                }
+                loop {
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                }
+            }
+        });
+    }
+
+    // The fault timeline, as begin/end actions in time order (stable for equal times).
+    let mut timeline: Vec<(u64, Action)> = Vec::new();
+    for (i, f) in plan.faults.iter().enumerate() {
+        timeline.push((f.at_ms, Action::Begin(i)));
+        if let Some(u) = f.until_ms {
+            timeline.push((u, Action::End(i)));
+        } else if f.kind == FaultKind::Deploy {
+            timeline.push((f.at_ms + sc.tick_ms, Action::End(i)));
+        }
+    }
+    timeline.sort_by_key(|(t, _)| *t);
+    let mut next = 0;
+    let mut steps = 0u64;
+    let clients = sc.client_hosts();
+    let expand = |h: &str| -> Vec<String> {
+        if h == "*" {
+            clients.clone()
+        } else {
+            vec![h.to_string()]
+        }
+    };
+    while (sim.elapsed().as_millis() as u64) < end_ms {
+        let t = sim.elapsed().as_millis() as u64;
+        while next < timeline.len() && timeline[next].0 <= t {
+            let (_, act) = timeline[next].clone();
+            next += 1;
+            let (i, begin) = match act {
+                Action::Begin(i) => (i, true),
+                Action::End(i) => (i, false),
+            };
+            let f = plan.faults[i].clone();
+            let now = Millis(EPOCH_MS + t);
+            let label = format!("{:?}{}", f.kind, if begin { "" } else { " ends" }).to_lowercase();
+            ctx.ledger.borrow_mut().trace(
+                t,
+                "sim",
+                "fault",
+                None,
+                None,
+                None,
+                format!("{label} {}", describe(&f)),
+            );
+            match f.kind {
+                FaultKind::Partition | FaultKind::Hold | FaultKind::Flaky => {
+                    for a in expand(f.a.as_deref().unwrap_or("*")) {
+                        for b in expand(f.b.as_deref().unwrap_or("*")) {
+                            match (f.kind, begin, f.one_way) {
+                                (FaultKind::Partition, true, false) => {
+                                    sim.partition(a.as_str(), b.as_str())
+                                }
+                                (FaultKind::Partition, true, true) => {
+                                    sim.partition_oneway(a.as_str(), b.as_str())
+                                }
+                                (FaultKind::Partition, false, false) => {
+                                    sim.repair(a.as_str(), b.as_str())
+                                }
+                                (FaultKind::Partition, false, true) => {
+                                    sim.repair_oneway(a.as_str(), b.as_str())
+                                }
+                                (FaultKind::Hold, true, _) => sim.hold(a.as_str(), b.as_str()),
+                                (FaultKind::Hold, false, _) => sim.release(a.as_str(), b.as_str()),
+                                (_, true, _) => sim.set_link_fail_rate(
+                                    a.as_str(),
+                                    b.as_str(),
+                                    f.fail_rate.unwrap_or(0.0),
+                                ),
+                                (_, false, _) => {
+                                    sim.set_link_fail_rate(a.as_str(), b.as_str(), 0.0);
+                                    sim.repair(a.as_str(), b.as_str());
+                                }
+                            }
+                        }
+                    }
+                }
+                FaultKind::Crash | FaultKind::Deploy => {
+                    let host = f.host.clone().unwrap_or_default();
+                    if host == "chat" {
+                        if begin {
+                            disk.crash();
+                            hub.restart_core(
+                                limits.clone(),
+                                secret.clone(),
+                                Box::new(disk.clone()),
+                            );
+                            hub.with_core(|c| c.set_bugs(opts.bugs.clone()));
+                        }
+                    } else if begin {
+                        sim.crash(host.as_str());
+                        if host.starts_with("gw-") {
+                            hub.act(|c| c.gateway_down(&host.as_str().into(), now));
+                        }
+                    } else {
+                        sim.bounce(host.as_str());
+                    }
+                }
+                FaultKind::RegionFailover => {
+                    let region = f.region.clone().unwrap_or_default();
+                    for (gw, r) in sc.gateways() {
+                        if r != region {
+                            continue;
+                        }
+                        if begin {
+                            sim.crash(gw.as_str());
+                            hub.act(|c| c.gateway_down(&gw.as_str().into(), now));
+                        } else {
+                            sim.bounce(gw.as_str());
+                        }
+                    }
+                    // The store's primary lives in the first region: losing it promotes the
+                    // other region's replica.
+                    if begin && sc.topology.regions.first() == Some(&region) {
+                        disk.failover();
+                        hub.restart_core(limits.clone(), secret.clone(), Box::new(disk.clone()));
+                        hub.with_core(|c| c.set_bugs(opts.bugs.clone()));
+                        for (gw, r) in sc.gateways() {
+                            if r == region {
+                                hub.act(|c| c.gateway_down(&gw.as_str().into(), now));
+                            }
+                        }
+                    }
+                }
+                FaultKind::Offline
+                | FaultKind::Kill
+                | FaultKind::SlowConsumer
+                | FaultKind::ClockSkew => {
+                    let u = f.user.unwrap_or(0);
+                    let devices: Vec<usize> = match f.device {
+                        Some(d) => vec![d],
+                        None => (0..plan.devices_per_user).collect(),
+                    };
+                    let mut ctl = ctx.control.borrow_mut();
+                    for d in devices {
+                        let c: &mut Control = ctl.entry((u, d)).or_default();
+                        match (f.kind, begin) {
+                            (FaultKind::Offline | FaultKind::Kill, true) => {
+                                c.away_until = f.until_ms.unwrap_or(t);
+                                c.generation += 1;
+                            }
+                            (FaultKind::SlowConsumer, true) => {
+                                c.slow_rate = Some(f.frames_per_sec.unwrap_or(0));
+                                c.slow_until = f.until_ms.unwrap_or(t);
+                            }
+                            (FaultKind::ClockSkew, true) => c.skew_ms = f.skew_ms.unwrap_or(0),
+                            (FaultKind::ClockSkew, false) => c.skew_ms = 0,
+                            _ => {}
+                        }
+                    }
+                }
+            }
+        }
+        if let Err(e) = sim.step() {
+            return Err(format!("simulation failed at {t} ms: {e}"));
+        }
+        steps += 1;
+    }
+    let stats = hub.with_core(|c| c.stats().clone());
+    let online_at_end = (0..plan.users)
+        .map(|u| hub.with_core(|c| c.is_online(&UserId(user_name(u)))))
+        .collect();
+    drop(sim);
+    let mut ledger = Rc::try_unwrap(ctx)
+        .map_err(|_| "simulation still holds the client context".to_string())?
+        .ledger
+        .take();
+    if let Ok(p) = pushes.lock() {
+        ledger.pushes = p.clone();
+    }
+    Ok(Outcome {
+        seed,
+        plan,
+        ledger,
+        store: disk.live.clone(),
+        stats,
+        limits,
+        online_at_end,
+        steps,
+    })
+}
+
+/// One-line description of a fault for the trace.
+pub fn describe(f: &crate::scenario::Fault) -> String {
+    let mut parts = Vec::new();
+    for (k, v) in [
+        ("a", &f.a),
+        ("b", &f.b),
+        ("host", &f.host),
+        ("region", &f.region),
+    ] {
+        if let Some(v) = v {
+            parts.push(format!("{k}={v}"));
+        }
+    }
+    if let Some(u) = f.user {
+        parts.push(format!("user=u{u}"));
+    }
+    if let Some(r) = f.frames_per_sec {
+        parts.push(format!("frames_per_sec={r}"));
+    }
+    if let Some(s) = f.skew_ms {
+        parts.push(format!("skew_ms={s}"));
+    }
+    parts.join(" ")
+}
