@@ -365,8 +365,8 @@ async fn session(ctx: &Ctx, k: DeviceKey, mut ws: Ws, rng: &mut SmallRng, genera
                         "",
                     );
                 }
-                if ws.send(Message::text(frame)).await.is_err() {
-                    return End::Lost("send failed");
+                if let Err(e) = send(&mut ws, frame).await {
+                    return End::Lost(e);
                 }
             }
         }
@@ -382,8 +382,8 @@ async fn session(ctx: &Ctx, k: DeviceKey, mut ws: Ws, rng: &mut SmallRng, genera
                 s.reads_due.remove(id);
             }
             let f = json!({"type":"read_receipt","message_ids":due});
-            if ws.send(Message::text(f.to_string())).await.is_err() {
-                return End::Lost("send failed");
+            if let Err(e) = send(&mut ws, f.to_string()).await {
+                return End::Lost(e);
             }
         }
         if now >= s.last_heartbeat + cfg.heartbeat_ms {
@@ -427,6 +427,20 @@ async fn session(ctx: &Ctx, k: DeviceKey, mut ws: Ws, rng: &mut SmallRng, genera
             }
             _ = tokio::time::sleep(Duration::from_millis(wake_in(ctx, k, now))) => {}
         }
+    }
+}
+
+/// Longest a phone waits for one frame to leave before it gives the socket up. Without
+/// it, a phone writing to a server that is itself blocked writing to the phone (both TCP
+/// windows full) would wait forever.
+const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Sends one text frame, bounded by `SEND_TIMEOUT`.
+async fn send(ws: &mut Ws, text: String) -> Result<(), &'static str> {
+    match tokio::time::timeout(SEND_TIMEOUT, ws.send(Message::text(text))).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err("send failed"),
+        Err(_) => Err("send timed out"),
     }
 }
 
@@ -552,9 +566,7 @@ async fn on_frame(
             }
             if payload.has_more {
                 let f = json!({"type":"sync","payload":{"cursor":payload.next_cursor}});
-                ws.send(Message::text(f.to_string()))
-                    .await
-                    .map_err(|_| "send failed")?;
+                send(ws, f.to_string()).await?;
             }
         }
         ServerFrame::DeliveryAck { payload } | ServerFrame::ReadReceipt { payload } => {
@@ -645,11 +657,11 @@ async fn receive(
             true
         }
     };
-    ws.send(Message::text(
+    send(
+        ws,
         json!({"type":"delivery_ack","message_id":id}).to_string(),
-    ))
-    .await
-    .map_err(|_| "send failed")?;
+    )
+    .await?;
     if fresh && sender_idx != k.0 && rng.random_bool(ctx.sc.client.read_probability.clamp(0.0, 1.0))
     {
         let [lo, hi] = ctx.sc.client.read_delay_ms;

@@ -574,8 +574,11 @@ impl<S: KvStore> ChatCore<S> {
                     }
                     None => None,
                 };
-                let (msgs, has_more) =
-                    self.pending_page(&sess.user, &sess.device, cursor, limit)?;
+                let (msgs, has_more) = if self.bugs.skip_sync_on_reconnect {
+                    (Vec::new(), false)
+                } else {
+                    self.pending_page(&sess.user, &sess.device, cursor, limit)?
+                };
                 let next = msgs.last().map(|m| m.message_id().0);
                 SyncPagePayload {
                     conversation_id: None,

@@ -2148,3 +2148,60 @@ fn bad_frame_before_auth_closes_the_connection() {
         .iter()
         .any(|x| x.conn == c && x.reason == CloseReason::Unauthorized));
 }
+
+fn with_bug(name: &str) -> Harness {
+    let mut h = Harness::new();
+    let mut bugs = crate::config::Bugs::default();
+    bugs.enable(name).expect("known bug");
+    h.core.set_bugs(bugs);
+    h
+}
+
+#[test]
+fn planted_bug_skip_sync_on_reconnect_returns_an_empty_page() {
+    let mut h = with_bug("skip-sync-on-reconnect");
+    let alice = h.login("alice", "phone");
+    h.say(alice, "bob", "c1", "eA");
+    let bob = h.login("bob", "phone");
+    let page = sync(&mut h, bob, json!({}));
+    assert!(page.messages.is_empty() && !page.has_more);
+}
+
+#[test]
+fn planted_bug_order_by_client_clock_numbers_by_the_phone_clock() {
+    let mut h = with_bug("order-by-client-clock");
+    let alice = h.login("alice", "phone");
+    send_json(
+        &mut h,
+        alice,
+        json!({"type":"message","client_message_id":"c1","payload":{"receiver_id":"bob","content":"eA","timestamp":42}}),
+    );
+    assert_eq!(single_ack(h.recv(alice)).seq, Seq(42));
+}
+
+#[test]
+fn planted_bug_unbounded_outbound_queue_ignores_the_bound() {
+    let limits = Limits {
+        outbound_max_frames: 4,
+        ..Limits::default()
+    };
+    let mut h = Harness::with_limits(limits);
+    let mut bugs = crate::config::Bugs::default();
+    bugs.enable("unbounded-outbound-queue").expect("known bug");
+    h.core.set_bugs(bugs);
+    let alice = h.login("alice", "phone");
+    let _bob = h.login("bob", "phone");
+    for i in 0..10 {
+        h.say(alice, "bob", &format!("c{i}"), "eA");
+    }
+    assert!(h.core.stats().outbound_high_water > 4);
+    assert!(h.closes.is_empty(), "never disconnects the slow reader");
+}
+
+#[test]
+fn unknown_bug_name_is_refused_with_the_list() {
+    let e = crate::config::Bugs::default()
+        .enable("typo")
+        .expect_err("unknown");
+    assert!(e.contains("no-dedup"), "{e}");
+}
