@@ -154,6 +154,20 @@ pub fn run(a: RunArgs) -> Result<i32> {
                     r.figures.send_to_deliver_ms.p99,
                     r.trace_hash
                 );
+                let f = &r.figures;
+                println!(
+                    "  send→ack p50/p99 {}/{} ms, send→read p50/p99 {}/{} ms, peak reconnects {}/s, backoff min/median/max {}/{}/{} ms, pushes {}, redeliveries {}",
+                    f.send_to_ack_ms.p50,
+                    f.send_to_ack_ms.p99,
+                    f.send_to_read_ms.p50,
+                    f.send_to_read_ms.p99,
+                    f.peak_reconnects_per_sec,
+                    f.backoff_ms.0,
+                    f.backoff_ms.1,
+                    f.backoff_ms.2,
+                    f.pushes,
+                    f.redeliveries
+                );
             }
         }
         for (seed, why) in bad.iter().take(5) {
@@ -297,6 +311,11 @@ fn write_shrunk(
     let mut sc = sc.clone();
     sc.seed = seed;
     sc.name = format!("{}-shrunk", sc.name);
+    sc.description = format!(
+        "Shrunk from {} (seed {seed}) to the smallest variant found that still shows a '{}' violation.",
+        original.display(),
+        kind.name()
+    );
     sc.expect.violations = Vec::new();
     let body = toml::to_string(&sc).context("encoding the shrunk scenario")?;
     let path = dir.join(format!(

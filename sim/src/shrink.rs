@@ -100,10 +100,16 @@ pub fn shrink(
         let mut progressed = false;
         let w = &best.workload;
         let mut cands = Vec::new();
-        if w.messages_per_user > 1 {
-            let mut c = best.clone();
-            c.workload.messages_per_user = w.messages_per_user / 2;
-            cands.push(c);
+        // Big steps first, then small ones, so a local minimum of halving is not the end.
+        let m = w.messages_per_user;
+        let mut steps = vec![m / 2, m * 3 / 4, m.saturating_sub(1)];
+        steps.dedup();
+        for to in steps {
+            if to >= 1 && to < m {
+                let mut c = best.clone();
+                c.workload.messages_per_user = to;
+                cands.push(c);
+            }
         }
         for gi in 0..w.groups.len() {
             let mut c = best.clone();
@@ -115,13 +121,21 @@ pub fn shrink(
                 cands.push(c);
             }
         }
-        if w.users > 2 {
-            let mut c = best.clone();
-            c.workload.users = (w.users / 2).max(2);
-            for g in &mut c.workload.groups {
-                g.size = g.size.min(c.workload.users);
+        let mut user_steps = vec![
+            (w.users / 2).max(2),
+            w.users.saturating_sub(2).max(2),
+            w.users - 1,
+        ];
+        user_steps.dedup();
+        for to in user_steps {
+            if to >= 2 && to < w.users {
+                let mut c = best.clone();
+                c.workload.users = to;
+                for g in &mut c.workload.groups {
+                    g.size = g.size.min(to);
+                }
+                cands.push(c);
             }
-            cands.push(c);
         }
         if w.devices_per_user > 1 {
             let mut c = best.clone();

@@ -1,0 +1,94 @@
+//! Every planted bug is caught by a shipped scenario within 100 seeds, and the same
+//! scenarios pass without it. This is the evidence that the oracle can fail.
+
+use sim::{RunOptions, Scenario, ViolationKind};
+use std::path::Path;
+
+fn scenario(name: &str) -> Scenario {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../scenarios")
+        .join(format!("{name}.toml"));
+    Scenario::load(&path).expect("shipped scenario parses")
+}
+
+/// First seed in 1..=100 at which `bug` makes `name` show a `kind` violation.
+fn caught_at(name: &str, bug: &str, kind: ViolationKind) -> u64 {
+    let sc = scenario(name);
+    let mut opts = RunOptions::default();
+    opts.bugs.enable(bug).expect("known bug");
+    for seed in 1..=100 {
+        let (r, _) = sim::run_seed(&sc, seed, &opts).expect("simulation runs");
+        if r.kinds().contains(&kind) {
+            assert!(!r.passed, "a found violation fails the run");
+            return seed;
+        }
+    }
+    panic!("{bug} was not caught by {name} within 100 seeds; replay: chatsim run scenarios/{name}.toml --seeds 1..100 --bug {bug}");
+}
+
+fn passes_without_bugs(name: &str) {
+    let sc = scenario(name);
+    let (r, _) = sim::run_seed(&sc, sc.seed, &RunOptions::default()).expect("runs");
+    assert!(
+        r.passed,
+        "{name} seed {} fails without bugs: {:?}",
+        sc.seed, r.failures
+    );
+}
+
+#[test]
+fn ack_before_persist_loses_acked_messages_when_the_chat_service_crashes() {
+    passes_without_bugs("chat-crash");
+    caught_at("chat-crash", "ack-before-persist", ViolationKind::Loss);
+}
+
+#[test]
+fn no_dedup_duplicates_a_retried_send() {
+    passes_without_bugs("elevator-retry");
+    caught_at("elevator-retry", "no-dedup", ViolationKind::Duplicate);
+}
+
+#[test]
+fn order_by_client_clock_breaks_per_chat_order() {
+    passes_without_bugs("clock-skew");
+    caught_at("clock-skew", "order-by-client-clock", ViolationKind::Order);
+}
+
+#[test]
+fn unbounded_outbound_queue_breaks_the_queue_bound() {
+    passes_without_bugs("slow-consumer");
+    caught_at(
+        "slow-consumer",
+        "unbounded-outbound-queue",
+        ViolationKind::QueueBound,
+    );
+}
+
+#[test]
+fn skip_sync_on_reconnect_loses_the_offline_backlog() {
+    passes_without_bugs("offline-inbox");
+    caught_at(
+        "offline-inbox",
+        "skip-sync-on-reconnect",
+        ViolationKind::Loss,
+    );
+}
+
+#[test]
+fn push_with_content_leaks_message_content() {
+    caught_at(
+        "offline-inbox",
+        "push-with-content",
+        ViolationKind::Plaintext,
+    );
+}
+
+#[test]
+fn async_replication_loses_messages_on_region_failover() {
+    passes_without_bugs("region-failover");
+    caught_at(
+        "region-failover",
+        "async-replication-failover",
+        ViolationKind::Loss,
+    );
+}
