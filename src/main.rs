@@ -32,6 +32,18 @@ enum Cmd {
     Token(TokenArgs),
     /// Run scenarios in the deterministic simulator and check the chat invariants.
     Run(run_cmd::RunArgs),
+    /// Print performance figures.
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Simulated messages per wall-second for the 1,000-device storm vs a bare turmoil echo.
+    Sim {
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
 }
 
 #[derive(clap::Args)]
@@ -87,6 +99,31 @@ fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Serve(a) => serve(a),
         Cmd::Token(a) => token(a),
+        Cmd::Bench(BenchCmd::Sim { seed }) => {
+            eprintln!("running the 1,000-device reconnect storm, then a bare turmoil echo of the same size...");
+            let b = sim::bench::run(seed).map_err(anyhow::Error::msg)?;
+            println!(
+                "devices {}  hosts {}  simulated {:.0} s",
+                b.devices, b.hosts, b.simulated_s
+            );
+            println!(
+                "model:  {} messages delivered in {:.2} s wall = {:.0} msgs/wall-s",
+                b.messages_delivered, b.model_wall_s, b.model_msgs_per_wall_s
+            );
+            println!(
+                "echo:   {} messages echoed in {:.2} s wall = {:.0} msgs/wall-s ({:.1} s simulated)",
+                b.echo_messages, b.echo_wall_s, b.echo_msgs_per_wall_s, b.echo_simulated_s
+            );
+            println!(
+                "model:  {:.1} simulated s per wall s (1,000 phones with heartbeats, backoff, a deploy storm, sync and receipts)",
+                b.simulated_s / b.model_wall_s
+            );
+            println!(
+                "ratio:  the bare echo moves {:.1}x more messages per wall-second",
+                b.ratio()
+            );
+            Ok(())
+        }
         Cmd::Run(a) => {
             let code = run_cmd::run(a)?;
             std::process::exit(code);

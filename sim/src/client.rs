@@ -343,6 +343,7 @@ async fn session(ctx: &Ctx, k: DeviceKey, mut ws: Ws, rng: &mut SmallRng, genera
             .get(&k)
             .map(|d| d.outbox.clone())
             .unwrap_or_default();
+        s.sent_at.retain(|i, _| outbox.contains(i));
         for i in outbox {
             let due = s
                 .sent_at
@@ -425,7 +426,7 @@ async fn session(ctx: &Ctx, k: DeviceKey, mut ws: Ws, rng: &mut SmallRng, genera
                     Some(Err(_)) => return End::Lost("socket error"),
                 }
             }
-            _ = tokio::time::sleep(Duration::from_millis(wake_in(ctx, k, now))) => {}
+            _ = tokio::time::sleep(Duration::from_millis(session_wake_in(ctx, k, &s, now, slow.is_some()))) => {}
         }
     }
 }
@@ -444,10 +445,34 @@ async fn send(ws: &mut Ws, text: String) -> Result<(), &'static str> {
     }
 }
 
+/// How often a phone looks at what faults did to it (killed, backgrounded, slowed).
+const CONTROL_POLL_MS: u64 = 250;
+
+/// Sleep of a connected phone: until the earliest of its deadlines (next tap, heartbeat,
+/// ack timeout, read receipt, idle timeout, next slow read), at most `CONTROL_POLL_MS`.
+/// Waking only when something is due keeps 1,000-device runs cheap.
+fn session_wake_in(ctx: &Ctx, k: DeviceKey, s: &Session, now: u64, slow: bool) -> u64 {
+    let cfg = &ctx.sc.client;
+    let mut next = now + wake_in(ctx, k, now);
+    next = next.min(s.last_heartbeat + cfg.heartbeat_ms);
+    if !slow {
+        next = next.min(s.last_frame + cfg.idle_timeout_ms + 1);
+    } else {
+        next = next.min(s.next_read_at.max(now + 1));
+    }
+    if let Some(t) = s.reads_due.values().min() {
+        next = next.min(*t);
+    }
+    if let Some(t) = s.sent_at.values().min() {
+        next = next.min(t + cfg.ack_timeout_ms);
+    }
+    next.saturating_sub(now).clamp(1, CONTROL_POLL_MS)
+}
+
 /// How long to sleep before the loop must look again: at most 50 ms, less when a tap is due
 /// sooner (so a send leaves at the moment the user taps, not on the next poll).
 fn wake_in(ctx: &Ctx, k: DeviceKey, now: u64) -> u64 {
-    let cap = 50;
+    let cap = CONTROL_POLL_MS;
     match ctx.next_tap(k) {
         Some(t) if t > now => (t - now).min(cap),
         Some(_) => 1,

@@ -8,6 +8,7 @@
 //! - `ledger`: what devices saw, and the JSONL trace; `oracle`: the invariants.
 //! - `report`: latency and reconnect figures; `shrink`: minimal failing scenarios.
 
+pub mod bench;
 pub mod client;
 pub mod crypto;
 pub mod disk;
