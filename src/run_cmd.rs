@@ -138,7 +138,10 @@ pub fn run(a: RunArgs) -> Result<i32> {
                     bad.push((*seed, r.failures.first().cloned().unwrap_or_default()));
                     first_fail.get_or_insert(r);
                 }
-                Err(e) => bad.push((*seed, format!("simulation error: {e}"))),
+                Err(e) => {
+                    failed_any = true;
+                    bad.push((*seed, format!("simulation error: {e}")));
+                }
             }
         }
         if seeds.len() == 1 {

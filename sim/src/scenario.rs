@@ -58,7 +58,7 @@ fn default_tick() -> u64 {
 
 /// Regions, gateways and client hosts.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct Topology {
     pub regions: Vec<String>,
     pub gateways_per_region: usize,
@@ -323,6 +323,19 @@ impl Scenario {
     }
 
     fn validate(&self) -> Result<(), (Option<usize>, &'static str, String)> {
+        if self.name.is_empty()
+            || self.name.len() > 64
+            || !self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err((
+                None,
+                "name",
+                "name must be 1-64 of [A-Za-z0-9_-] (it names report files)".into(),
+            ));
+        }
         let top = &self.topology;
         if top.regions.is_empty() || top.gateways_per_region == 0 || top.client_hosts == 0 {
             return Err((
@@ -359,7 +372,30 @@ impl Scenario {
                 format!("unknown pattern '{}': use pairs, ring or star", w.pattern),
             ));
         }
+        if let Some([a, b]) = w.send_window_ms {
+            if a > b || b > self.duration_ms {
+                return Err((
+                    None,
+                    "send_window_ms",
+                    format!(
+                        "send_window_ms must be [start, end] within duration_ms ({})",
+                        self.duration_ms
+                    ),
+                ));
+            }
+        }
+        let cap = self.limits().map(|l| l.group_cap).unwrap_or(usize::MAX);
         for g in &w.groups {
+            if g.size > cap {
+                return Err((
+                    None,
+                    "[[workload.groups]]",
+                    format!(
+                        "group size {} is above the server's group_cap {cap}",
+                        g.size
+                    ),
+                ));
+            }
             if g.size < 2 || g.size > w.users {
                 return Err((
                     None,
@@ -420,6 +456,12 @@ impl Scenario {
                     }
                 }
                 Crash => match &f.host {
+                    Some(h) if h.starts_with("client-") && f.until_ms.is_none() => {
+                        return e(
+                            "crashing a client host needs until_ms (its phones restart then)"
+                                .into(),
+                        )
+                    }
                     Some(h) if self.is_host(h) => {}
                     Some(h) => return e(format!("unknown host '{h}'")),
                     None => return e("crash needs host".into()),
