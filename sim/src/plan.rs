@@ -180,6 +180,7 @@ fn draw_swarm(sc: &Scenario, kinds: &[FaultKind], max: usize, rng: &mut SmallRng
             frames_per_sec: None,
             skew_ms: None,
             fail_rate: None,
+            max_ms: None,
         };
         match kind {
             FaultKind::Partition | FaultKind::Hold => {
@@ -191,6 +192,11 @@ fn draw_swarm(sc: &Scenario, kinds: &[FaultKind], max: usize, rng: &mut SmallRng
                 f.a = Some(client);
                 f.b = Some(gw);
                 f.fail_rate = Some(0.02);
+            }
+            FaultKind::Latency => {
+                f.a = Some(client);
+                f.b = Some(gw);
+                f.max_ms = Some(rng.random_range(sc.topology.latency_ms[1].max(1)..=2_000));
             }
             FaultKind::Crash | FaultKind::Deploy => {
                 // A crash hits a gateway or, one time in four, the chat service itself.

@@ -176,6 +176,9 @@ pub enum FaultKind {
     ClockSkew,
     /// Links between `a` and `b` fail at random (`fail_rate` per segment) until `until_ms`.
     Flaky,
+    /// Links between `a` and `b` get a latency distribution up to `max_ms` until `until_ms`
+    /// (a congested or distant link).
+    Latency,
 }
 
 /// One fault on the timeline.
@@ -206,6 +209,8 @@ pub struct Fault {
     pub skew_ms: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fail_rate: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_ms: Option<u64>,
 }
 
 /// Random faults drawn per seed (swarm testing).
@@ -438,7 +443,7 @@ impl Scenario {
             }
             use FaultKind::*;
             match f.kind {
-                Partition | Hold | Flaky => {
+                Partition | Hold | Flaky | Latency => {
                     for h in [&f.a, &f.b] {
                         match h {
                             Some(h) if self.is_host(h) || h == "*" => {}
@@ -450,6 +455,15 @@ impl Scenario {
                     }
                     if f.kind == Flaky && !f.fail_rate.is_some_and(|r| (0.0..=1.0).contains(&r)) {
                         return e("flaky needs fail_rate in 0..=1".into());
+                    }
+                    if f.kind == Latency
+                        && !f
+                            .max_ms
+                            .is_some_and(|m| m >= top.latency_ms[0] && m <= 60_000)
+                    {
+                        return e(
+                            "latency needs max_ms between topology.latency_ms[0] and 60000".into(),
+                        );
                     }
                     if f.until_ms.is_none() {
                         return e("needs until_ms (faults must end before the quiet phase)".into());

@@ -265,6 +265,22 @@ pub fn run(sc: &Scenario, seed: u64, opts: &RunOptions) -> Result<Outcome, Strin
                 format!("{label} {}", describe(&f)),
             );
             match f.kind {
+                FaultKind::Latency => {
+                    let max = if begin {
+                        f.max_ms.unwrap_or(sc.topology.latency_ms[1])
+                    } else {
+                        sc.topology.latency_ms[1]
+                    };
+                    for a in expand(f.a.as_deref().unwrap_or("*")) {
+                        for b in expand(f.b.as_deref().unwrap_or("*")) {
+                            sim.set_link_max_message_latency(
+                                a.as_str(),
+                                b.as_str(),
+                                Duration::from_millis(max),
+                            );
+                        }
+                    }
+                }
                 FaultKind::Partition | FaultKind::Hold | FaultKind::Flaky => {
                     for a in expand(f.a.as_deref().unwrap_or("*")) {
                         for b in expand(f.b.as_deref().unwrap_or("*")) {
