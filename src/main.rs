@@ -1,6 +1,7 @@
 //! `chatsim`: one CLI over the chat server model, the simulator (and, as they land, the
 //! load generator and playback). This file only parses arguments and calls into the crates.
 
+mod load_cmd;
 mod run_cmd;
 
 use anyhow::{bail, Context, Result};
@@ -35,6 +36,23 @@ enum Cmd {
     /// Print performance figures.
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// Drive a running server with Goose over real WebSockets and write a load report.
+    Load(load_cmd::LoadArgs),
+    /// Work with load reports.
+    #[command(subcommand)]
+    Report(ReportCmd),
+}
+
+#[derive(Subcommand)]
+enum ReportCmd {
+    /// Merge load runs exactly (HdrHistogram logs) into one report.
+    Merge {
+        /// Run directories (each with summary.json and deliver.hlog).
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+        #[arg(long, default_value = "reports/merged")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -63,6 +81,10 @@ struct ServeArgs {
     /// Keep message bodies after every device acked them (server-side history for all).
     #[arg(long)]
     keep_history: bool,
+    /// Serve a baseline instead of the model: `relay` is a bare tokio-tungstenite relay
+    /// (no auth check, no store, no dedup), for measuring the model's overhead.
+    #[arg(long, value_parser = ["relay"])]
+    baseline: Option<String>,
     /// Gateway name reported in routing and logs.
     #[arg(long, default_value = "gw-1")]
     gateway: String,
@@ -124,6 +146,11 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
+        Cmd::Load(a) => {
+            let code = load_cmd::load(a)?;
+            std::process::exit(code);
+        }
+        Cmd::Report(ReportCmd::Merge { runs, out }) => load_cmd::merge(runs, out),
         Cmd::Run(a) => {
             let code = run_cmd::run(a)?;
             std::process::exit(code);
@@ -151,6 +178,25 @@ fn token(a: TokenArgs) -> Result<()> {
 }
 
 fn serve(a: ServeArgs) -> Result<()> {
+    if a.baseline.is_some() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        return rt.block_on(async move {
+            let listener = tokio::net::TcpListener::bind(a.listen)
+                .await
+                .with_context(|| format!("binding {}", a.listen))?;
+            println!(
+                "chatsim serve: listening on {} (baseline relay: no auth check, no store)",
+                listener.local_addr()?
+            );
+            tokio::select! {
+                r = loadgen::relay::serve(listener) => r.context("relay")?,
+                _ = shutdown_signal() => {}
+            }
+            anyhow::Ok(())
+        });
+    }
     let secret_path = a
         .secret_file
         .clone()

@@ -1,1 +1,85 @@
-//! Goose load generator (not built yet: see README "Status").
+//! The load generator: Goose drives virtual users, each holding real WebSocket
+//! connections (tokio-tungstenite) to any server speaking docs/PROTOCOL.md, and measures
+//! what chat users feel: the time from the sender's send to the recipient's receive.
+//!
+//! - `ledger`: the shared latency ledger (HdrHistograms in microseconds, per-second windows).
+//! - `user`: the Goose transactions: connect, open-loop send schedule, reader task.
+//! - `report`: timeseries.csv, latency.csv, the HdrHistogram interval log, report.html,
+//!   summary.json; `merge` combines runs exactly; `fail_if` turns figures into exit codes.
+//! - `relay`: a bare tokio-tungstenite relay, the baseline the model is compared with.
+
+pub mod fail_if;
+pub mod ledger;
+pub mod merge;
+pub mod relay;
+pub mod report;
+pub mod user;
+
+use model_server::auth::Secret;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct LoadConfig {
+    /// `ws://HOST:PORT` of the server under test (loopback only).
+    pub target: String,
+    pub secret: Secret,
+    /// Goose users; each holds one device connection. Users pair up (u0-u1, u2-u3, ...)
+    /// or form groups of `group_size`.
+    pub users: usize,
+    /// 0: 1:1 pairs; k >= 2: groups of k (each user posts to its group).
+    pub group_size: usize,
+    /// Messages per second each user sends (open loop).
+    pub rate_per_user: f64,
+    /// Ramp-up: users start spread over this long.
+    pub ramp: Duration,
+    /// Measured phase after ramp-up.
+    pub duration: Duration,
+    /// Tag in every user id and client_message_id, so a reused server never dedups a new
+    /// run's messages against an old one.
+    pub run_id: String,
+    pub report_dir: PathBuf,
+    /// `http://HOST:PORT/metrics` to scrape for server figures, if the target has one.
+    pub metrics_url: Option<String>,
+}
+
+/// Runs a load test and writes its report. Returns the summary.
+pub async fn run(cfg: LoadConfig) -> anyhow::Result<report::Summary> {
+    anyhow::ensure!(
+        cfg.users >= 2,
+        "at least two users are needed (senders need recipients)"
+    );
+    anyhow::ensure!(
+        cfg.target.starts_with("ws://127.")
+            || cfg.target.starts_with("ws://localhost")
+            || cfg.target.starts_with("ws://[::1]"),
+        "load tests only target loopback addresses (ws://127.x.x.x, localhost or [::1])"
+    );
+    anyhow::ensure!(
+        cfg.rate_per_user > 0.0 && cfg.rate_per_user <= 1000.0,
+        "rate per user must be in (0, 1000]"
+    );
+    std::fs::create_dir_all(&cfg.report_dir)?;
+    let shared = Arc::new(ledger::Shared::new(cfg.clone()));
+    let server_before = match &cfg.metrics_url {
+        Some(u) => report::scrape(u).await.ok(),
+        None => None,
+    };
+    // Server figures are read late in the measured phase, while every connection is up.
+    let mid = cfg.metrics_url.clone().map(|u| {
+        let at = cfg.ramp + cfg.duration.mul_f64(0.8);
+        tokio::spawn(async move {
+            tokio::time::sleep(at).await;
+            report::scrape(&u).await.ok()
+        })
+    });
+    let metrics = user::attack(shared.clone()).await?;
+    let server_after = match mid {
+        Some(h) => h.await.ok().flatten(),
+        None => None,
+    };
+    let summary = report::write(&shared, &cfg, server_before, server_after, &metrics)?;
+    Ok(summary)
+}

@@ -1,0 +1,222 @@
+//! The shared latency ledger: what was sent when (intended and actual), and what arrived.
+//!
+//! Sends are scheduled open loop; the corrected latency is measured from the *intended*
+//! send time, so a stalled server cannot hide behind a stalled generator (coordinated
+//! omission). The raw figure (from the actual send) is kept too. One monotonic clock
+//! (`Instant`) serves sender and receiver: both live in this process.
+
+use crate::LoadConfig;
+use hdrhistogram::Histogram;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+/// Highest latency recorded, µs (an hour).
+const MAX_US: u64 = 3_600_000_000;
+
+fn hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, MAX_US, 3)
+        .unwrap_or_else(|_| Histogram::new(3).expect("3 sig figs is valid"))
+}
+
+/// A send not yet fully accounted for.
+#[derive(Clone, Copy, Debug)]
+pub struct InFlight {
+    pub intended: Instant,
+    pub actual: Instant,
+    /// Recipient devices still to receive it.
+    pub waiting: u32,
+    pub acked: bool,
+}
+
+/// One second of the run, by intended send time.
+pub struct Window {
+    pub sent: u64,
+    pub delivered: u64,
+    pub acked: u64,
+    pub connections: i64,
+    pub deliver: Histogram<u64>,
+}
+
+/// The whole run's shared state.
+pub struct Shared {
+    pub cfg: LoadConfig,
+    /// Time zero of the run (users start ramping here).
+    pub start: Instant,
+    /// End of ramp-up: measurement covers sends *intended* in [measure_from, measure_until).
+    pub measure_from: Instant,
+    /// No send is scheduled after this; a grace period lets in-flight messages arrive.
+    pub measure_until: Instant,
+    pub next_user: AtomicUsize,
+    pub connections: AtomicI64,
+    pub sent: AtomicU64,
+    pub delivered: AtomicU64,
+    pub acked: AtomicU64,
+    pub errors: AtomicU64,
+    /// client_message_id -> in-flight send, until it is acked and every recipient has it.
+    pub pending: Mutex<HashMap<String, InFlight>>,
+    pub deliver: Mutex<Histogram<u64>>,
+    pub deliver_raw: Mutex<Histogram<u64>>,
+    pub ack: Mutex<Histogram<u64>>,
+    /// Generator health: how late the send schedule ran, and event-loop lag, µs.
+    pub slip: Mutex<Histogram<u64>>,
+    pub lag: Mutex<Histogram<u64>>,
+    pub windows: Mutex<Vec<Window>>,
+    /// Group workload: first member's index -> server group id.
+    pub groups: Mutex<HashMap<usize, String>>,
+}
+
+impl Shared {
+    /// Fresh state for `cfg`.
+    pub fn new(cfg: LoadConfig) -> Self {
+        let start = Instant::now();
+        Shared {
+            measure_from: start + cfg.ramp,
+            measure_until: start + cfg.ramp + cfg.duration,
+            cfg,
+            start,
+            next_user: AtomicUsize::new(0),
+            connections: AtomicI64::new(0),
+            sent: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
+            acked: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            pending: Mutex::new(HashMap::new()),
+            deliver: Mutex::new(hist()),
+            deliver_raw: Mutex::new(hist()),
+            ack: Mutex::new(hist()),
+            slip: Mutex::new(hist()),
+            lag: Mutex::new(hist()),
+            windows: Mutex::new(Vec::new()),
+            groups: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn window<R>(&self, at: Instant, f: impl FnOnce(&mut Window) -> R) -> R {
+        let sec = at.saturating_duration_since(self.start).as_secs() as usize;
+        let mut w = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+        while w.len() <= sec {
+            w.push(Window {
+                sent: 0,
+                delivered: 0,
+                acked: 0,
+                connections: self.connections.load(Ordering::Relaxed),
+                deliver: hist(),
+            });
+        }
+        f(&mut w[sec])
+    }
+
+    /// Whether a send intended at `at` is measured.
+    pub fn measuring(&self, at: Instant) -> bool {
+        at >= self.measure_from && at < self.measure_until
+    }
+
+    /// A send left: remember it until `recipients` devices have it.
+    pub fn on_send(&self, cmid: String, intended: Instant, actual: Instant, recipients: u32) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                cmid,
+                InFlight {
+                    intended,
+                    actual,
+                    waiting: recipients,
+                    acked: false,
+                },
+            );
+        self.sent.fetch_add(1, Ordering::Relaxed);
+        self.window(intended, |w| w.sent += 1);
+        if self.measuring(intended) {
+            let slip = actual.saturating_duration_since(intended).as_micros() as u64;
+            let _ = self
+                .slip
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .record(slip.clamp(1, MAX_US));
+        }
+    }
+
+    /// The sender got its ack; returns the ack latency.
+    pub fn on_ack(&self, cmid: &str, now: Instant) -> Option<std::time::Duration> {
+        let intended = {
+            let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            let e = p.get_mut(cmid)?;
+            if e.acked {
+                return None;
+            }
+            e.acked = true;
+            let i = e.intended;
+            if e.waiting == 0 {
+                p.remove(cmid);
+            }
+            i
+        };
+        self.acked.fetch_add(1, Ordering::Relaxed);
+        self.window(intended, |w| w.acked += 1);
+        let d = now.saturating_duration_since(intended);
+        if self.measuring(intended) {
+            let _ = self
+                .ack
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .record((d.as_micros() as u64).clamp(1, MAX_US));
+        }
+        Some(d)
+    }
+
+    /// A recipient device got message `cmid`; returns (corrected, raw) latency.
+    pub fn on_deliver(
+        &self,
+        cmid: &str,
+        now: Instant,
+    ) -> Option<(std::time::Duration, std::time::Duration)> {
+        let (intended, actual) = {
+            let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            let e = p.get_mut(cmid)?;
+            if e.waiting == 0 {
+                return None; // a redelivery (sync after a live delivery): counted once
+            }
+            let r = (e.intended, e.actual);
+            e.waiting -= 1;
+            if e.waiting == 0 && e.acked {
+                p.remove(cmid);
+            }
+            r
+        };
+        let corrected = now.saturating_duration_since(intended);
+        let raw = now.saturating_duration_since(actual);
+        self.delivered.fetch_add(1, Ordering::Relaxed);
+        let c_us = (corrected.as_micros() as u64).clamp(1, MAX_US);
+        // Windows are keyed by the intended send second: a window's delivered count and
+        // histogram describe the messages sent in that second, wherever they arrived.
+        self.window(intended, |w| {
+            w.delivered += 1;
+            let _ = w.deliver.record(c_us);
+        });
+        if self.measuring(intended) {
+            let _ = self
+                .deliver
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .record(c_us);
+            let _ = self
+                .deliver_raw
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .record((raw.as_micros() as u64).clamp(1, MAX_US));
+        }
+        Some((corrected, raw))
+    }
+
+    /// Event-loop lag sample, µs.
+    pub fn on_lag(&self, us: u64) {
+        let _ = self
+            .lag
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .record(us.clamp(1, MAX_US));
+    }
+}

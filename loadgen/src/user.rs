@@ -1,0 +1,436 @@
+//! The Goose side: one scenario whose users each hold a device connection, send on an
+//! open-loop schedule, and read with a task of their own. WebSocket work is recorded with
+//! Goose's custom request metrics (`WS send`, `WS ack`, `WS deliver`), so Goose's own
+//! report shows it next to ours.
+
+use crate::ledger::Shared;
+use base64::Engine;
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use goose::prelude::*;
+use model_server::auth::mint;
+use model_server::ids::Millis;
+use model_server::protocol::ServerFrame;
+use serde_json::json;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, Mutex};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+type Sink = SplitSink<Ws, Message>;
+
+/// Something the reader saw, for the user's next transaction to record in Goose.
+enum Seen {
+    Ack(Duration),
+    Deliver(Duration),
+    Error(String),
+}
+
+/// One Goose user's connection and schedule (session data: must be Clone + Send + Sync).
+#[derive(Clone)]
+struct Device {
+    index: usize,
+    user_id: String,
+    sink: Arc<Mutex<Sink>>,
+    /// Intended time of send number 0; send k is due at `first + k / rate`.
+    first: Instant,
+    next_k: Arc<AtomicU64>,
+    seen: Arc<Mutex<mpsc::UnboundedReceiver<Seen>>>,
+    /// Where this user's messages go, and to how many devices.
+    target: Target,
+}
+
+#[derive(Clone)]
+enum Target {
+    User(String),
+    Group(String, u32),
+}
+
+/// Time after the last scheduled send for in-flight messages to arrive.
+pub const GRACE: Duration = Duration::from_secs(2);
+
+fn err(msg: impl Into<String>) -> Box<TransactionError> {
+    Box::new(TransactionError::Custom(msg.into()))
+}
+
+/// Runs the attack and returns Goose's metrics.
+pub async fn attack(shared: Arc<Shared>) -> anyhow::Result<GooseMetrics> {
+    let cfg = &shared.cfg;
+    let ramp_s = cfg.ramp.as_secs_f64().max(0.001);
+    let hatch = (cfg.users as f64 / ramp_s).max(1.0);
+    // Ramp, measured phase, then a grace period with no sends so in-flight messages land.
+    let run_time = (cfg.ramp + cfg.duration + GRACE).as_secs().max(1);
+    let s1 = shared.clone();
+    let connect: TransactionFunction = Arc::new(move |user| {
+        let s = s1.clone();
+        Box::pin(async move { on_start(s, user).await })
+    });
+    let s2 = shared.clone();
+    let send: TransactionFunction = Arc::new(move |user| {
+        let s = s2.clone();
+        Box::pin(async move { send_next(s, user).await })
+    });
+    let stop: TransactionFunction =
+        Arc::new(move |user| Box::pin(async move { on_stop(user).await }));
+    // Event-loop lag: a task that asks for 50 ms of sleep and records how late it woke.
+    let lag_shared = shared.clone();
+    let lag_task = tokio::spawn(async move {
+        loop {
+            let t = Instant::now();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let late = t.elapsed().saturating_sub(Duration::from_millis(50));
+            if lag_shared.measuring(Instant::now()) {
+                lag_shared.on_lag(late.as_micros() as u64);
+            }
+        }
+    });
+    let metrics =
+        GooseAttack::initialize_with_config(goose::config::GooseConfiguration::default())?
+            .register_scenario(
+                scenario!("ChatDevice")
+                    .register_transaction(
+                        Transaction::new(connect).set_name("connect").set_on_start(),
+                    )
+                    .register_transaction(Transaction::new(send).set_name("send"))
+                    .register_transaction(
+                        Transaction::new(stop).set_name("disconnect").set_on_stop(),
+                    ),
+            )
+            .set_default(GooseDefault::Host, cfg.target.as_str())?
+            .set_default(GooseDefault::Users, cfg.users)?
+            .set_default(GooseDefault::IncreaseRate, format!("{hatch:.3}").as_str())?
+            .set_default(GooseDefault::RunTime, run_time as usize)?
+            .set_default(GooseDefault::NoTelnet, true)?
+            .set_default(GooseDefault::Quiet, 1)?
+            .set_default(GooseDefault::NoPrintMetrics, true)?
+            .set_default(
+                GooseDefault::ReportFile,
+                cfg.report_dir.join("goose.html").to_string_lossy().as_ref(),
+            )?
+            .execute()
+            .await?;
+    lag_task.abort();
+    Ok(metrics)
+}
+
+async fn connect_ws(shared: &Shared, user_id: &str) -> Result<Ws, String> {
+    let url = format!("{}/ws", shared.cfg.target.trim_end_matches('/'));
+    // TCP_NODELAY on the client too (Nagle + delayed ACK add ~40 ms otherwise).
+    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url, None, true)
+        .await
+        .map_err(|e| e.to_string())?;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let token = mint(
+        &shared.cfg.secret,
+        &user_id.into(),
+        &"load".into(),
+        Millis(now_ms + 24 * 3_600_000),
+    );
+    let auth =
+        json!({"type":"auth","payload":{"user_id":user_id,"device_id":"load","auth_token":token}});
+    ws.send(Message::text(auth.to_string()))
+        .await
+        .map_err(|e| e.to_string())?;
+    let first = tokio::time::timeout(Duration::from_secs(10), ws.next())
+        .await
+        .map_err(|_| "no auth_success within 10 s".to_string())?;
+    match first {
+        Some(Ok(Message::Text(t))) if t.as_str().contains("\"auth_success\"") => Ok(ws),
+        other => Err(format!("auth failed: {other:?}")),
+    }
+}
+
+async fn create_group(
+    sink: &mut Sink,
+    read: &mut SplitStream<Ws>,
+    members: Vec<String>,
+) -> Result<String, String> {
+    let f = json!({"type":"group_create","payload":{"members":members}});
+    sink.send(Message::text(f.to_string()))
+        .await
+        .map_err(|e| e.to_string())?;
+    for _ in 0..100 {
+        let m = tokio::time::timeout(Duration::from_secs(10), read.next())
+            .await
+            .map_err(|_| "no group_created within 10 s".to_string())?;
+        if let Some(Ok(Message::Text(t))) = m {
+            if let Ok(ServerFrame::GroupCreated { payload }) = serde_json::from_str(t.as_str()) {
+                return Ok(payload.group_id.0);
+            }
+        }
+    }
+    Err("no group_created".into())
+}
+
+async fn on_start(shared: Arc<Shared>, user: &mut GooseUser) -> TransactionResult {
+    let cfg = &shared.cfg;
+    let index = shared.next_user.fetch_add(1, Ordering::Relaxed);
+    let user_id = format!("{}-u{index}", cfg.run_id);
+    let started = Instant::now();
+    let ws = connect_ws(&shared, &user_id).await;
+    let ws = match ws {
+        Ok(ws) => {
+            user.record_custom_request_duration(
+                "WS",
+                "connect",
+                started.elapsed(),
+                true,
+                None,
+                None,
+            )
+            .await?;
+            ws
+        }
+        Err(e) => {
+            shared.errors.fetch_add(1, Ordering::Relaxed);
+            user.record_custom_request_duration(
+                "WS",
+                "connect",
+                started.elapsed(),
+                false,
+                None,
+                Some(&e),
+            )
+            .await?;
+            return Err(err(e));
+        }
+    };
+    shared.connections.fetch_add(1, Ordering::Relaxed);
+    let (mut sink, mut read) = ws.split();
+    let target = if cfg.group_size >= 2 {
+        let k = cfg.group_size;
+        let base = index / k * k;
+        let members: Vec<String> = (base..base + k)
+            .map(|i| format!("{}-u{i}", cfg.run_id))
+            .collect();
+        // Each member creates its own group of the same members would duplicate groups; the
+        // lowest index creates it and shares its id through the ledger's group table.
+        let gid = if index == base {
+            let gid = create_group(&mut sink, &mut read, members)
+                .await
+                .map_err(err)?;
+            shared
+                .groups
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(base, gid.clone());
+            gid
+        } else {
+            let mut found = None;
+            for _ in 0..200 {
+                if let Some(g) = shared
+                    .groups
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&base)
+                    .cloned()
+                {
+                    found = Some(g);
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            found.ok_or_else(|| err("group was not created within 10 s"))?
+        };
+        Target::Group(gid, (k - 1) as u32)
+    } else {
+        let partner = if index % 2 == 0 { index + 1 } else { index - 1 };
+        Target::User(format!("{}-u{partner}", cfg.run_id))
+    };
+    // Catch up on anything that arrived before this device connected (offline backlog).
+    sink.send(Message::text(r#"{"type":"sync","payload":{}}"#))
+        .await
+        .map_err(|e| err(e.to_string()))?;
+    let sink = Arc::new(Mutex::new(sink));
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(reader(shared.clone(), read, sink.clone(), tx));
+    user.set_session_data(Device {
+        index,
+        user_id,
+        sink,
+        first: Instant::now(),
+        next_k: Arc::new(AtomicU64::new(0)),
+        seen: Arc::new(Mutex::new(rx)),
+        target,
+    });
+    Ok(())
+}
+
+/// Reads frames until the socket closes: records acks and deliveries, acks deliveries.
+async fn reader(
+    shared: Arc<Shared>,
+    mut read: SplitStream<Ws>,
+    sink: Arc<Mutex<Sink>>,
+    tx: mpsc::UnboundedSender<Seen>,
+) {
+    while let Some(Ok(m)) = read.next().await {
+        let Message::Text(t) = m else { continue };
+        let now = Instant::now();
+        let Ok(f) = serde_json::from_str::<ServerFrame>(t.as_str()) else {
+            continue;
+        };
+        match f {
+            ServerFrame::MessageAck {
+                client_message_id, ..
+            } => {
+                if let Some(d) = shared.on_ack(client_message_id.as_str(), now) {
+                    let _ = tx.send(Seen::Ack(d));
+                }
+            }
+            ServerFrame::Message { payload } | ServerFrame::GroupMessage { payload } => {
+                deliver(&shared, &sink, &tx, &payload, now).await;
+            }
+            ServerFrame::SyncPage { payload } => {
+                for m in &payload.messages {
+                    deliver(&shared, &sink, &tx, m, now).await;
+                }
+                if payload.has_more {
+                    let next = json!({"type":"sync","payload":{"cursor":payload.next_cursor}});
+                    let _ = sink
+                        .lock()
+                        .await
+                        .send(Message::text(next.to_string()))
+                        .await;
+                }
+            }
+            ServerFrame::Error { payload } => {
+                shared.errors.fetch_add(1, Ordering::Relaxed);
+                let _ = tx.send(Seen::Error(format!("{} {}", payload.code, payload.message)));
+            }
+            _ => {}
+        }
+    }
+    shared.connections.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// A message reached this device: measure it and ack it.
+async fn deliver(
+    shared: &Shared,
+    sink: &Mutex<Sink>,
+    tx: &mpsc::UnboundedSender<Seen>,
+    m: &model_server::protocol::DeliveredMessage,
+    now: Instant,
+) {
+    // The generator's "ciphertext" is base64 of the client_message_id.
+    let cmid = base64::engine::general_purpose::STANDARD
+        .decode(&m.content)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok());
+    if let Some(cmid) = cmid {
+        if let Some((corrected, _raw)) = shared.on_deliver(&cmid, now) {
+            let _ = tx.send(Seen::Deliver(corrected));
+        }
+    }
+    let ack = json!({"type":"delivery_ack","message_id":m.message_id});
+    let _ = sink.lock().await.send(Message::text(ack.to_string())).await;
+}
+
+async fn send_next(shared: Arc<Shared>, user: &mut GooseUser) -> TransactionResult {
+    let dev = user
+        .get_session_data::<Device>()
+        .cloned()
+        .ok_or_else(|| err("not connected"))?;
+    let k = dev.next_k.fetch_add(1, Ordering::Relaxed);
+    let interval = Duration::from_secs_f64(1.0 / shared.cfg.rate_per_user);
+    // Open loop: send k is due at a fixed time whatever happened to send k-1.
+    let intended = dev.first + interval.mul_f64(k as f64);
+    if intended >= shared.measure_until {
+        // The measured phase is over: idle until Goose stops the user.
+        tokio::time::sleep(GRACE).await;
+        return Ok(());
+    }
+    let now = Instant::now();
+    if intended > now {
+        tokio::time::sleep(intended - now).await;
+    }
+    let cmid = format!("{}-{}-{k}", shared.cfg.run_id, dev.index);
+    let content = base64::engine::general_purpose::STANDARD.encode(&cmid);
+    let (frame, recipients) = match &dev.target {
+        Target::User(to) => (
+            json!({"type":"message","client_message_id":cmid,"payload":{"receiver_id":to,"content":content}}),
+            1,
+        ),
+        Target::Group(g, n) => (
+            json!({"type":"group_message","client_message_id":cmid,"payload":{"group_id":g,"content":content}}),
+            *n,
+        ),
+    };
+    let actual = Instant::now();
+    shared.on_send(cmid, intended, actual, recipients);
+    let r = dev
+        .sink
+        .lock()
+        .await
+        .send(Message::text(frame.to_string()))
+        .await;
+    let took = actual.elapsed();
+    match r {
+        Ok(()) => {
+            user.record_custom_request_duration("WS", "send", took, true, None, None)
+                .await?
+        }
+        Err(e) => {
+            shared.errors.fetch_add(1, Ordering::Relaxed);
+            user.record_custom_request_duration(
+                "WS",
+                "send",
+                took,
+                false,
+                None,
+                Some(&e.to_string()),
+            )
+            .await?;
+        }
+    }
+    // Hand what the reader saw to Goose's metrics.
+    let seen: Vec<Seen> = {
+        let mut rx = dev.seen.lock().await;
+        let mut v = Vec::new();
+        while let Ok(s) = rx.try_recv() {
+            v.push(s);
+            if v.len() >= 1024 {
+                break;
+            }
+        }
+        v
+    };
+    for s in seen {
+        match s {
+            Seen::Ack(d) => {
+                user.record_custom_request_duration("WS", "ack", d, true, None, None)
+                    .await?
+            }
+            Seen::Deliver(d) => {
+                user.record_custom_request_duration("WS", "deliver", d, true, None, None)
+                    .await?
+            }
+            Seen::Error(e) => {
+                user.record_custom_request_duration(
+                    "WS",
+                    "server_error",
+                    Duration::ZERO,
+                    false,
+                    None,
+                    Some(&e),
+                )
+                .await?
+            }
+        }
+    }
+    let _ = &dev.user_id;
+    Ok(())
+}
+
+async fn on_stop(user: &mut GooseUser) -> TransactionResult {
+    if let Some(dev) = user.get_session_data::<Device>().cloned() {
+        let _ = dev.sink.lock().await.close().await;
+    }
+    Ok(())
+}
