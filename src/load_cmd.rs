@@ -178,3 +178,156 @@ pub fn merge(runs: Vec<PathBuf>, out: PathBuf) -> Result<()> {
     );
     Ok(())
 }
+
+/// A `chatsim serve` child process on an ephemeral loopback port.
+struct Child {
+    proc: std::process::Child,
+    addr: String,
+}
+
+impl Child {
+    fn start(args: &[&str]) -> Result<Child> {
+        use std::io::BufRead;
+        let mut proc = std::process::Command::new(std::env::current_exe()?)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("starting a chatsim serve child")?;
+        let stdout = proc.stdout.take().context("child stdout")?;
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let mut addr = None;
+        for _ in 0..10 {
+            let Some(Ok(line)) = lines.next() else { break };
+            if let Some(rest) = line.strip_prefix("chatsim serve: listening on ") {
+                addr = rest.split_whitespace().next().map(str::to_string);
+                break;
+            }
+        }
+        std::thread::spawn(move || for _ in lines {});
+        let addr = addr.context("the server did not print its address")?;
+        Ok(Child { proc, addr })
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.proc.kill();
+        let _ = self.proc.wait();
+    }
+}
+
+/// `chatsim bench load`: finds the highest sustained delivery rate of the model (a
+/// `chatsim serve --memory` child process on loopback, so its CPU and memory figures are
+/// its own), measures latency at half of it, and runs the same half-rate load against the
+/// bare relay (another child), so the model's overhead shows as a ratio.
+pub fn bench_load(users: usize, secs: u64, slo_p99_ms: f64) -> Result<()> {
+    let data = std::env::temp_dir().join(format!("chatsim-bench-{}", run_id()));
+    let data_s = data.to_string_lossy().to_string();
+    let model = Child::start(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--memory",
+        "--data-dir",
+        &data_s,
+    ])?;
+    let relay = Child::start(&["serve", "--baseline", "relay", "--listen", "127.0.0.1:0"])?;
+    let raw = std::fs::read_to_string(data.join("secret")).context("reading the child's secret")?;
+    let secret = model_server::auth::Secret::new(raw.trim().as_bytes().to_vec())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let result = rt.block_on(async {
+        let run = |addr: &str, rate: f64, tag: &str, metrics: bool| {
+            let cfg = LoadConfig {
+                target: format!("ws://{addr}"),
+                secret: secret.clone(),
+                users,
+                group_size: 0,
+                rate_per_user: rate,
+                ramp: Duration::from_secs(3),
+                duration: Duration::from_secs(secs),
+                run_id: format!("bench-{tag}-{}", run_id()),
+                report_dir: PathBuf::from(format!("reports/bench-load-{tag}")),
+                metrics_url: metrics.then(|| format!("http://{addr}/metrics")),
+            };
+            loadgen::run(cfg)
+        };
+        let ok = |s: &Summary| {
+            s.valid
+                && s.delivered as f64 >= 0.999 * s.expected_deliveries as f64
+                && s.deliver_us.p99 as f64 / 1000.0 <= slo_p99_ms
+        };
+        let mut best: Option<(f64, Summary)> = None;
+        let mut rate = 1.0;
+        for step in 0..8 {
+            eprintln!("step {step}: {users} users x {rate:.1} msgs/s");
+            let s = run(&model.addr, rate, &format!("step{step}"), true).await?;
+            eprintln!(
+                "  sent {:.0}/s, delivered {:.0}/s, p99 {:.2} ms, {}",
+                s.sent_per_s,
+                s.delivered_per_s,
+                s.deliver_us.p99 as f64 / 1000.0,
+                s.invalid_reason
+                    .clone()
+                    .unwrap_or_else(|| "generator healthy".into())
+            );
+            if !ok(&s) {
+                break;
+            }
+            best = Some((rate, s));
+            rate *= 2.0;
+        }
+        let Some((max_rate, max_s)) = best else {
+            anyhow::bail!(
+                "even {users} msgs/s missed the SLO (p99 <= {slo_p99_ms} ms, 99.9% delivered)"
+            );
+        };
+        let half = max_rate / 2.0;
+        let m = run(&model.addr, half, "model-half", true).await?;
+        let r = run(&relay.addr, half, "relay-half", false).await?;
+        anyhow::Ok((max_s, m, r))
+    });
+    let (max_s, m, r) = result?;
+    let ms = |us: u64| us as f64 / 1000.0;
+    println!("\nchatsim bench load: {users} connections (1:1 pairs) on loopback; server = `chatsim serve --memory` child process");
+    println!(
+        "max sustained: {:.0} delivered msgs/s with p99 {:.2} ms (doubling search; the next step missed p99 <= {slo_p99_ms} ms, 99.9% delivered, or a healthy generator)",
+        max_s.delivered_per_s,
+        ms(max_s.deliver_us.p99)
+    );
+    println!("| target | sent msgs/s | delivered msgs/s | p50 ms | p99 ms | p99.9 ms | connections | KiB/conn | CPU µs/msg |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    for (name, s) in [("model, half of max", &m), ("bare relay, same load", &r)] {
+        let (conns, kib, cpu) = s
+            .server
+            .as_ref()
+            .map(|f| {
+                (
+                    f.connections.to_string(),
+                    format!("{:.1}", f.kib_per_connection),
+                    format!("{:.0}", f.cpu_us_per_delivered),
+                )
+            })
+            .unwrap_or(("-".into(), "-".into(), "-".into()));
+        println!(
+            "| {name} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {conns} | {kib} | {cpu} |",
+            s.sent_per_s,
+            s.delivered_per_s,
+            ms(s.deliver_us.p50),
+            ms(s.deliver_us.p99),
+            ms(s.deliver_us.p999)
+        );
+    }
+    println!(
+        "ratio model/relay at the same load: p50 {:.2}x, p99 {:.2}x",
+        m.deliver_us.p50 as f64 / r.deliver_us.p50.max(1) as f64,
+        m.deliver_us.p99 as f64 / r.deliver_us.p99.max(1) as f64
+    );
+    drop(model);
+    drop(relay);
+    let _ = std::fs::remove_dir_all(&data);
+    Ok(())
+}

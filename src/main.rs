@@ -62,6 +62,18 @@ enum BenchCmd {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+    /// Max sustained delivery rate of the model on loopback, latency at half of it, and the
+    /// same load against a bare relay.
+    Load {
+        #[arg(long, default_value_t = 1000)]
+        users: usize,
+        /// Measured seconds per step.
+        #[arg(long, default_value_t = 8)]
+        secs: u64,
+        /// The p99 send→deliver SLO a sustained rate must meet, ms.
+        #[arg(long, default_value_t = 50.0)]
+        slo_p99_ms: f64,
+    },
 }
 
 #[derive(clap::Args)]
@@ -121,6 +133,11 @@ fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Serve(a) => serve(a),
         Cmd::Token(a) => token(a),
+        Cmd::Bench(BenchCmd::Load {
+            users,
+            secs,
+            slo_p99_ms,
+        }) => load_cmd::bench_load(users, secs, slo_p99_ms),
         Cmd::Bench(BenchCmd::Sim { seed }) => {
             eprintln!("running the 1,000-device reconnect storm, then a bare turmoil echo of the same size...");
             let b = sim::bench::run(seed).map_err(anyhow::Error::msg)?;

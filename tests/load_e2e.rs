@@ -6,11 +6,31 @@ mod common;
 use common::ServerProc;
 use std::process::Command;
 
-fn load(srv: &ServerProc, out: &std::path::Path, users: &str, extra: &[&str]) -> std::process::Output {
+fn load(
+    srv: &ServerProc,
+    out: &std::path::Path,
+    users: &str,
+    extra: &[&str],
+) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_chatsim"))
-        .args(["load", "--target", &format!("ws://{}", srv.addr), "--secret-file"])
+        .args([
+            "load",
+            "--target",
+            &format!("ws://{}", srv.addr),
+            "--secret-file",
+        ])
         .arg(srv.data_dir.join("secret"))
-        .args(["--users", users, "--rate", "2", "--ramp", "2", "--duration", "3", "--out"])
+        .args([
+            "--users",
+            users,
+            "--rate",
+            "2",
+            "--ramp",
+            "2",
+            "--duration",
+            "3",
+            "--out",
+        ])
         .arg(out)
         .args(extra)
         .env("RUST_LOG", "warn")
@@ -19,7 +39,8 @@ fn load(srv: &ServerProc, out: &std::path::Path, users: &str, extra: &[&str]) ->
 }
 
 fn summary(dir: &std::path::Path) -> serde_json::Value {
-    serde_json::from_slice(&std::fs::read(dir.join("summary.json")).expect("summary.json")).expect("json")
+    serde_json::from_slice(&std::fs::read(dir.join("summary.json")).expect("summary.json"))
+        .expect("json")
 }
 
 #[test]
@@ -28,29 +49,58 @@ fn short_load_writes_consistent_reports_and_runs_merge_exactly() {
     let srv = ServerProc::start(&dir.path().join("data"), &["--memory"]);
     let run1 = dir.path().join("run1");
     let out = load(&srv, &run1, "300", &["--fail-if", "delivered_ratio<0.999"]);
-    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    for f in ["timeseries.csv", "latency.csv", "deliver.hlog", "report.html", "summary.json", "goose.html"] {
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for f in [
+        "timeseries.csv",
+        "latency.csv",
+        "deliver.hlog",
+        "report.html",
+        "summary.json",
+        "goose.html",
+    ] {
         assert!(run1.join(f).exists(), "{f} written");
     }
     let s = summary(&run1);
     let sent = s["sent"].as_u64().expect("sent");
     let delivered = s["delivered"].as_u64().expect("delivered");
-    assert!(sent >= 300 * 2 * 3 * 9 / 10, "open-loop schedule kept: sent {sent}");
+    assert!(
+        sent >= 300 * 2 * 3 * 9 / 10,
+        "open-loop schedule kept: sent {sent}"
+    );
     assert!(delivered <= s["expected_deliveries"].as_u64().expect("expected"));
     assert_eq!(delivered, sent, "every sent message accounted for");
     assert_eq!(s["acked"].as_u64(), Some(sent));
     let d = &s["deliver_us"];
     let p = |k: &str| d[k].as_u64().expect("percentile");
-    assert!(p("p50") <= p("p90") && p("p90") <= p("p99") && p("p99") <= p("p999") && p("p999") <= p("max"));
+    assert!(
+        p("p50") <= p("p90")
+            && p("p90") <= p("p99")
+            && p("p99") <= p("p999")
+            && p("p999") <= p("max")
+    );
     assert_eq!(p("count"), delivered);
     // timeseries rows add up to the summary over the measured seconds (2..5).
     let ts = std::fs::read_to_string(run1.join("timeseries.csv")).expect("csv");
     let rows: Vec<Vec<u64>> = ts
         .lines()
         .skip(1)
-        .map(|l| l.split(',').take(5).map(|x| x.parse().expect("int")).collect())
+        .map(|l| {
+            l.split(',')
+                .take(5)
+                .map(|x| x.parse().expect("int"))
+                .collect()
+        })
         .collect();
-    let measured_sent: u64 = rows.iter().filter(|r| (2..5).contains(&r[0])).map(|r| r[2]).sum();
+    let measured_sent: u64 = rows
+        .iter()
+        .filter(|r| (2..5).contains(&r[0]))
+        .map(|r| r[2])
+        .sum();
     assert_eq!(measured_sent, sent);
     let html = std::fs::read_to_string(run1.join("report.html")).expect("html");
     assert!(html.contains("<svg") && html.contains("Send→deliver latency per second"));
@@ -71,7 +121,10 @@ fn short_load_writes_consistent_reports_and_runs_merge_exactly() {
     assert!(m.status.success(), "{}", String::from_utf8_lossy(&m.stderr));
     let ms = summary(&merged);
     let s2 = summary(&run2);
-    assert_eq!(ms["sent"].as_u64(), Some(sent + s2["sent"].as_u64().expect("sent")));
+    assert_eq!(
+        ms["sent"].as_u64(),
+        Some(sent + s2["sent"].as_u64().expect("sent"))
+    );
     assert_eq!(
         ms["deliver_us"]["count"].as_u64(),
         Some(p("count") + s2["deliver_us"]["count"].as_u64().expect("count"))
@@ -79,7 +132,12 @@ fn short_load_writes_consistent_reports_and_runs_merge_exactly() {
     assert!(ms["deliver_us"]["max"].as_u64() >= Some(p("max")));
 
     // --fail-if sets the exit code.
-    let out = load(&srv, &dir.path().join("run3"), "20", &["--fail-if", "p50_deliver_ms>=0"]);
+    let out = load(
+        &srv,
+        &dir.path().join("run3"),
+        "20",
+        &["--fail-if", "p50_deliver_ms>=0"],
+    );
     assert_eq!(out.status.code(), Some(1));
     srv.stop();
 }
