@@ -36,6 +36,15 @@ pub struct LoadArgs {
     /// Fail (exit 1) when a condition holds, e.g. 'p99_deliver_ms>50' (repeatable).
     #[arg(long = "fail-if", value_name = "COND")]
     pub fail_if: Vec<String>,
+    /// Reconnect storm: at this many seconds after the start, drop `--storm-fraction` of the
+    /// sockets at once; they reconnect with jittered backoff and sync their backlog.
+    #[arg(long)]
+    pub storm_at: Option<u64>,
+    #[arg(long, default_value_t = 0.3)]
+    pub storm_fraction: f64,
+    /// Typing notices per second per user, plus presence subscriptions (churn); 0: none.
+    #[arg(long, default_value_t = 0.0)]
+    pub typing: f64,
     /// Scrape http://HOST:PORT/metrics of the target for server figures.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub scrape_metrics: bool,
@@ -77,6 +86,16 @@ pub fn print_summary(s: &Summary, dir: &std::path::Path) {
         println!(
             "  server: {} connections, {:.1} KiB/connection, {:.1} CPU µs per delivered message",
             f.connections, f.kib_per_connection, f.cpu_us_per_delivered
+        );
+    }
+    if let (Some(r), Some(c)) = (&s.storm_reconnect_us, &s.storm_catch_up_us) {
+        println!(
+            "  reconnect storm: {} devices dropped; reconnected p50 {:.1} ms p99 {:.1} ms, backlog drained p50 {:.1} ms p99 {:.1} ms after the drop",
+            r.count,
+            ms(r.p50),
+            ms(r.p99),
+            ms(c.p50),
+            ms(c.p99)
         );
     }
     match &s.invalid_reason {
@@ -122,6 +141,9 @@ pub fn config(a: &LoadArgs) -> Result<LoadConfig> {
             .unwrap_or_else(|| PathBuf::from(format!("reports/load-{id}"))),
         run_id: id,
         metrics_url,
+        storm_at: a.storm_at.map(Duration::from_secs),
+        storm_fraction: a.storm_fraction.clamp(0.0, 1.0),
+        typing_per_sec: a.typing.max(0.0),
     })
 }
 
@@ -252,6 +274,9 @@ pub fn bench_load(users: usize, secs: u64, slo_p99_ms: f64) -> Result<()> {
                 run_id: format!("bench-{tag}-{}", run_id()),
                 report_dir: PathBuf::from(format!("reports/bench-load-{tag}")),
                 metrics_url: metrics.then(|| format!("http://{addr}/metrics")),
+                storm_at: None,
+                storm_fraction: 0.0,
+                typing_per_sec: 0.0,
             };
             loadgen::run(cfg)
         };

@@ -63,6 +63,9 @@ pub struct Shared {
     pub slip: Mutex<Histogram<u64>>,
     pub lag: Mutex<Histogram<u64>>,
     pub windows: Mutex<Vec<Window>>,
+    /// Reconnect storm: time from drop to reconnected, and from drop to backlog drained, µs.
+    pub storm_reconnect: Mutex<Histogram<u64>>,
+    pub storm_catch_up: Mutex<Histogram<u64>>,
     /// Group workload: first member's index -> server group id.
     pub groups: Mutex<HashMap<usize, String>>,
 }
@@ -90,6 +93,8 @@ impl Shared {
             lag: Mutex::new(hist()),
             windows: Mutex::new(Vec::new()),
             groups: Mutex::new(HashMap::new()),
+            storm_reconnect: Mutex::new(hist()),
+            storm_catch_up: Mutex::new(hist()),
         }
     }
 
@@ -209,6 +214,24 @@ impl Shared {
                 .record((raw.as_micros() as u64).clamp(1, MAX_US));
         }
         Some((corrected, raw))
+    }
+
+    /// A stormed device is connected again after `d`.
+    pub fn on_reconnect(&self, d: std::time::Duration) {
+        let _ = self
+            .storm_reconnect
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .record((d.as_micros() as u64).clamp(1, MAX_US));
+    }
+
+    /// A stormed device has drained its backlog `d` after its socket dropped.
+    pub fn on_caught_up(&self, d: std::time::Duration) {
+        let _ = self
+            .storm_catch_up
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .record((d.as_micros() as u64).clamp(1, MAX_US));
     }
 
     /// Event-loop lag sample, µs.

@@ -41,6 +41,12 @@ pub struct LoadConfig {
     /// run's messages against an old one.
     pub run_id: String,
     pub report_dir: PathBuf,
+    /// Reconnect storm: at this time after the start, `storm_fraction` of the devices drop
+    /// their sockets at once, reconnect with jittered backoff and sync their backlog.
+    pub storm_at: Option<Duration>,
+    pub storm_fraction: f64,
+    /// Typing notices per second per user (presence and typing churn), 0 for none.
+    pub typing_per_sec: f64,
     /// `http://HOST:PORT/metrics` to scrape for server figures, if the target has one.
     pub metrics_url: Option<String>,
 }

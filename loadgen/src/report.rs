@@ -79,6 +79,9 @@ pub struct Summary {
     pub valid: bool,
     pub invalid_reason: Option<String>,
     pub server: Option<ServerFigures>,
+    /// Reconnect storm: drop → reconnected, and drop → backlog drained (absent without one).
+    pub storm_reconnect_us: Option<Pct>,
+    pub storm_catch_up_us: Option<Pct>,
 }
 
 /// Raw `/metrics` values of interest.
@@ -269,6 +272,8 @@ pub fn write(
         valid: invalid_reason.is_none(),
         invalid_reason,
         server,
+        storm_reconnect_us: cfg.storm_at.map(|_| lock(&shared.storm_reconnect)),
+        storm_catch_up_us: cfg.storm_at.map(|_| lock(&shared.storm_catch_up)),
     };
     write_latency_csv(dir, &summary)?;
     std::fs::write(
@@ -392,6 +397,17 @@ fn html(s: &Summary, windows: &[crate::ledger::Window]) -> String {
             ms(p.max)
         )
     };
+    let storm = match (&s.storm_reconnect_us, &s.storm_catch_up_us) {
+        (Some(r), Some(c)) => format!(
+            "<p>Reconnect storm: {} devices dropped; reconnected p50 {:.1} ms / p99 {:.1} ms after the drop; backlog drained p50 {:.1} ms / p99 {:.1} ms after the drop.</p>",
+            r.count,
+            ms(r.p50),
+            ms(r.p99),
+            ms(c.p50),
+            ms(c.p99)
+        ),
+        _ => String::new(),
+    };
     let validity = match &s.invalid_reason {
         None => "<p class=\"ok\">Valid run: the generator kept its schedule.</p>".to_string(),
         Some(r) => format!("<p class=\"bad\">INVALID run: {r}</p>"),
@@ -405,7 +421,7 @@ fn html(s: &Summary, windows: &[crate::ledger::Window]) -> String {
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>chatsim load report {id}</title>\
 <style>body{{font-family:sans-serif;max-width:780px;margin:2em auto;color:#222}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}figcaption{{font-weight:bold;margin-top:1em}}.bad{{color:#b00;font-weight:bold}}.ok{{color:#060}}</style></head><body>\
 <h1>chatsim load report</h1><p>Run <code>{id}</code> against <code>{target}</code>: {users} users, {rate} msgs/s each, {secs:.0} s measured.</p>{validity}\
-<p>Sent {sent} ({sps:.1}/s), delivered {delivered} of {expected} expected ({dps:.1}/s), acked {acked}, errors {errors}.</p>{server}\
+<p>Sent {sent} ({sps:.1}/s), delivered {delivered} of {expected} expected ({dps:.1}/s), acked {acked}, errors {errors}.</p>{server}{storm}\
 <table><tr><th>measure</th><th>count</th><th>p50 ms</th><th>p90 ms</th><th>p99 ms</th><th>p99.9 ms</th><th>max ms</th></tr>{r1}{r2}{r3}</table>\
 {lat}{thr}{conns}<p>Send→deliver is measured from the intended (scheduled) send time; \"raw\" from the actual send.</p></body></html>",
         id = s.run_id,

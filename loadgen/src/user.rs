@@ -42,6 +42,13 @@ struct Device {
     seen: Arc<Mutex<mpsc::UnboundedReceiver<Seen>>>,
     /// Where this user's messages go, and to how many devices.
     target: Target,
+    /// The reader task of the current connection, and the channel it reports on.
+    reader: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
+    tx: mpsc::UnboundedSender<Seen>,
+    /// Set once this device has gone through the reconnect storm.
+    stormed: Arc<std::sync::atomic::AtomicBool>,
+    /// The conversation this device talks in (for typing notices).
+    conv: String,
 }
 
 #[derive(Clone)]
@@ -70,12 +77,15 @@ pub async fn attack(shared: Arc<Shared>) -> anyhow::Result<GooseMetrics> {
         Box::pin(async move { on_start(s, user).await })
     });
     let s2 = shared.clone();
+    let s3 = shared.clone();
     let send: TransactionFunction = Arc::new(move |user| {
         let s = s2.clone();
         Box::pin(async move { send_next(s, user).await })
     });
-    let stop: TransactionFunction =
-        Arc::new(move |user| Box::pin(async move { on_stop(user).await }));
+    let stop: TransactionFunction = Arc::new(move |user| {
+        let s = s3.clone();
+        Box::pin(async move { on_stop(s, user).await })
+    });
     // Event-loop lag: a task that asks for 50 ms of sleep and records how late it woke.
     let lag_shared = shared.clone();
     let lag_task = tokio::spawn(async move {
@@ -244,14 +254,34 @@ async fn on_start(shared: Arc<Shared>, user: &mut GooseUser) -> TransactionResul
         let partner = if index % 2 == 0 { index + 1 } else { index - 1 };
         Target::User(format!("{}-u{partner}", cfg.run_id))
     };
+    let conv = match &target {
+        Target::User(p) => {
+            model_server::ids::ConversationId::direct(&user_id.as_str().into(), &p.as_str().into())
+                .0
+        }
+        Target::Group(g, _) => format!("grp:{g}"),
+    };
+    if cfg.typing_per_sec > 0.0 {
+        // Presence churn: follow the partner (or the group's first member).
+        if let Target::User(p) = &target {
+            let sub = json!({"type":"presence_subscribe","payload":{"user_ids":[p]}});
+            sink.send(Message::text(sub.to_string()))
+                .await
+                .map_err(|e| err(e.to_string()))?;
+        }
+    }
     // Catch up on anything that arrived before this device connected (offline backlog).
     sink.send(Message::text(r#"{"type":"sync","payload":{}}"#))
         .await
         .map_err(|e| err(e.to_string()))?;
     let sink = Arc::new(Mutex::new(sink));
     let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(reader(shared.clone(), read, sink.clone(), tx));
+    let handle = tokio::spawn(reader(shared.clone(), read, sink.clone(), tx.clone(), None));
     user.set_session_data(Device {
+        reader: Arc::new(std::sync::Mutex::new(Some(handle))),
+        tx,
+        stormed: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        conv,
         index,
         user_id,
         sink,
@@ -269,7 +299,9 @@ async fn reader(
     mut read: SplitStream<Ws>,
     sink: Arc<Mutex<Sink>>,
     tx: mpsc::UnboundedSender<Seen>,
+    dropped_at: Option<Instant>,
 ) {
+    let mut caught_up = dropped_at.is_none();
     while let Some(Ok(m)) = read.next().await {
         let Message::Text(t) = m else { continue };
         let now = Instant::now();
@@ -298,6 +330,12 @@ async fn reader(
                         .await
                         .send(Message::text(next.to_string()))
                         .await;
+                } else if !caught_up {
+                    // Backlog drained after a storm reconnect: time from drop to caught up.
+                    caught_up = true;
+                    if let Some(t0) = dropped_at {
+                        shared.on_caught_up(now.saturating_duration_since(t0));
+                    }
                 }
             }
             ServerFrame::Error { payload } => {
@@ -308,6 +346,41 @@ async fn reader(
         }
     }
     shared.connections.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// The reconnect storm: drop this device's socket without a goodbye, back off with jitter
+/// (0-1 s, spread by user), reconnect, sync the backlog, and carry on. Messages sent to it
+/// meanwhile wait in the server's inbox; their latency includes the outage.
+async fn storm_reconnect(shared: &Arc<Shared>, dev: &Device) -> TransactionResult {
+    let dropped = Instant::now();
+    if let Some(h) = dev.reader.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        h.abort();
+    }
+    {
+        // Dropping both halves closes the TCP connection.
+        let mut sink = dev.sink.lock().await;
+        let _ = sink.close().await;
+    }
+    shared.connections.fetch_sub(1, Ordering::Relaxed);
+    let backoff = Duration::from_millis((dev.index as u64 * 104_729) % 1000);
+    tokio::time::sleep(backoff).await;
+    let ws = connect_ws(shared, &dev.user_id).await.map_err(err)?;
+    shared.connections.fetch_add(1, Ordering::Relaxed);
+    shared.on_reconnect(dropped.elapsed());
+    let (mut sink, read) = ws.split();
+    sink.send(Message::text(r#"{"type":"sync","payload":{}}"#))
+        .await
+        .map_err(|e| err(e.to_string()))?;
+    *dev.sink.lock().await = sink;
+    let handle = tokio::spawn(reader(
+        shared.clone(),
+        read,
+        dev.sink.clone(),
+        dev.tx.clone(),
+        Some(dropped),
+    ));
+    *dev.reader.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
+    Ok(())
 }
 
 /// A message reached this device: measure it and ack it.
@@ -337,6 +410,15 @@ async fn send_next(shared: Arc<Shared>, user: &mut GooseUser) -> TransactionResu
         .get_session_data::<Device>()
         .cloned()
         .ok_or_else(|| err("not connected"))?;
+    if let Some(at) = shared.cfg.storm_at {
+        let selected = (dev.index * 7919 % 1000) as f64 / 1000.0 < shared.cfg.storm_fraction;
+        if selected
+            && Instant::now() >= shared.start + at
+            && !dev.stormed.swap(true, Ordering::Relaxed)
+        {
+            storm_reconnect(&shared, &dev).await?;
+        }
+    }
     let k = dev.next_k.fetch_add(1, Ordering::Relaxed);
     let interval = Duration::from_secs_f64(1.0 / shared.cfg.rate_per_user);
     // Open loop: send k is due at a fixed time whatever happened to send k-1.
@@ -362,6 +444,22 @@ async fn send_next(shared: Arc<Shared>, user: &mut GooseUser) -> TransactionResu
             *n,
         ),
     };
+    let typing_every = if shared.cfg.typing_per_sec > 0.0 {
+        (shared.cfg.rate_per_user / shared.cfg.typing_per_sec)
+            .round()
+            .max(1.0) as u64
+    } else {
+        0
+    };
+    if typing_every > 0 && k % typing_every == 0 {
+        let t = json!({"type":"typing","payload":{"conversation_id":dev.conv}});
+        let _ = dev
+            .sink
+            .lock()
+            .await
+            .send(Message::text(t.to_string()))
+            .await;
+    }
     let actual = Instant::now();
     shared.on_send(cmid, intended, actual, recipients);
     let r = dev
@@ -428,7 +526,22 @@ async fn send_next(shared: Arc<Shared>, user: &mut GooseUser) -> TransactionResu
     Ok(())
 }
 
-async fn on_stop(user: &mut GooseUser) -> TransactionResult {
+/// Longest the end of a run waits for messages still in flight.
+const DRAIN_LIMIT: Duration = Duration::from_secs(15);
+
+async fn on_stop(shared: Arc<Shared>, user: &mut GooseUser) -> TransactionResult {
+    // Keep the socket open until every in-flight send is acked and delivered (bounded), so a
+    // slow machine does not turn late messages into missing ones.
+    let deadline = Instant::now() + DRAIN_LIMIT;
+    while Instant::now() < deadline
+        && !shared
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     if let Some(dev) = user.get_session_data::<Device>().cloned() {
         let _ = dev.sink.lock().await.close().await;
     }
