@@ -1,6 +1,7 @@
 //! `chatsim`: one CLI over the chat server model, the simulator (and, as they land, the
 //! load generator and playback). This file only parses arguments and calls into the crates.
 
+mod capacity_cmd;
 mod load_cmd;
 mod run_cmd;
 
@@ -38,6 +39,8 @@ enum Cmd {
     Bench(BenchCmd),
     /// Drive a running server with Goose over real WebSockets and write a load report.
     Load(load_cmd::LoadArgs),
+    /// Messages/s, storage and bandwidth from the seeds' inputs; fleet size from a load report.
+    Capacity(capacity_cmd::CapacityArgs),
     /// Work with load reports.
     #[command(subcommand)]
     Report(ReportCmd),
@@ -122,7 +125,15 @@ struct TokenArgs {
     secret_file: Option<PathBuf>,
 }
 
-fn main() -> Result<()> {
+fn main() {
+    if let Err(e) = run() {
+        // The cause chain, one line each; no backtrace for a user's mistake.
+        eprintln!("chatsim: error: {e:#}");
+        std::process::exit(2);
+    }
+}
+
+fn run() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -163,6 +174,7 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
+        Cmd::Capacity(a) => capacity_cmd::capacity(a),
         Cmd::Load(a) => {
             let code = load_cmd::load(a)?;
             std::process::exit(code);

@@ -8,6 +8,7 @@
 //!   summary.json; `merge` combines runs exactly; `fail_if` turns figures into exit codes.
 //! - `relay`: a bare tokio-tungstenite relay, the baseline the model is compared with.
 
+pub mod capacity;
 pub mod fail_if;
 pub mod ledger;
 pub mod merge;
