@@ -3,6 +3,7 @@
 
 mod capacity_cmd;
 mod load_cmd;
+mod play_cmd;
 mod run_cmd;
 
 use anyhow::{bail, Context, Result};
@@ -34,6 +35,8 @@ enum Cmd {
     Token(TokenArgs),
     /// Run scenarios in the deterministic simulator and check the chat invariants.
     Run(run_cmd::RunArgs),
+    /// Run a scenario and narrate it hop by hop (interview prep).
+    Play(play_cmd::PlayArgs),
     /// Print performance figures.
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -175,6 +178,10 @@ fn run() -> Result<()> {
             Ok(())
         }
         Cmd::Capacity(a) => capacity_cmd::capacity(a),
+        Cmd::Play(a) => {
+            let code = play_cmd::play(a)?;
+            std::process::exit(code);
+        }
         Cmd::Load(a) => {
             let code = load_cmd::load(a)?;
             std::process::exit(code);

@@ -15,6 +15,7 @@ pub mod disk;
 pub mod ledger;
 pub mod oracle;
 pub mod plan;
+pub mod playback;
 pub mod report;
 pub mod scenario;
 pub mod shrink;

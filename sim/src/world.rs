@@ -81,7 +81,10 @@ pub fn run(sc: &Scenario, seed: u64, opts: &RunOptions) -> Result<Outcome, Strin
             }
         })),
     );
-    hub.with_core(|c| c.set_bugs(opts.bugs.clone()));
+    hub.with_core(|c| {
+        c.set_bugs(opts.bugs.clone());
+        c.enable_event_log();
+    });
     // Every phone is linked to its account before the run: messages wait for all of them.
     for u in 0..plan.users {
         for d in 0..plan.devices_per_user {
@@ -322,7 +325,10 @@ pub fn run(sc: &Scenario, seed: u64, opts: &RunOptions) -> Result<Outcome, Strin
                                 secret.clone(),
                                 Box::new(disk.clone()),
                             );
-                            hub.with_core(|c| c.set_bugs(opts.bugs.clone()));
+                            hub.with_core(|c| {
+                                c.set_bugs(opts.bugs.clone());
+                                c.enable_event_log();
+                            });
                         }
                     } else if begin {
                         sim.crash(host.as_str());
@@ -351,7 +357,10 @@ pub fn run(sc: &Scenario, seed: u64, opts: &RunOptions) -> Result<Outcome, Strin
                     if begin && sc.topology.regions.first() == Some(&region) {
                         disk.failover();
                         hub.restart_core(limits.clone(), secret.clone(), Box::new(disk.clone()));
-                        hub.with_core(|c| c.set_bugs(opts.bugs.clone()));
+                        hub.with_core(|c| {
+                            c.set_bugs(opts.bugs.clone());
+                            c.enable_event_log();
+                        });
                         for (gw, r) in sc.gateways() {
                             if r == region {
                                 hub.act(|c| c.gateway_down(&gw.as_str().into(), now));
@@ -391,6 +400,7 @@ pub fn run(sc: &Scenario, seed: u64, opts: &RunOptions) -> Result<Outcome, Strin
         if let Err(e) = sim.step() {
             return Err(format!("simulation failed at {t} ms: {e}"));
         }
+        record_core_events(&hub, &mut ctx.ledger.borrow_mut());
         steps += 1;
     }
     let stats = hub.with_core(|c| c.stats().clone());
@@ -405,6 +415,8 @@ pub fn run(sc: &Scenario, seed: u64, opts: &RunOptions) -> Result<Outcome, Strin
     if let Ok(p) = pushes.lock() {
         ledger.pushes = p.clone();
     }
+    // Server events are drained after each step: put everything in time order (stable).
+    ledger.trace.sort_by_key(|e| e.t);
     Ok(Outcome {
         seed,
         plan,
@@ -415,6 +427,86 @@ pub fn run(sc: &Scenario, seed: u64, opts: &RunOptions) -> Result<Outcome, Strin
         online_at_end,
         steps,
     })
+}
+
+/// Moves the chat service's playback events into the trace.
+fn record_core_events(hub: &Hub, l: &mut Ledger) {
+    use model_server::core::CoreEvent;
+    for e in hub.with_core(|c| c.take_events()) {
+        let t = |at: Millis| at.0.saturating_sub(EPOCH_MS);
+        match e {
+            CoreEvent::Stored {
+                at,
+                conversation,
+                seq,
+                client_message_id,
+                sender,
+                gateway,
+                inbox_copies,
+                shared_log,
+            } => l.trace(
+                t(at),
+                "chat",
+                "stored",
+                Some(conversation.as_str()),
+                Some(seq.0),
+                Some(&client_message_id),
+                format!(
+                    "from {sender} via {gateway}; {} ",
+                    if shared_log {
+                        "shared group log".to_string()
+                    } else {
+                        format!(
+                            "{inbox_copies} inbox {}",
+                            if inbox_copies == 1 { "copy" } else { "copies" }
+                        )
+                    }
+                )
+                .trim_end()
+                .to_string(),
+            ),
+            CoreEvent::Deduplicated {
+                at,
+                conversation,
+                seq,
+                client_message_id,
+                sender,
+            } => l.trace(
+                t(at),
+                "chat",
+                "dedup",
+                Some(conversation.as_str()),
+                Some(seq.0),
+                Some(&client_message_id),
+                format!("retry from {sender}"),
+            ),
+            CoreEvent::Routed {
+                at,
+                conversation,
+                seq,
+                user,
+                device,
+                gateway,
+            } => l.trace(
+                t(at),
+                "chat",
+                "routed",
+                Some(conversation.as_str()),
+                Some(seq.0),
+                None,
+                format!("{user}/{device} on {gateway}"),
+            ),
+            CoreEvent::Pushed { at, user, pending } => l.trace(
+                t(at),
+                "chat",
+                "push",
+                None,
+                None,
+                None,
+                format!("{user}: {pending} waiting"),
+            ),
+        }
+    }
 }
 
 /// One-line description of a fault for the trace.

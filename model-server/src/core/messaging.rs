@@ -102,6 +102,13 @@ impl<S: KvStore> ChatCore<S> {
         };
         if let Some((conv, seq)) = seen {
             self.stats.messages_deduplicated += 1;
+            self.log(|| super::CoreEvent::Deduplicated {
+                at: now,
+                conversation: conv.clone(),
+                seq,
+                client_message_id: m.cmid.0.clone(),
+                sender: sess.user.clone(),
+            });
             let mut e = ErrorPayload::new(409, "duplicate client_message_id: already stored");
             e.message_id = Some(MessageId::new(&conv, seq));
             e.conversation_id = Some(conv);
@@ -190,6 +197,23 @@ impl<S: KvStore> ChatCore<S> {
         // Save before ack: if this commit fails, the client gets an error and no ack.
         self.db.commit(batch)?;
         self.stats.messages_stored += 1;
+        let gateway = self
+            .reg
+            .conns
+            .get(&conn)
+            .map(|c| c.gateway.clone())
+            .unwrap_or(crate::ids::GatewayId(String::new()));
+        let copies = inbox_users.len();
+        self.log(|| super::CoreEvent::Stored {
+            at: now,
+            conversation: m.conv.clone(),
+            seq,
+            client_message_id: m.cmid.0.clone(),
+            sender: sess.user.clone(),
+            gateway,
+            inbox_copies: copies,
+            shared_log,
+        });
         tracing::debug!(conv = %m.conv, %seq, sender = %sess.user, "stored");
 
         let message_id = msg.message_id();
@@ -218,15 +242,20 @@ impl<S: KvStore> ChatCore<S> {
         };
         for r in &recipients {
             if self.deliver_to_user(r, &frame, None, Some(conn), now) == 0 {
-                self.push_wakeup(r, preview.clone())?;
+                self.push_wakeup(r, preview.clone(), now)?;
             }
         }
         Ok(())
     }
 
     /// Emits a content-free push for `user`.
-    fn push_wakeup(&mut self, user: &UserId, preview: Option<String>) -> Handled {
+    fn push_wakeup(&mut self, user: &UserId, preview: Option<String>, now: Millis) -> Handled {
         let pending = self.db.inbox_count(user, PUSH_COUNT_CAP)? as u64;
+        self.log(|| super::CoreEvent::Pushed {
+            at: now,
+            user: user.clone(),
+            pending: pending.max(1),
+        });
         self.stats.pushes += 1;
         self.fx.push.push(PushRequest {
             user: user.clone(),

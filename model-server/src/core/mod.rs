@@ -132,6 +132,45 @@ pub struct Stats {
     pub outbound_high_water: u64,
 }
 
+/// A step of the server's work, recorded for playback when the event log is on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CoreEvent {
+    /// A message passed dedup, got its seq and was committed with its inbox copies.
+    Stored {
+        at: Millis,
+        conversation: ConversationId,
+        seq: Seq,
+        client_message_id: String,
+        sender: UserId,
+        gateway: GatewayId,
+        inbox_copies: usize,
+        shared_log: bool,
+    },
+    /// A retry was recognised: answered with the original seq, nothing stored.
+    Deduplicated {
+        at: Millis,
+        conversation: ConversationId,
+        seq: Seq,
+        client_message_id: String,
+        sender: UserId,
+    },
+    /// The registry found a device online and the message was queued on its socket.
+    Routed {
+        at: Millis,
+        conversation: ConversationId,
+        seq: Seq,
+        user: UserId,
+        device: crate::ids::DeviceId,
+        gateway: GatewayId,
+    },
+    /// No device of `user` was online: a content-free push was requested.
+    Pushed {
+        at: Millis,
+        user: UserId,
+        pending: u64,
+    },
+}
+
 /// A snapshot of gauges for `/metrics`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Gauges {
@@ -163,6 +202,8 @@ pub struct ChatCore<S: KvStore> {
     stats: Stats,
     fx: Effects,
     bugs: crate::config::Bugs,
+    /// Playback's event log; `None` (off) unless `enable_event_log` was called.
+    events: Option<Vec<CoreEvent>>,
 }
 
 /// An error that becomes an `error` frame to the client.
@@ -201,6 +242,7 @@ impl<S: KvStore> ChatCore<S> {
             stats: Stats::default(),
             fx: Effects::default(),
             bugs: crate::config::Bugs::default(),
+            events: None,
         }
     }
 
@@ -212,6 +254,22 @@ impl<S: KvStore> ChatCore<S> {
     /// The auth secret (the HTTP lane verifies bearer tokens with it).
     pub fn secret(&self) -> &Secret {
         &self.secret
+    }
+
+    /// Starts recording `CoreEvent`s (playback). Off by default: no cost when off.
+    pub fn enable_event_log(&mut self) {
+        self.events.get_or_insert_with(Vec::new);
+    }
+
+    /// Takes the events recorded since the last call.
+    pub fn take_events(&mut self) -> Vec<CoreEvent> {
+        self.events.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    fn log(&mut self, e: impl FnOnce() -> CoreEvent) {
+        if let Some(v) = self.events.as_mut() {
+            v.push(e());
+        }
     }
 
     /// Switches planted bugs on (simulator only).
@@ -621,9 +679,28 @@ impl<S: KvStore> ChatCore<S> {
     ) -> usize {
         let mut n = 0;
         let from_region = from_conn.and_then(|c| self.reg.region_of(c).cloned());
-        for (_, conn) in self.reg.user_conns(user) {
+        let routed = match frame {
+            ServerFrame::Message { payload } | ServerFrame::GroupMessage { payload } => {
+                Some((payload.conversation_id.clone(), payload.seq))
+            }
+            _ => None,
+        };
+        for (device, conn) in self.reg.user_conns(user) {
             if Some(conn) == except {
                 continue;
+            }
+            if let Some((conversation, seq)) = &routed {
+                let gateway = self.reg.conns.get(&conn).map(|c| c.gateway.clone());
+                if let Some(gateway) = gateway {
+                    self.log(|| CoreEvent::Routed {
+                        at: now,
+                        conversation: conversation.clone(),
+                        seq: *seq,
+                        user: user.clone(),
+                        device: device.clone(),
+                        gateway,
+                    });
+                }
             }
             if from_region.is_some() && self.reg.region_of(conn) != from_region.as_ref() {
                 self.stats.cross_region_deliveries += 1;

@@ -1,0 +1,226 @@
+//! Playback: a run's trace told one protocol hop per line, each with the design decision
+//! behind it, and the same trace as a self-contained HTML sequence diagram.
+
+use crate::ledger::TraceEvent;
+use std::fmt::Write as _;
+
+/// Which lines to keep.
+#[derive(Clone, Debug, Default)]
+pub struct Filter {
+    /// Only this conversation (`dm:u0:u1`).
+    pub conversation: Option<String>,
+    /// Only this user's devices (`u0`), plus server hops about their conversations.
+    pub user: Option<String>,
+}
+
+impl Filter {
+    fn keeps(&self, e: &TraceEvent) -> bool {
+        if e.event == "fault" {
+            return true;
+        }
+        if let Some(c) = &self.conversation {
+            if e.conv.as_deref() != Some(c.as_str()) {
+                return false;
+            }
+        }
+        if let Some(u) = &self.user {
+            let mine = e.at.split('/').next() == Some(u.as_str());
+            let about = e
+                .conv
+                .as_deref()
+                .is_some_and(|c| c.split(':').any(|p| p == u))
+                || e.detail.starts_with(&format!("{u}/"))
+                || e.detail.starts_with(&format!("{u}:"));
+            if !mine && !about {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// One narrated hop.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Line {
+    pub t: u64,
+    pub who: String,
+    pub what: String,
+    pub why: &'static str,
+}
+
+impl std::fmt::Display for Line {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:>9.3}s  {:<8} {}",
+            self.t as f64 / 1000.0,
+            self.who,
+            self.what
+        )?;
+        if !self.why.is_empty() {
+            write!(f, "\n{:>20}{}", "", self.why)?;
+        }
+        Ok(())
+    }
+}
+
+fn seq(e: &TraceEvent) -> String {
+    e.seq.map(|s| format!(" seq {s}")).unwrap_or_default()
+}
+
+/// Tells the trace, hop by hop. Each reason is given the first time its hop appears.
+pub fn narrate(trace: &[TraceEvent], filter: &Filter) -> Vec<Line> {
+    let mut out = Vec::new();
+    let mut told = std::collections::BTreeSet::new();
+    for (i, e) in trace.iter().enumerate() {
+        if !filter.keeps(e) {
+            continue;
+        }
+        let conv = e.conv.clone().unwrap_or_default();
+        let cmid = e.cmid.clone().unwrap_or_default();
+        let (what, why): (String, &'static str) = match e.event.as_str() {
+            "tap" => (format!("taps send: {cmid} in {conv}"), "it lands in the phone's local outbox first, which survives the app being killed"),
+            "send" => (format!("→ gateway: message {cmid} in {conv}"), "the same client_message_id rides every retry, so the server can spot duplicates"),
+            "stored" => (
+                format!("chat service: {cmid} is{} of {conv} ({})", seq(e), e.detail),
+                "dedup on (sender, client_message_id), next seq of this chat, message and inbox copies in one commit",
+            ),
+            "dedup" => (
+                format!("chat service: {cmid} is a retry of{}: 409 with the original seq, nothing stored", seq(e)),
+                "at-least-once delivery plus dedup: the elevator retry never shows twice",
+            ),
+            "ack" if e.detail == "again" => (format!("✓ again for {cmid} ({})", seq(e).trim()), "a retry's answer: the phone already showed one tick"),
+            "ack" => (format!("✓ sent: {cmid} is{} of {conv}", seq(e)), "ack only after the inbox write: this is why nothing acked is lost"),
+            "routed" => (format!("registry: {} → delivered on its live socket ({})", e.detail, seq(e).trim()), "the user→gateway registry finds every online device, on any gateway"),
+            "push" => (format!("push → {}", e.detail), "push carries no text: it only wakes the phone; the inbox is the truth"),
+            "deliver" if e.detail == "undecryptable" => (format!("got{} of {conv} but cannot decrypt it", seq(e)), ""),
+            "deliver" => (format!("shows {cmid} ({} of {conv}) and acks it", seq(e).trim()), "decrypted on the phone; the delivery_ack turns the sender's tick into two"),
+            "delivery_receipt" => (format!("✓✓ delivered in {conv} ({})", e.detail), "status only moves forward: sent → delivered → read"),
+            "read_receipt" => (format!("blue ticks: read in {conv} ({})", e.detail), "the recipient opened the chat; receipts never go backward"),
+            "connected" => (format!("connected to {} and syncs everything after its last seq", e.detail), "sync on reconnect is how an offline phone catches up, in seq order"),
+            "disconnected" => (format!("lost its socket ({})", e.detail), "it will reconnect with jittered exponential backoff, not all at once"),
+            "connect_failed" => (format!("could not connect ({})", e.detail), "backoff doubles up to a cap, with jitter, so a storm spreads out"),
+            "app_away" => ("app in the background / killed: socket gone".into(), "messages for it wait in its inbox; its own taps wait in its outbox"),
+            "error" => (format!("error {}", e.detail), ""),
+            "fault" => {
+                let lost = trace[i..]
+                    .iter()
+                    .take_while(|x| x.t <= e.t + 2_000)
+                    .filter(|x| x.event == "disconnected")
+                    .count();
+                let tail = if lost > 0 { format!(": {lost} devices lose their socket and reconnect with jittered backoff") } else { String::new() };
+                (format!("FAULT {}{tail}", e.detail), "")
+            }
+            other => (format!("{other} {}", e.detail), ""),
+        };
+        let why = if told.insert(why) { why } else { "" };
+        out.push(Line {
+            t: e.t,
+            who: e.at.clone(),
+            what,
+            why,
+        });
+    }
+    out
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// A self-contained page: one swimlane per device plus the chat service and push, one
+/// arrow per hop, faults marked; Next/Previous (or arrow keys) step through it.
+pub fn html(title: &str, lines: &[Line], trace: &[TraceEvent], filter: &Filter) -> String {
+    let kept: Vec<&TraceEvent> = trace.iter().filter(|e| filter.keeps(e)).collect();
+    let mut lanes: Vec<String> = vec!["chat".into(), "push".into()];
+    for e in &kept {
+        if e.at.contains('/') && !lanes.contains(&e.at) {
+            lanes.push(e.at.clone());
+        }
+    }
+    let lane_x = |name: &str| 90 + 150 * lanes.iter().position(|l| l == name).unwrap_or(0);
+    let width = 90 + 150 * lanes.len();
+    let row_h = 34;
+    let height = 60 + row_h * kept.len();
+    let mut svg = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"11\">");
+    svg.push_str("<defs><marker id=\"a\" markerWidth=\"8\" markerHeight=\"8\" refX=\"7\" refY=\"4\" orient=\"auto\"><path d=\"M0,0 L8,4 L0,8 z\" fill=\"#333\"/></marker></defs>");
+    for l in &lanes {
+        let x = lane_x(l);
+        let _ = write!(svg, "<text x=\"{x}\" y=\"20\" text-anchor=\"middle\" font-weight=\"bold\">{}</text><line x1=\"{x}\" y1=\"28\" x2=\"{x}\" y2=\"{height}\" stroke=\"#bbb\" stroke-dasharray=\"4 3\"/>", esc(l));
+    }
+    for (i, (e, line)) in kept.iter().zip(lines).enumerate() {
+        let y = 50 + row_h * i;
+        let dev = e.at.clone();
+        let (from, to) = match e.event.as_str() {
+            "send" => (dev.clone(), "chat".to_string()),
+            "ack" | "delivery_receipt" | "read_receipt" => ("chat".into(), dev.clone()),
+            "routed" => (
+                "chat".into(),
+                e.detail
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or("chat")
+                    .to_string(),
+            ),
+            "push" => ("chat".into(), "push".into()),
+            _ => (dev.clone(), dev.clone()),
+        };
+        let (x1, x2) = (lane_x(&from), lane_x(&to));
+        let colour = if e.event == "fault" { "#b00" } else { "#333" };
+        let _ = write!(svg, "<g class=\"step\" data-i=\"{i}\">");
+        if e.event == "fault" {
+            let _ = write!(
+                svg,
+                "<rect x=\"0\" y=\"{}\" width=\"{width}\" height=\"{}\" fill=\"#fdd\"/>",
+                y - 14,
+                row_h - 6
+            );
+        } else if x1 != x2 {
+            let _ = write!(svg, "<line x1=\"{x1}\" y1=\"{y}\" x2=\"{x2}\" y2=\"{y}\" stroke=\"{colour}\" marker-end=\"url(#a)\"/>");
+        } else {
+            let _ = write!(
+                svg,
+                "<circle cx=\"{x1}\" cy=\"{y}\" r=\"4\" fill=\"{colour}\"/>"
+            );
+        }
+        let _ = write!(
+            svg,
+            "<text x=\"{}\" y=\"{}\" fill=\"{colour}\">{:.3}s {}</text></g>",
+            x1.min(x2) + 6,
+            y - 4,
+            line.t as f64 / 1000.0,
+            esc(&line.what)
+        );
+    }
+    svg.push_str("</svg>");
+    let mut list = String::new();
+    for (i, l) in lines.iter().enumerate() {
+        let _ = write!(
+            list,
+            "<li data-i=\"{i}\"><b>{:.3}s {}</b> {}<br><i>{}</i></li>",
+            l.t as f64 / 1000.0,
+            esc(&l.who),
+            esc(&l.what),
+            esc(l.why)
+        );
+    }
+    format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{t}</title><style>\
+body{{font-family:sans-serif;margin:1em}}#bar{{position:sticky;top:0;background:#fff;padding:6px 0}}\
+.step{{opacity:.25}}.step.on{{opacity:1}}.step.now text{{font-weight:bold}}li{{opacity:.35;margin:2px 0}}li.on{{opacity:1}}li.now{{background:#ffd}}\
+#wrap{{display:flex;gap:1em}}#diagram{{overflow:auto;max-height:85vh}}ol{{max-height:85vh;overflow:auto;width:34em;font-size:13px}}</style></head><body>\
+<h1>{t}</h1><div id=\"bar\"><button id=\"prev\">◀ Previous</button> <button id=\"next\">Next ▶</button> <button id=\"all\">Show all</button> <span id=\"pos\"></span></div>\
+<div id=\"wrap\"><div id=\"diagram\">{svg}</div><ol>{list}</ol></div>\
+<script>let i=-1;const n={n};const s=document.querySelectorAll('.step'),l=document.querySelectorAll('li');\
+function show(k){{i=Math.max(-1,Math.min(n-1,k));s.forEach(e=>{{const j=+e.dataset.i;e.classList.toggle('on',j<=i);e.classList.toggle('now',j==i)}});\
+l.forEach(e=>{{const j=+e.dataset.i;e.classList.toggle('on',j<=i);e.classList.toggle('now',j==i)}});document.getElementById('pos').textContent=(i+1)+' / '+n;\
+const c=document.querySelector('li.now');if(c)c.scrollIntoView({{block:'nearest'}});}}\
+document.getElementById('next').onclick=()=>show(i+1);document.getElementById('prev').onclick=()=>show(i-1);document.getElementById('all').onclick=()=>show(n-1);\
+document.onkeydown=e=>{{if(e.key=='ArrowRight')show(i+1);if(e.key=='ArrowLeft')show(i-1)}};show(0);</script></body></html>",
+        t = esc(title),
+        n = lines.len(),
+    )
+}

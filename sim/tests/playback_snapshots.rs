@@ -1,0 +1,97 @@
+//! Every story scenario plays, and its narration matches the reviewed snapshot in
+//! `tests/snapshots/` byte for byte (the simulator is deterministic, so any change in the
+//! protocol's behaviour or the narration shows up here). Regenerate after an intended
+//! change with `UPDATE_SNAPSHOTS=1 cargo test -p sim --test playback_snapshots` and review
+//! the diff.
+
+use sim::playback::{html, narrate, Filter};
+use sim::{RunOptions, Scenario};
+use std::path::Path;
+
+fn story(name: &str) -> (String, String) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let sc = Scenario::load(
+        &root
+            .join("../scenarios/stories")
+            .join(format!("{name}.toml")),
+    )
+    .expect("story parses");
+    let (r, o) = sim::run_seed(&sc, sc.seed, &RunOptions::default()).expect("runs");
+    assert!(r.passed, "{name}: {:?}", r.failures);
+    let lines = narrate(&o.ledger.trace, &Filter::default());
+    let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    let page = html(name, &lines, &o.ledger.trace, &Filter::default());
+    (text, page)
+}
+
+fn check(name: &str) {
+    let (text, page) = story(name);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/snapshots")
+        .join(format!("{name}.txt"));
+    if std::env::var_os("UPDATE_SNAPSHOTS").is_some() {
+        std::fs::create_dir_all(path.parent().expect("dir")).expect("mkdir");
+        std::fs::write(&path, &text).expect("write snapshot");
+    }
+    let want = std::fs::read_to_string(&path).unwrap_or_else(|_| {
+        panic!(
+            "missing snapshot {}; run with UPDATE_SNAPSHOTS=1",
+            path.display()
+        )
+    });
+    assert!(
+        text == want,
+        "{name}: narration differs from {}:\n--- got ---\n{text}",
+        path.display()
+    );
+    assert!(
+        page.contains("<svg") && page.contains(">chat<") && page.contains("u0/d0"),
+        "{name}: diagram has its lanes"
+    );
+}
+
+#[test]
+fn one_send_story_narrates_every_hop() {
+    check("one-send");
+    let (text, _) = story("one-send");
+    for hop in [
+        "taps send",
+        "→ gateway",
+        "chat service",
+        "registry",
+        "✓ sent",
+        "shows",
+        "✓✓ delivered",
+        "blue ticks",
+    ] {
+        assert!(text.contains(hop), "missing hop '{hop}'");
+    }
+    assert!(text.contains("ack only after the inbox write"));
+}
+
+#[test]
+fn offline_inbox_story_shows_the_push_and_the_sync() {
+    check("offline-inbox");
+    let (text, _) = story("offline-inbox");
+    assert!(text.contains("push → u1"));
+    assert!(text.contains("push carries no text"));
+}
+
+#[test]
+fn elevator_retry_story_shows_the_dedup() {
+    check("elevator-retry");
+    assert!(story("elevator-retry").0.contains("is a retry of seq"));
+}
+
+#[test]
+fn bad_train_story_plays() {
+    check("bad-train");
+}
+
+#[test]
+fn reconnect_storm_story_counts_the_dropped_devices() {
+    check("reconnect-storm");
+    assert!(story("reconnect-storm")
+        .0
+        .contains("devices lose their socket"));
+}
