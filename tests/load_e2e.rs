@@ -81,7 +81,8 @@ fn short_load_writes_consistent_reports_and_runs_merge_exactly() {
             && p("p999") <= p("max")
     );
     assert_eq!(p("count"), delivered);
-    // timeseries rows add up to the summary over the measured seconds (2..5).
+    // timeseries rows add up to the summary over the measured seconds.
+    let from = s["measured_from_s"].as_u64().expect("from");
     let ts = std::fs::read_to_string(run1.join("timeseries.csv")).expect("csv");
     let rows: Vec<Vec<u64>> = ts
         .lines()
@@ -95,7 +96,7 @@ fn short_load_writes_consistent_reports_and_runs_merge_exactly() {
         .collect();
     let measured_sent: u64 = rows
         .iter()
-        .filter(|r| (2..5).contains(&r[0]))
+        .filter(|r| (from..from + 3).contains(&r[0]))
         .map(|r| r[2])
         .sum();
     assert_eq!(measured_sent, sent);

@@ -44,10 +44,12 @@ pub struct Shared {
     pub cfg: LoadConfig,
     /// Time zero of the run (users start ramping here).
     pub start: Instant,
-    /// End of ramp-up: measurement covers sends *intended* in [measure_from, measure_until).
-    pub measure_from: Instant,
-    /// No send is scheduled after this; a grace period lets in-flight messages arrive.
-    pub measure_until: Instant,
+    /// The measured phase, [from, until) of intended send times: it starts once every user
+    /// has connected (Goose may take a while to build its users), lasts `duration`, and no
+    /// send is scheduled after it. `None` until then.
+    window_span: Mutex<Option<(Instant, Instant)>>,
+    /// Users whose on_start finished (connected or failed).
+    pub started: AtomicUsize,
     pub next_user: AtomicUsize,
     pub connections: AtomicI64,
     pub sent: AtomicU64,
@@ -75,8 +77,8 @@ impl Shared {
     pub fn new(cfg: LoadConfig) -> Self {
         let start = Instant::now();
         Shared {
-            measure_from: start + cfg.ramp,
-            measure_until: start + cfg.ramp + cfg.duration,
+            window_span: Mutex::new(None),
+            started: AtomicUsize::new(0),
             cfg,
             start,
             next_user: AtomicUsize::new(0),
@@ -115,7 +117,30 @@ impl Shared {
 
     /// Whether a send intended at `at` is measured.
     pub fn measuring(&self, at: Instant) -> bool {
-        at >= self.measure_from && at < self.measure_until
+        self.span()
+            .is_some_and(|(from, until)| at >= from && at < until)
+    }
+
+    /// The measured phase, once it has started.
+    pub fn span(&self) -> Option<(Instant, Instant)> {
+        *self.window_span.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A user finished connecting (or failed to); the last one starts the measured phase.
+    pub fn user_started(&self) {
+        if self.started.fetch_add(1, Ordering::Relaxed) + 1 == self.cfg.users {
+            // Start on the next whole second of the run, so per-second windows align.
+            let now = Instant::now();
+            let secs = now.saturating_duration_since(self.start).as_secs() + 1;
+            let from = self.start + std::time::Duration::from_secs(secs);
+            *self.window_span.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some((from, from + self.cfg.duration));
+        }
+    }
+
+    /// Whether the measured phase is over (no more sends are scheduled).
+    pub fn finished(&self, at: Instant) -> bool {
+        self.span().is_some_and(|(_, until)| at >= until)
     }
 
     /// A send left: remember it until `recipients` devices have it.

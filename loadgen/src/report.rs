@@ -58,6 +58,9 @@ pub struct Summary {
     pub group_size: usize,
     pub rate_per_user: f64,
     pub measured_s: f64,
+    /// Second of the run (timeseries.csv row) where the measured phase starts: when the
+    /// last user had connected.
+    pub measured_from_s: u64,
     pub sent: u64,
     /// Deliveries expected: each send times its recipients.
     pub expected_deliveries: u64,
@@ -143,10 +146,15 @@ pub fn write(
     let dir = &cfg.report_dir;
     let ramp_s = cfg.ramp.as_secs() as usize;
     let windows = shared.windows.lock().unwrap_or_else(|p| p.into_inner());
+    // The measured phase began when the last user connected, on a whole second.
+    let from_s = shared
+        .span()
+        .map(|(from, _)| from.saturating_duration_since(shared.start).as_secs() as usize)
+        .unwrap_or(ramp_s);
     let measured: Vec<_> = windows
         .iter()
         .enumerate()
-        .skip(ramp_s)
+        .skip(from_s)
         .take(cfg.duration.as_secs() as usize)
         .collect();
     let mut deliver = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)?;
@@ -256,6 +264,7 @@ pub fn write(
         group_size: cfg.group_size,
         rate_per_user: cfg.rate_per_user,
         measured_s: secs,
+        measured_from_s: from_s as u64,
         sent,
         expected_deliveries: sent * recipients,
         delivered,

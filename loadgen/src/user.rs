@@ -69,12 +69,18 @@ pub async fn attack(shared: Arc<Shared>) -> anyhow::Result<GooseMetrics> {
     let cfg = &shared.cfg;
     let ramp_s = cfg.ramp.as_secs_f64().max(0.001);
     let hatch = (cfg.users as f64 / ramp_s).max(1.0);
-    // Ramp, measured phase, then a grace period with no sends so in-flight messages land.
-    let run_time = (cfg.ramp + cfg.duration + GRACE).as_secs().max(1);
+    // Goose ramps users up at `hatch`, then keeps them for RunTime: the measured phase
+    // (which starts when the last user is connected) plus a grace period with no sends.
+    let run_time = (cfg.duration + GRACE + GRACE).as_secs().max(1);
     let s1 = shared.clone();
     let connect: TransactionFunction = Arc::new(move |user| {
         let s = s1.clone();
-        Box::pin(async move { on_start(s, user).await })
+        Box::pin(async move {
+            let r = on_start(s.clone(), user).await;
+            // Counted whatever happened: the last one starts the measured phase.
+            s.user_started();
+            r
+        })
     });
     let s2 = shared.clone();
     let s3 = shared.clone();
@@ -423,7 +429,7 @@ async fn send_next(shared: Arc<Shared>, user: &mut GooseUser) -> TransactionResu
     let interval = Duration::from_secs_f64(1.0 / shared.cfg.rate_per_user);
     // Open loop: send k is due at a fixed time whatever happened to send k-1.
     let intended = dev.first + interval.mul_f64(k as f64);
-    if intended >= shared.measure_until {
+    if shared.finished(intended) {
         // The measured phase is over: idle until Goose stops the user.
         tokio::time::sleep(GRACE).await;
         return Ok(());
