@@ -76,9 +76,21 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<report::Summary> {
     };
     // Server figures are read late in the measured phase, while every connection is up.
     let mid = cfg.metrics_url.clone().map(|u| {
-        let at = cfg.ramp + cfg.duration.mul_f64(0.8);
+        let shared = shared.clone();
+        let late = cfg.duration.mul_f64(0.8);
+        let give_up = std::time::Instant::now() + cfg.ramp + Duration::from_secs(300);
         tokio::spawn(async move {
-            tokio::time::sleep(at).await;
+            // Wait for the measured phase (every user connected), then read late in it.
+            let from = loop {
+                if let Some((from, _)) = shared.span() {
+                    break from;
+                }
+                if std::time::Instant::now() > give_up {
+                    return None;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            };
+            tokio::time::sleep_until((from + late).into()).await;
             report::scrape(&u).await.ok()
         })
     });
