@@ -12,7 +12,7 @@ pub struct LoadArgs {
     /// Server to load (loopback only): ws://127.0.0.1:8080
     #[arg(long, default_value = "ws://127.0.0.1:8080")]
     pub target: String,
-    /// File with the server's token secret [default: chatsim-data/secret].
+    /// File with the server's token secret (`chatsim serve` writes DATA_DIR/secret).
     #[arg(long, default_value = "chatsim-data/secret")]
     pub secret_file: PathBuf,
     /// Virtual users (one device connection each).

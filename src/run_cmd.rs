@@ -193,7 +193,9 @@ pub fn run(a: RunArgs) -> Result<i32> {
             }
             let trace = write_trace(&a.reports, sc, r.seed, &opts)?;
             println!("  trace: {}", trace.display());
-            if !a.no_shrink {
+            if !a.no_shrink && sc.name.ends_with("-shrunk") {
+                println!("  (already a shrunk scenario: not shrinking again)");
+            } else if !a.no_shrink {
                 if let Some(kind) = r.violations.first().map(|v| v.kind) {
                     let s = sim::shrink::shrink(sc, r.seed, &opts, kind, a.shrink_budget);
                     let path =

@@ -68,6 +68,24 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<report::Summary> {
         cfg.rate_per_user > 0.0 && cfg.rate_per_user <= 1000.0,
         "rate per user must be in (0, 1000]"
     );
+    // Fail fast (rather than spin) when nothing listens at the target.
+    let hostport = cfg
+        .target
+        .trim_start_matches("ws://")
+        .trim_end_matches('/')
+        .to_string();
+    match tokio::time::timeout(
+        Duration::from_secs(3),
+        tokio::net::TcpStream::connect(&hostport),
+    )
+    .await
+    {
+        Ok(Ok(_)) => {}
+        _ => anyhow::bail!(
+            "cannot reach {}: is `chatsim serve` running there?",
+            cfg.target
+        ),
+    }
     std::fs::create_dir_all(&cfg.report_dir)?;
     let shared = Arc::new(ledger::Shared::new(cfg.clone()));
     let server_before = match &cfg.metrics_url {

@@ -412,10 +412,11 @@ async fn deliver(
 }
 
 async fn send_next(shared: Arc<Shared>, user: &mut GooseUser) -> TransactionResult {
-    let dev = user
-        .get_session_data::<Device>()
-        .cloned()
-        .ok_or_else(|| err("not connected"))?;
+    let Some(dev) = user.get_session_data::<Device>().cloned() else {
+        // This user never connected: do not spin (Goose calls us again at once).
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        return Err(err("not connected"));
+    };
     if let Some(at) = shared.cfg.storm_at {
         let selected = (dev.index * 7919 % 1000) as f64 / 1000.0 < shared.cfg.storm_fraction;
         if selected

@@ -76,6 +76,30 @@ const MAX_PER_KIND: usize = 5;
 const CONTEXT_LINES: usize = 8;
 
 fn context(o: &Outcome, conv: Option<&str>, device: Option<&str>) -> Vec<TraceEvent> {
+    context_of(o, conv, device, None)
+}
+
+/// Trace lines about one send (when `cmid` is known), else about the conversation or device.
+fn context_of(
+    o: &Outcome,
+    conv: Option<&str>,
+    device: Option<&str>,
+    cmid: Option<&str>,
+) -> Vec<TraceEvent> {
+    if let Some(c) = cmid {
+        let about: Vec<&TraceEvent> = o
+            .ledger
+            .trace
+            .iter()
+            .filter(|e| e.cmid.as_deref() == Some(c) || e.event == "fault")
+            .collect();
+        if about.iter().any(|e| e.event != "fault") {
+            return about[about.len().saturating_sub(CONTEXT_LINES)..]
+                .iter()
+                .map(|e| (*e).clone())
+                .collect();
+        }
+    }
     let hits: Vec<&TraceEvent> = o
         .ledger
         .trace
@@ -195,8 +219,13 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
                 .or_default()
                 .push(sh.message_id.as_str());
         }
-        for ((sender, cmid), ids) in by_send {
+        for ((sender, cmid), mut ids) in by_send {
             if ids.len() > 1 && !cmid.is_empty() {
+                ids.sort_by_key(|id| {
+                    id.rsplit_once('#')
+                        .and_then(|(_, s)| s.parse::<u64>().ok())
+                        .unwrap_or(0)
+                });
                 let dev = dkey(*k);
                 push(
                     &mut out,
@@ -205,8 +234,8 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
                         conversation: dl.shown.get(ids[0]).map(|x| x.conv.clone()),
                         device: Some(dev.clone()),
                         expected: format!("{cmid} from {} shown once", user_name(sender)),
-                        seen: format!("shown as {}", ids.join(", ")),
-                        context: context(o, None, Some(&dev)),
+                        seen: format!("it {} times, as {}", ids.len(), ids.join(", ")),
+                        context: context_of(o, None, Some(&dev), Some(cmid)),
                     },
                 );
             }
