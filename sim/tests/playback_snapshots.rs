@@ -101,5 +101,8 @@ fn region_failover_story_moves_the_phone_to_the_other_region() {
     check("region-failover");
     let (text, _) = story("region-failover");
     assert!(text.contains("FAULT regionfailover region=eu"));
-    assert!(text.contains("u0/d0    connected to gw-us-0"), "alice reconnects in us");
+    assert!(
+        text.contains("u0/d0    connected to gw-us-0"),
+        "alice reconnects in us"
+    );
 }
