@@ -106,44 +106,33 @@ fn single_error(frames: Vec<ServerFrame>) -> ErrorPayload {
     }
 }
 
+/// The payloads of every frame of one variant.
+macro_rules! payloads {
+    ($frames:expr, $variant:ident) => {
+        $frames
+            .iter()
+            .filter_map(|f| match f {
+                ServerFrame::$variant { payload } => Some(payload.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+}
+
 fn direct_messages(frames: &[ServerFrame]) -> Vec<DeliveredMessage> {
-    frames
-        .iter()
-        .filter_map(|f| match f {
-            ServerFrame::Message { payload } => Some(payload.clone()),
-            _ => None,
-        })
-        .collect()
+    payloads!(frames, Message)
 }
 
 fn group_messages(frames: &[ServerFrame]) -> Vec<DeliveredMessage> {
-    frames
-        .iter()
-        .filter_map(|f| match f {
-            ServerFrame::GroupMessage { payload } => Some(payload.clone()),
-            _ => None,
-        })
-        .collect()
+    payloads!(frames, GroupMessage)
 }
 
 fn presences(frames: &[ServerFrame]) -> Vec<PresencePayload> {
-    frames
-        .iter()
-        .filter_map(|f| match f {
-            ServerFrame::Presence { payload } => Some(payload.clone()),
-            _ => None,
-        })
-        .collect()
+    payloads!(frames, Presence)
 }
 
 fn group_receipts(frames: &[ServerFrame]) -> Vec<GroupReceiptPayload> {
-    frames
-        .iter()
-        .filter_map(|f| match f {
-            ServerFrame::GroupReceipt { payload } => Some(payload.clone()),
-            _ => None,
-        })
-        .collect()
+    payloads!(frames, GroupReceipt)
 }
 
 fn sync(h: &mut Harness, c: ConnId, payload: Value) -> SyncPagePayload {
