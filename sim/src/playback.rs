@@ -131,43 +131,81 @@ fn esc(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
-/// A self-contained page: one swimlane per device plus the chat service and push, one
-/// arrow per hop, faults marked; Next/Previous (or arrow keys) step through it.
+/// The gateway named in a detail such as `from u1 via gw-eu-0; …` or `u0/d0 on gw-eu-0`.
+fn gateway_in(detail: &str) -> Option<&str> {
+    detail
+        .split(|c: char| c.is_whitespace() || c == ';' || c == ':' || c == ',')
+        .find(|w| w.starts_with("gw-"))
+}
+
+/// Which lanes one hop's arrow joins, given where each device is connected now.
+fn arrow(e: &TraceEvent, at_gw: &std::collections::BTreeMap<String, String>) -> (String, String) {
+    let dev = e.at.clone();
+    let gw_of_dev = || at_gw.get(&dev).cloned().unwrap_or_else(|| "chat".into());
+    match e.event.as_str() {
+        "connected" => (
+            dev.clone(),
+            gateway_in(&e.detail).unwrap_or("chat").to_string(),
+        ),
+        "send" => (dev.clone(), gw_of_dev()),
+        "stored" => (
+            gateway_in(&e.detail).unwrap_or("chat").to_string(),
+            "chat".into(),
+        ),
+        "routed" => (
+            "chat".into(),
+            gateway_in(&e.detail).unwrap_or("chat").to_string(),
+        ),
+        "push" => ("chat".into(), "push".into()),
+        "ack" | "deliver" | "delivery_receipt" | "read_receipt" | "error" => {
+            (gw_of_dev(), dev.clone())
+        }
+        _ => (dev.clone(), dev),
+    }
+}
+
+/// A self-contained page: one swimlane per host (phones, gateways, the chat service and
+/// push), one arrow per hop, faults marked; Next/Previous (or arrow keys) step through it,
+/// and `#step=N` in the address opens it at hop N.
 pub fn html(title: &str, lines: &[Line], trace: &[TraceEvent], filter: &Filter) -> String {
     let kept: Vec<&TraceEvent> = trace.iter().filter(|e| filter.keeps(e)).collect();
-    let mut lanes: Vec<String> = vec!["chat".into(), "push".into()];
+    let mut devices: Vec<String> = Vec::new();
+    let mut gateways: Vec<String> = Vec::new();
     for e in &kept {
-        if e.at.contains('/') && !lanes.contains(&e.at) {
-            lanes.push(e.at.clone());
+        if e.at.contains('/') && !devices.contains(&e.at) {
+            devices.push(e.at.clone());
+        }
+        if let Some(g) = gateway_in(&e.detail) {
+            if !gateways.iter().any(|x| x == g) {
+                gateways.push(g.to_string());
+            }
         }
     }
+    gateways.sort();
+    let mut lanes: Vec<String> = devices;
+    lanes.extend(gateways);
+    lanes.push("chat".into());
+    lanes.push("push".into());
     let lane_x = |name: &str| 90 + 150 * lanes.iter().position(|l| l == name).unwrap_or(0);
-    let width = 90 + 150 * lanes.len();
+    // Room on the right for the labels of hops drawn on the last lanes.
+    let width = 90 + 150 * lanes.len() + 260;
     let row_h = 34;
     let height = 60 + row_h * kept.len();
     let mut svg = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"11\">");
     svg.push_str("<defs><marker id=\"a\" markerWidth=\"8\" markerHeight=\"8\" refX=\"7\" refY=\"4\" orient=\"auto\"><path d=\"M0,0 L8,4 L0,8 z\" fill=\"#333\"/></marker></defs>");
     for l in &lanes {
         let x = lane_x(l);
-        let _ = write!(svg, "<text x=\"{x}\" y=\"20\" text-anchor=\"middle\" font-weight=\"bold\">{}</text><line x1=\"{x}\" y1=\"28\" x2=\"{x}\" y2=\"{height}\" stroke=\"#bbb\" stroke-dasharray=\"4 3\"/>", esc(l));
+        let _ = write!(svg, "<text class=\"lane\" x=\"{x}\" y=\"20\" text-anchor=\"middle\" font-weight=\"bold\">{}</text><line x1=\"{x}\" y1=\"28\" x2=\"{x}\" y2=\"{height}\" stroke=\"#bbb\" stroke-dasharray=\"4 3\"/>", esc(l));
     }
+    let mut at_gw = std::collections::BTreeMap::new();
     for (i, (e, line)) in kept.iter().zip(lines).enumerate() {
         let y = 50 + row_h * i;
-        let dev = e.at.clone();
-        let (from, to) = match e.event.as_str() {
-            "send" => (dev.clone(), "chat".to_string()),
-            "ack" | "delivery_receipt" | "read_receipt" => ("chat".into(), dev.clone()),
-            "routed" => (
-                "chat".into(),
-                e.detail
-                    .split_whitespace()
-                    .next()
-                    .unwrap_or("chat")
-                    .to_string(),
-            ),
-            "push" => ("chat".into(), "push".into()),
-            _ => (dev.clone(), dev.clone()),
-        };
+        if e.event == "connected" {
+            if let Some(g) = gateway_in(&e.detail) {
+                at_gw.insert(e.at.clone(), g.to_string());
+            }
+        }
+        let (from, to) = arrow(e, &at_gw);
         let (x1, x2) = (lane_x(&from), lane_x(&to));
         let colour = if e.event == "fault" { "#b00" } else { "#333" };
         let _ = write!(svg, "<g class=\"step\" data-i=\"{i}\">");
@@ -219,7 +257,7 @@ function show(k){{i=Math.max(-1,Math.min(n-1,k));s.forEach(e=>{{const j=+e.datas
 l.forEach(e=>{{const j=+e.dataset.i;e.classList.toggle('on',j<=i);e.classList.toggle('now',j==i)}});document.getElementById('pos').textContent=(i+1)+' / '+n;\
 const c=document.querySelector('li.now');if(c)c.scrollIntoView({{block:'nearest'}});}}\
 document.getElementById('next').onclick=()=>show(i+1);document.getElementById('prev').onclick=()=>show(i-1);document.getElementById('all').onclick=()=>show(n-1);\
-document.onkeydown=e=>{{if(e.key=='ArrowRight')show(i+1);if(e.key=='ArrowLeft')show(i-1)}};show(0);</script></body></html>",
+document.onkeydown=e=>{{if(e.key=='ArrowRight')show(i+1);if(e.key=='ArrowLeft')show(i-1)}};const h=location.hash.match(/^#step=(\\d+)$/);show(h?+h[1]-1:0);</script></body></html>",
         t = esc(title),
         n = lines.len(),
     )
