@@ -66,6 +66,8 @@ pub struct Ctx {
     pub cmid_index: BTreeMap<String, usize>,
     /// Where taps have got to, per device (durable: survives kills).
     pub tapped: RefCell<BTreeMap<DeviceKey, usize>>,
+    /// Planned groups whose `grow_at_ms` request has been sent.
+    pub grown: RefCell<std::collections::BTreeSet<usize>>,
     pub end_ms: u64,
 }
 
@@ -110,6 +112,25 @@ impl Ctx {
             }
         }
         new
+    }
+
+    /// The send the user is typing now (the next one not yet tapped, if its typing phase
+    /// has begun) and when its next `typing` notice is due, given the last one sent.
+    fn typing(&self, k: DeviceKey, now: u64, last: Option<u64>) -> Option<(usize, u64)> {
+        let w = &self.sc.workload;
+        if w.typing_ms == 0 {
+            return None;
+        }
+        let list = self.device_sends.get(&k)?;
+        let pos = *self.tapped.borrow().get(&k).unwrap_or(&0);
+        let &i = list.get(pos)?;
+        let at = self.plan.sends[i].at_ms;
+        let start = at.saturating_sub(w.typing_ms);
+        let due = match last {
+            Some(t) if t >= start => t + w.typing_every_ms,
+            _ => start,
+        };
+        (due < at && at > now).then_some((i, due))
     }
 
     /// When the device's next tap is due, if any.
@@ -302,6 +323,8 @@ struct Session {
     next_read_at: u64,
     /// message id -> (conversation, when to send its read receipt).
     reads_due: BTreeMap<String, u64>,
+    /// When this device last sent a `typing` notice.
+    last_typing: Option<u64>,
 }
 
 async fn session(ctx: &Ctx, k: DeviceKey, mut ws: Ws, rng: &mut SmallRng, generation: u64) -> End {
@@ -313,6 +336,7 @@ async fn session(ctx: &Ctx, k: DeviceKey, mut ws: Ws, rng: &mut SmallRng, genera
         last_heartbeat: now,
         next_read_at: now,
         reads_due: BTreeMap::new(),
+        last_typing: None,
     };
     // Catch up on everything pending for this device.
     if ws
@@ -369,6 +393,49 @@ async fn session(ctx: &Ctx, k: DeviceKey, mut ws: Ws, rng: &mut SmallRng, genera
                 if let Err(e) = send(&mut ws, frame).await {
                     return End::Lost(e);
                 }
+            }
+        }
+        // The user is typing their next message: a notice every `typing_every_ms`.
+        if let Some((i, due)) = ctx.typing(k, now, s.last_typing) {
+            if due <= now {
+                s.last_typing = Some(now);
+                let conv = &ctx.send_conv[i];
+                ctx.ledger
+                    .borrow_mut()
+                    .trace(now, dev(k), "typing", Some(conv), None, None, "");
+                let f = json!({"type":"typing","payload":{"conversation_id":conv}});
+                if let Err(e) = send(&mut ws, f.to_string()).await {
+                    return End::Lost(e);
+                }
+            }
+        }
+        // An admin asks to grow a group (only ever past the cap: see `grow_at_ms`).
+        for (g, spec) in ctx.sc.workload.groups.iter().enumerate() {
+            let admin = ctx.plan.groups[g].admin;
+            if k != (admin, 0)
+                || spec.grow_at_ms.is_none_or(|t| t > now)
+                || !ctx.grown.borrow_mut().insert(g)
+            {
+                continue;
+            }
+            let members = &ctx.plan.groups[g].members;
+            let others: Vec<String> = (0..ctx.plan.users)
+                .filter(|u| !members.contains(u))
+                .map(user_name)
+                .collect();
+            let gid = &ctx.group_ids[g];
+            ctx.ledger.borrow_mut().trace(
+                now,
+                dev(k),
+                "group_add",
+                Some(&format!("grp:{gid}")),
+                None,
+                None,
+                format!("{} to a group of {}", others.join(", "), members.len()),
+            );
+            let f = json!({"type":"group_add","payload":{"group_id":gid,"user_ids":others}});
+            if let Err(e) = send(&mut ws, f.to_string()).await {
+                return End::Lost(e);
             }
         }
         // Read receipts that are due.
@@ -462,6 +529,16 @@ fn session_wake_in(ctx: &Ctx, k: DeviceKey, s: &Session, now: u64, slow: bool) -
     }
     if let Some(t) = s.reads_due.values().min() {
         next = next.min(*t);
+    }
+    if let Some((_, t)) = ctx.typing(k, now, s.last_typing) {
+        next = next.min(t);
+    }
+    for (g, spec) in ctx.sc.workload.groups.iter().enumerate() {
+        if let Some(t) = spec.grow_at_ms {
+            if k == (ctx.plan.groups[g].admin, 0) && !ctx.grown.borrow().contains(&g) {
+                next = next.min(t.max(now + 1));
+            }
+        }
     }
     if let Some(t) = s.sent_at.values().min() {
         next = next.min(t + cfg.ack_timeout_ms);
@@ -593,6 +670,17 @@ async fn on_frame(
                 let f = json!({"type":"sync","payload":{"cursor":payload.next_cursor}});
                 send(ws, f.to_string()).await?;
             }
+        }
+        ServerFrame::Typing { payload } => {
+            ctx.ledger.borrow_mut().trace(
+                now_ms(),
+                dev(k),
+                "typing_seen",
+                Some(payload.conversation_id.as_str()),
+                None,
+                None,
+                payload.user_id.as_str(),
+            );
         }
         ServerFrame::DeliveryAck { payload } | ServerFrame::ReadReceipt { payload } => {
             let now = now_ms();

@@ -79,12 +79,15 @@ impl Plan {
         for u in 0..n {
             let partners: Vec<usize> = match w.pattern.as_str() {
                 "ring" => vec![(u + 1) % n],
-                "star" if u == 0 => (1..n).collect(),
+                "star" | "one-way" if u == 0 => (1..n).collect(),
                 "star" => vec![0],
+                "one-way" => Vec::new(),
                 _ => vec![if u % 2 == 0 { (u + 1) % n } else { u - 1 }],
             };
             for k in 0..w.messages_per_user {
-                let p = partners[k % partners.len()];
+                let Some(&p) = partners.get(k % partners.len().max(1)) else {
+                    break;
+                };
                 if p != u {
                     push(&mut rng, u, Target::User(p));
                 }
@@ -101,9 +104,11 @@ impl Plan {
             let mut members = all[..g.size].to_vec();
             members.sort_unstable();
             let admin = members[0];
-            for _ in 0..g.messages {
+            for k in 0..g.messages {
                 let from = if g.announcement_only {
                     admin
+                } else if g.round_robin {
+                    members[k % members.len()]
                 } else {
                     members[rng.random_range(0..members.len())]
                 };
@@ -275,5 +280,30 @@ mod tests {
         ids.sort();
         ids.dedup();
         assert_eq!(ids.len(), p.sends.len());
+    }
+
+    #[test]
+    fn one_way_pattern_only_the_first_user_sends_and_round_robin_takes_turns() {
+        let sc = Scenario::parse(
+            "name=\"p\"\nduration_ms=10000\n[workload]\nusers=3\nmessages_per_user=4\npattern=\"one-way\"\n[[workload.groups]]\nsize=3\nmessages=6\nround_robin=true\n",
+            "p.toml",
+        )
+        .expect("parses");
+        let p = Plan::draw(&sc, 1);
+        let direct: Vec<_> = p
+            .sends
+            .iter()
+            .filter(|s| matches!(s.target, Target::User(_)))
+            .collect();
+        assert_eq!(direct.len(), 4);
+        assert!(direct.iter().all(|s| s.user == 0));
+        let mut group_senders: Vec<usize> = p
+            .sends
+            .iter()
+            .filter(|s| matches!(s.target, Target::Group(_)))
+            .map(|s| s.user)
+            .collect();
+        group_senders.sort_unstable();
+        assert_eq!(group_senders, vec![0, 0, 1, 1, 2, 2]);
     }
 }

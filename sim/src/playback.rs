@@ -81,6 +81,10 @@ pub fn narrate(trace: &[TraceEvent], filter: &Filter) -> Vec<Line> {
         let (what, why): (String, &'static str) = match e.event.as_str() {
             "tap" => (format!("taps send: {cmid} in {conv}"), "it lands in the phone's local outbox first, which survives the app being killed"),
             "send" => (format!("→ gateway: message {cmid} in {conv}"), "the same client_message_id rides every retry, so the server can spot duplicates"),
+            "stored" if e.detail.contains("shared group log") => (
+                format!("chat service: {cmid} is{} of {conv} ({})", seq(e), e.detail),
+                "a big group: one write to the group's shared log instead of a copy per member; members read it with a cursor",
+            ),
             "stored" => (
                 format!("chat service: {cmid} is{} of {conv} ({})", seq(e), e.detail),
                 "dedup on (sender, client_message_id), next seq of this chat, message and inbox copies in one commit",
@@ -101,7 +105,33 @@ pub fn narrate(trace: &[TraceEvent], filter: &Filter) -> Vec<Line> {
             "disconnected" => (format!("lost its socket ({})", e.detail), "it will reconnect with jittered exponential backoff, not all at once"),
             "connect_failed" => (format!("could not connect ({})", e.detail), "backoff doubles up to a cap, with jitter, so a storm spreads out"),
             "app_away" => ("app in the background / killed: socket gone".into(), "messages for it wait in its inbox; its own taps wait in its outbox"),
+            "error" if e.detail.starts_with("503") => (
+                format!("error {}", e.detail),
+                "the resume token lets the phone reconnect and sync instead of replaying its whole history",
+            ),
+            "error" if e.detail.starts_with("413") => (
+                format!("error {}", e.detail),
+                "the product sets a cap: past it, one send would mean too many copies or reads",
+            ),
             "error" => (format!("error {}", e.detail), ""),
+            "group_add" => (
+                format!("admin asks to add {}", e.detail),
+                "only admins may add members, and the server checks the size cap on every add",
+            ),
+            "slow_consumer" => (
+                format!("chat service: {}: the outbound queue is full, so it drops them and closes the socket", e.detail),
+                "a bounded queue per connection: one slow phone cannot eat the server's memory; its messages wait in the inbox",
+            ),
+            "typing" => (format!("types in {conv} → gateway"), "typing notices ride the fast lane but are disposable"),
+            "typing_fwd" => (
+                format!("chat service: typing from {}", e.detail),
+                "at most one notice per user per chat every 2 s; a newer notice replaces one still queued; shed first under pressure",
+            ),
+            "typing_throttled" => (
+                format!("chat service: typing from {} dropped by the throttle", e.detail),
+                "throttled, not queued: a keystroke storm costs the server almost nothing",
+            ),
+            "typing_seen" => (format!("sees \"{} is typing…\" in {conv}", e.detail), ""),
             "fault" => {
                 let lost = trace[i..]
                     .iter()

@@ -147,6 +147,19 @@ impl RunResult {
                 }
             }
         }
+        // A group the admin tried to grow past the cap must have been refused with 413.
+        for (g, spec) in sc.workload.groups.iter().enumerate() {
+            let Some(at) = spec.grow_at_ms else { continue };
+            let admin = format!("u{}/d0", o.plan.groups[g].admin);
+            let refused = o.ledger.trace.iter().any(|e| {
+                e.t >= at && e.at == admin && e.event == "error" && e.detail.starts_with("413")
+            });
+            if !refused {
+                failures.push(format!(
+                    "group {g}: growing it past group_cap was not refused with 413"
+                ));
+            }
+        }
         if let Some(max) = sc.expect.p99_deliver_ms {
             if figures.send_to_deliver_ms.p99 > max {
                 failures.push(format!(

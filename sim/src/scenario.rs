@@ -66,6 +66,10 @@ pub struct Topology {
     pub client_hosts: usize,
     /// Per-segment latency range, ms.
     pub latency_ms: [u64; 2],
+    /// Segments a simulated TCP socket buffers before its writer blocks (turmoil's
+    /// `tcp_capacity`, also the accept backlog). Small values let a slow phone's
+    /// backpressure reach the server's outbound queue sooner.
+    pub tcp_segments: usize,
 }
 
 impl Default for Topology {
@@ -75,6 +79,7 @@ impl Default for Topology {
             gateways_per_region: 1,
             client_hosts: 1,
             latency_ms: [1, 20],
+            tcp_segments: crate::world::TCP_CAPACITY,
         }
     }
 }
@@ -122,7 +127,8 @@ pub struct Workload {
     pub users: usize,
     #[serde(default = "one_usize")]
     pub devices_per_user: usize,
-    /// `pairs` (u0-u1, u2-u3, ...), `ring` (each user to the next) or `star` (u0 to all).
+    /// `pairs` (u0-u1, u2-u3, ...), `ring` (each user to the next), `star` (u0 to all and
+    /// all to u0) or `one-way` (u0 to all, nobody back).
     #[serde(default = "default_pattern")]
     pub pattern: String,
     /// 1:1 messages each user sends.
@@ -133,6 +139,16 @@ pub struct Workload {
     pub send_window_ms: Option<[u64; 2]>,
     #[serde(default)]
     pub groups: Vec<GroupLoad>,
+    /// Users type for this long before each send, ms (0: nobody types).
+    #[serde(default)]
+    pub typing_ms: u64,
+    /// While typing, a `typing` notice every this many ms (keystrokes, roughly).
+    #[serde(default = "default_typing_every")]
+    pub typing_every_ms: u64,
+}
+
+fn default_typing_every() -> u64 {
+    500
 }
 
 fn one_usize() -> usize {
@@ -150,6 +166,13 @@ pub struct GroupLoad {
     pub messages: usize,
     #[serde(default)]
     pub announcement_only: bool,
+    /// Members take turns sending (lowest id first) instead of a random member each time.
+    #[serde(default)]
+    pub round_robin: bool,
+    /// At this time the admin asks to add every user who is not a member; the run checks
+    /// that the server refuses (the group would grow past `group_cap`).
+    #[serde(default)]
+    pub grow_at_ms: Option<u64>,
 }
 
 /// What kind of fault.
@@ -356,6 +379,9 @@ impl Scenario {
                 "latency_ms must be [min, max] with min <= max".into(),
             ));
         }
+        if !(4..=4096).contains(&top.tcp_segments) {
+            return Err((None, "tcp_segments", "tcp_segments must be 4..=4096".into()));
+        }
         if self.tick_ms == 0 || self.tick_ms > 100 {
             return Err((None, "tick_ms", "tick_ms must be 1..=100".into()));
         }
@@ -370,11 +396,21 @@ impl Scenario {
                 "devices_per_user must be 1..=8".into(),
             ));
         }
-        if !["pairs", "ring", "star"].contains(&w.pattern.as_str()) {
+        if !["pairs", "ring", "star", "one-way"].contains(&w.pattern.as_str()) {
             return Err((
                 None,
                 "pattern",
-                format!("unknown pattern '{}': use pairs, ring or star", w.pattern),
+                format!(
+                    "unknown pattern '{}': use pairs, ring, star or one-way",
+                    w.pattern
+                ),
+            ));
+        }
+        if w.typing_ms > 0 && !(50..=60_000).contains(&w.typing_every_ms) {
+            return Err((
+                None,
+                "typing_every_ms",
+                "typing_every_ms must be 50..=60000".into(),
             ));
         }
         if let Some([a, b]) = w.send_window_ms {
@@ -400,6 +436,20 @@ impl Scenario {
                         g.size
                     ),
                 ));
+            }
+            if let Some(at) = g.grow_at_ms {
+                if at > self.duration_ms || w.users <= cap {
+                    return Err((
+                        None,
+                        "grow_at_ms",
+                        format!(
+                            "grow_at_ms must be within duration_ms ({}) and users ({}) must be \
+                             above group_cap ({cap}): growing a group is only simulated to show \
+                             the cap refusing it",
+                            self.duration_ms, w.users
+                        ),
+                    ));
+                }
             }
             if g.size < 2 || g.size > w.users {
                 return Err((
@@ -570,5 +620,39 @@ mod tests {
         assert_eq!(s.limits().expect("limits").heartbeat_interval_ms, 1234);
         let bad = format!("{MIN}[server]\nheartbeat = 1\n");
         assert!(Scenario::parse(&bad, "s.toml").is_err());
+    }
+
+    #[test]
+    fn tcp_segments_defaults_and_is_bounded() {
+        let s = Scenario::parse(MIN, "x.toml").expect("parses");
+        assert_eq!(s.topology.tcp_segments, crate::world::TCP_CAPACITY);
+        let bad = format!("{MIN}[topology]\ntcp_segments = 2\n");
+        let e = Scenario::parse(&bad, "t.toml").expect_err("too small");
+        assert!(e.message.contains("tcp_segments must be 4..=4096"), "{e}");
+    }
+
+    #[test]
+    fn growing_a_group_is_only_accepted_past_the_cap() {
+        let within = "name = \"x\"\nduration_ms = 1000\n[workload]\nusers = 4\n\
+                      [[workload.groups]]\nsize = 3\nmessages = 1\ngrow_at_ms = 500\n";
+        let e = Scenario::parse(within, "g.toml").expect_err("4 users fit under the cap");
+        assert!(e.message.contains("above group_cap"), "{e}");
+        let past = format!("{within}[server]\ngroup_cap = 3\n");
+        let s = Scenario::parse(&past, "g.toml").expect("past the cap");
+        assert_eq!(s.workload.groups[0].grow_at_ms, Some(500));
+    }
+
+    #[test]
+    fn typing_every_ms_is_checked_when_users_type() {
+        let text = format!("{MIN}typing_ms = 3000\ntyping_every_ms = 10\n");
+        let e = Scenario::parse(&text, "t.toml").expect_err("too fast");
+        assert!(e.message.contains("typing_every_ms"), "{e}");
+    }
+
+    #[test]
+    fn unknown_pattern_lists_the_known_ones() {
+        let text = MIN.replace("users = 2\n", "users = 2\npattern = \"mesh\"\n");
+        let e = Scenario::parse(&text, "p.toml").expect_err("unknown");
+        assert!(e.message.contains("pairs, ring, star or one-way"), "{e}");
     }
 }

@@ -19,9 +19,9 @@ use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// Segments in flight per TCP stream (turmoil's flow control) and the accept backlog.
-/// Small enough that a phone that stops reading pushes back on the server's writer within
-/// a few hundred frames, as a real TCP window would.
+/// Default `[topology] tcp_segments`: segments in flight per TCP stream (turmoil's flow
+/// control) and the accept backlog. Small enough that a phone that stops reading pushes
+/// back on the server's writer within a few hundred frames, as a real TCP window would.
 pub const TCP_CAPACITY: usize = 256;
 
 /// Secret the simulated identity service signs tokens with.
@@ -154,6 +154,7 @@ pub fn run(sc: &Scenario, seed: u64, opts: &RunOptions) -> Result<Outcome, Strin
             .map(|(i, s)| (s.cmid.clone(), i))
             .collect(),
         tapped: RefCell::new(BTreeMap::new()),
+        grown: RefCell::new(Default::default()),
         end_ms,
     });
 
@@ -164,7 +165,7 @@ pub fn run(sc: &Scenario, seed: u64, opts: &RunOptions) -> Result<Outcome, Strin
         .tick_duration(Duration::from_millis(sc.tick_ms))
         .min_message_latency(Duration::from_millis(sc.topology.latency_ms[0]))
         .max_message_latency(Duration::from_millis(sc.topology.latency_ms[1]))
-        .tcp_capacity(TCP_CAPACITY)
+        .tcp_capacity(sc.topology.tcp_segments)
         .build();
 
     // The chat service's timers.
@@ -504,6 +505,45 @@ fn record_core_events(hub: &Hub, l: &mut Ledger) {
                 None,
                 None,
                 format!("{user}: {pending} waiting"),
+            ),
+            CoreEvent::SlowConsumerClosed {
+                at,
+                user,
+                device,
+                gateway,
+                queued_frames,
+            } => l.trace(
+                t(at),
+                "chat",
+                "slow_consumer",
+                None,
+                None,
+                None,
+                format!("{user}/{device} on {gateway}: {queued_frames} frames queued"),
+            ),
+            CoreEvent::Typing {
+                at,
+                conversation,
+                user,
+                devices,
+                coalesced,
+                throttled,
+            } => l.trace(
+                t(at),
+                "chat",
+                if throttled {
+                    "typing_throttled"
+                } else {
+                    "typing_fwd"
+                },
+                Some(conversation.as_str()),
+                None,
+                None,
+                if throttled {
+                    format!("{user}")
+                } else {
+                    format!("{user} to {devices} devices ({coalesced} coalesced)")
+                },
             ),
         }
     }

@@ -106,3 +106,48 @@ fn region_failover_story_moves_the_phone_to_the_other_region() {
         "alice reconnects in us"
     );
 }
+
+#[test]
+fn slow_phone_story_shows_the_queue_overflow_and_the_resync() {
+    check("slow-phone");
+    let (text, _) = story("slow-phone");
+    let full = text
+        .find("the outbound queue is full")
+        .expect("the server closes the slow socket");
+    let back = text[full..]
+        .find("u1/d0    connected to")
+        .expect("the phone reconnects after the overflow");
+    assert!(
+        text[full + back..].contains("shows m8 (seq 12 of dm:u0:u1)"),
+        "the last message arrives by sync after the reconnect"
+    );
+}
+
+#[test]
+fn typing_storm_story_throttles_and_coalesces_but_never_drops_messages() {
+    check("typing-storm");
+    let (text, _) = story("typing-storm");
+    assert!(text.contains("dropped by the throttle"));
+    assert!(
+        text.lines()
+            .any(|l| l.contains("coalesced)") && !l.contains("(0 coalesced)")),
+        "a newer notice replaced a queued one on the slow phone's queue"
+    );
+    for seq in 1..=3 {
+        assert!(
+            text.lines()
+                .any(|l| l.contains("u3/d0    shows")
+                    && l.contains(&format!("(seq {seq} of grp:g1)"))),
+            "seq {seq} reaches the slow phone"
+        );
+    }
+}
+
+#[test]
+fn stadium_group_story_writes_once_and_refuses_to_grow_past_the_cap() {
+    check("stadium-group");
+    let (text, _) = story("stadium-group");
+    assert!(text.contains("shared group log"));
+    assert!(text.contains("admin asks to add u6"));
+    assert!(text.contains("error 413 group would have 9 members; the cap is 8"));
+}

@@ -169,6 +169,25 @@ pub enum CoreEvent {
         user: UserId,
         pending: u64,
     },
+    /// A connection's bounded outbound queue overflowed: its queued frames were dropped
+    /// (the messages among them wait in the inbox) and it was closed with a resume token.
+    SlowConsumerClosed {
+        at: Millis,
+        user: UserId,
+        device: crate::ids::DeviceId,
+        gateway: GatewayId,
+        queued_frames: usize,
+    },
+    /// A typing notice: forwarded to `devices` online devices (`coalesced` of them
+    /// replaced a notice still queued), or dropped by the per-user throttle.
+    Typing {
+        at: Millis,
+        conversation: ConversationId,
+        user: UserId,
+        devices: usize,
+        coalesced: usize,
+        throttled: bool,
+    },
 }
 
 /// A snapshot of gauges for `/metrics`.
@@ -599,13 +618,12 @@ impl<S: KvStore> ChatCore<S> {
         class: FrameClass,
         coalesce_key: Option<String>,
         now: Millis,
-    ) {
-        let Some(c) = self.reg.conns.get_mut(&conn) else {
-            return;
-        };
+    ) -> Option<PushOutcome> {
+        let c = self.reg.conns.get_mut(&conn)?;
         let text = encode_server(frame);
         let before = c.out.dropped;
-        match c.out.push(text, class, coalesce_key) {
+        let outcome = c.out.push(text, class, coalesce_key);
+        match outcome {
             PushOutcome::Queued | PushOutcome::Coalesced => {
                 self.fx.wake.insert(conn);
             }
@@ -613,7 +631,7 @@ impl<S: KvStore> ChatCore<S> {
             PushOutcome::Overflow => {
                 self.stats.slow_consumer_disconnects += 1;
                 self.close(conn, CloseReason::SlowConsumer, now);
-                return;
+                return Some(outcome);
             }
         }
         if let Some(c) = self.reg.conns.get(&conn) {
@@ -621,6 +639,7 @@ impl<S: KvStore> ChatCore<S> {
             self.stats.outbound_high_water =
                 self.stats.outbound_high_water.max(c.out.high_water as u64);
         }
+        Some(outcome)
     }
 
     fn send_error(&mut self, conn: ConnId, p: ErrorPayload, now: Millis) {
@@ -645,7 +664,17 @@ impl<S: KvStore> ChatCore<S> {
         };
         let mut final_frames = Vec::new();
         if reason == CloseReason::SlowConsumer {
+            let queued_frames = c.out.len();
             c.out.clear();
+            if let (Some(s), Some(v)) = (&c.session, self.events.as_mut()) {
+                v.push(CoreEvent::SlowConsumerClosed {
+                    at: now,
+                    user: s.user.clone(),
+                    device: s.device.clone(),
+                    gateway: c.gateway.clone(),
+                    queued_frames,
+                });
+            }
             if let Some(s) = &c.session {
                 let mut p = ErrorPayload::new(
                     503,

@@ -1,7 +1,7 @@
 //! Authentication, the device registry, presence, typing and settings: everything about
 //! who is connected rather than what they send.
 
-use super::outbound::FrameClass;
+use super::outbound::{FrameClass, PushOutcome};
 use super::registry::Session;
 use super::{ChatCore, CloseReason, Handled, Reject};
 use crate::auth::{self, Secret};
@@ -281,6 +281,14 @@ impl<S: KvStore> ChatCore<S> {
         let k = (sess.user.clone(), conv.clone());
         if let Some(last) = self.typing_last.get(&k) {
             if now.since(*last) < self.cfg.typing_min_interval_ms {
+                self.log(|| super::CoreEvent::Typing {
+                    at: now,
+                    conversation: conv.clone(),
+                    user: sess.user.clone(),
+                    devices: 0,
+                    coalesced: 0,
+                    throttled: true,
+                });
                 return Ok(());
             }
         }
@@ -292,11 +300,27 @@ impl<S: KvStore> ChatCore<S> {
             },
         };
         let key = format!("typing:{conv}:{}", sess.user);
+        let (mut devices, mut coalesced) = (0, 0);
         for u in others {
             for (_, c) in self.reg.user_conns(&u) {
-                self.enqueue(c, &frame, FrameClass::Droppable, Some(key.clone()), now);
+                match self.enqueue(c, &frame, FrameClass::Droppable, Some(key.clone()), now) {
+                    Some(PushOutcome::Queued) => devices += 1,
+                    Some(PushOutcome::Coalesced) => {
+                        devices += 1;
+                        coalesced += 1;
+                    }
+                    _ => {}
+                }
             }
         }
+        self.log(|| super::CoreEvent::Typing {
+            at: now,
+            conversation: conv.clone(),
+            user: sess.user.clone(),
+            devices,
+            coalesced,
+            throttled: false,
+        });
         Ok(())
     }
 

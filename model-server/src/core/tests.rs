@@ -3,7 +3,7 @@
 //! store where the rule is about what is kept.
 
 use super::testkit::{Harness, SECRET};
-use super::{ChatCore, CloseReason, MediaError, PushRequest};
+use super::{ChatCore, CloseReason, CoreEvent, MediaError, PushRequest};
 use crate::auth::{mint, Secret};
 use crate::config::Limits;
 use crate::ids::{
@@ -2193,4 +2193,86 @@ fn unknown_bug_name_is_refused_with_the_list() {
         .enable("typo")
         .expect_err("unknown");
     assert!(e.contains("no-dedup"), "{e}");
+}
+
+// ------------------------------------------------------------------------ playback's event log
+
+#[test]
+fn event_log_records_forwarded_and_throttled_typing() {
+    let mut h = Harness::new();
+    h.core.enable_event_log();
+    let alice = h.login("alice", "phone");
+    let _bob = h.login("bob", "phone");
+    let typing = json!({"type": "typing", "payload": {"conversation_id": dm("alice", "bob")}});
+    send_json(&mut h, alice, typing.clone());
+    h.advance(500);
+    send_json(&mut h, alice, typing);
+    let typing: Vec<(usize, usize, bool)> = h
+        .core
+        .take_events()
+        .into_iter()
+        .filter_map(|e| match e {
+            CoreEvent::Typing {
+                devices,
+                coalesced,
+                throttled,
+                ..
+            } => Some((devices, coalesced, throttled)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(typing, vec![(1, 0, false), (0, 0, true)]);
+}
+
+#[test]
+fn event_log_records_a_typing_notice_replacing_a_queued_one() {
+    let mut h = Harness::new();
+    h.core.enable_event_log();
+    let alice = h.login("alice", "phone");
+    let _bob = h.login("bob", "phone");
+    let typing = json!({"type": "typing", "payload": {"conversation_id": dm("alice", "bob")}});
+    send_json(&mut h, alice, typing.clone());
+    h.advance(2_000);
+    send_json(&mut h, alice, typing); // bob has not read the first one
+    let coalesced: Vec<usize> = h
+        .core
+        .take_events()
+        .into_iter()
+        .filter_map(|e| match e {
+            CoreEvent::Typing { coalesced, .. } => Some(coalesced),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(coalesced, vec![0, 1]);
+}
+
+#[test]
+fn event_log_records_the_slow_consumer_close() {
+    let mut h = Harness::with_limits(Limits {
+        outbound_max_frames: 2,
+        ..Limits::default()
+    });
+    h.core.enable_event_log();
+    let alice = h.login("alice", "phone");
+    let bob = h.login("bob", "phone");
+    for i in 1..=3 {
+        h.say(alice, "bob", &format!("c{i}"), "bXNn");
+        h.recv(alice);
+    }
+    assert_eq!(h.closes.len(), 1);
+    assert_eq!(h.closes[0].conn, bob);
+    let closed: Vec<(String, usize)> = h
+        .core
+        .take_events()
+        .into_iter()
+        .filter_map(|e| match e {
+            CoreEvent::SlowConsumerClosed {
+                user,
+                queued_frames,
+                ..
+            } => Some((user.0, queued_frames)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(closed, vec![("bob".to_string(), 2)]);
 }
