@@ -107,11 +107,14 @@ pub struct Bugs {
     pub push_with_content: bool,
     /// Cross-region replication is asynchronous: failover loses the replication lag.
     pub async_replication_failover: bool,
+    /// The media lane serves a file without its last byte.
+    #[serde(default)]
+    pub truncated_media: bool,
 }
 
 impl Bugs {
     /// Every bug name, as given to `--bug`.
-    pub const NAMES: [&'static str; 7] = [
+    pub const NAMES: [&'static str; 8] = [
         "ack-before-persist",
         "no-dedup",
         "order-by-client-clock",
@@ -119,6 +122,7 @@ impl Bugs {
         "skip-sync-on-reconnect",
         "push-with-content",
         "async-replication-failover",
+        "truncated-media",
     ];
 
     /// Switches on the bug called `name`.
@@ -131,6 +135,7 @@ impl Bugs {
             "skip-sync-on-reconnect" => &mut self.skip_sync_on_reconnect,
             "push-with-content" => &mut self.push_with_content,
             "async-replication-failover" => &mut self.async_replication_failover,
+            "truncated-media" => &mut self.truncated_media,
             other => {
                 return Err(format!(
                     "unknown bug '{other}'; known: {}",
@@ -152,6 +157,7 @@ impl Bugs {
             self.skip_sync_on_reconnect,
             self.push_with_content,
             self.async_replication_failover,
+            self.truncated_media,
         ];
         Self::NAMES
             .iter()

@@ -66,13 +66,17 @@ pub struct Ctx {
     pub cmid_index: BTreeMap<String, usize>,
     /// Where taps have got to, per device (durable: survives kills).
     pub tapped: RefCell<BTreeMap<DeviceKey, usize>>,
+    /// Media uploads by send index (the phone's own record: survives kills).
+    pub uploads: RefCell<BTreeMap<usize, crate::media::Upload>>,
+    /// (device, send) downloads started.
+    pub downloads: RefCell<std::collections::BTreeSet<(DeviceKey, usize)>>,
     /// Planned groups whose `grow_at_ms` request has been sent.
     pub grown: RefCell<std::collections::BTreeSet<usize>>,
     pub end_ms: u64,
 }
 
 impl Ctx {
-    fn token(&self, u: usize, d: usize) -> String {
+    pub(crate) fn token(&self, u: usize, d: usize) -> String {
         mint(
             &self.secret,
             &user_name(u).as_str().into(),
@@ -140,7 +144,7 @@ impl Ctx {
         list.get(pos).map(|&i| self.plan.sends[i].at_ms)
     }
 
-    fn control(&self, k: DeviceKey) -> Control {
+    pub(crate) fn control(&self, k: DeviceKey) -> Control {
         self.control.borrow().get(&k).cloned().unwrap_or_default()
     }
 }
@@ -253,7 +257,7 @@ pub async fn run_device(ctx: Rc<Ctx>, k: DeviceKey) {
 }
 
 /// Gateways to try, home region first, starting from this device's own gateway.
-fn gateway_order(ctx: &Ctx, k: DeviceKey) -> Vec<String> {
+pub(crate) fn gateway_order(ctx: &Ctx, k: DeviceKey) -> Vec<String> {
     let regions = &ctx.sc.topology.regions;
     let home = &regions[k.0 % regions.len()];
     let all = ctx.sc.gateways();
@@ -327,7 +331,13 @@ struct Session {
     last_typing: Option<u64>,
 }
 
-async fn session(ctx: &Ctx, k: DeviceKey, mut ws: Ws, rng: &mut SmallRng, generation: u64) -> End {
+async fn session(
+    ctx: &Rc<Ctx>,
+    k: DeviceKey,
+    mut ws: Ws,
+    rng: &mut SmallRng,
+    generation: u64,
+) -> End {
     let cfg = ctx.sc.client.clone();
     let now = now_ms();
     let mut s = Session {
@@ -373,9 +383,23 @@ async fn session(ctx: &Ctx, k: DeviceKey, mut ws: Ws, rng: &mut SmallRng, genera
                 .sent_at
                 .get(&i)
                 .is_none_or(|t| now >= t + cfg.ack_timeout_ms);
+            // A file goes over the media lane first; the message then carries its id.
+            let media_id = if ctx.plan.sends[i].media_bytes > 0 {
+                let st = ctx.uploads.borrow().get(&i).cloned().unwrap_or_default();
+                if !st.done {
+                    if !st.running {
+                        ctx.uploads.borrow_mut().entry(i).or_default().running = true;
+                        tokio::task::spawn_local(crate::media::upload(ctx.clone(), k, i));
+                    }
+                    continue;
+                }
+                st.media_id
+            } else {
+                None
+            };
             if due {
                 s.sent_at.insert(i, now);
-                let frame = send_frame(ctx, i, ctl.skew_ms, now);
+                let frame = send_frame(ctx, i, ctl.skew_ms, now, media_id.as_deref());
                 {
                     let mut l = ctx.ledger.borrow_mut();
                     l.sends[i].attempts += 1;
@@ -557,7 +581,7 @@ fn wake_in(ctx: &Ctx, k: DeviceKey, now: u64) -> u64 {
     }
 }
 
-fn send_frame(ctx: &Ctx, i: usize, skew_ms: i64, now: u64) -> String {
+fn send_frame(ctx: &Ctx, i: usize, skew_ms: i64, now: u64, media_id: Option<&str>) -> String {
     let s = &ctx.plan.sends[i];
     let sender = user_name(s.user);
     let conv = &ctx.send_conv[i];
@@ -566,9 +590,9 @@ fn send_frame(ctx: &Ctx, i: usize, skew_ms: i64, now: u64) -> String {
     let ts = (EPOCH_MS + now) as i64 + skew_ms;
     match s.target {
         Target::User(u) => json!({"type":"message","client_message_id":s.cmid,
-            "payload":{"receiver_id":user_name(u),"content":content,"timestamp":ts.max(0)}}),
+            "payload":{"receiver_id":user_name(u),"content":content,"timestamp":ts.max(0),"media_id":media_id}}),
         Target::Group(g) => json!({"type":"group_message","client_message_id":s.cmid,
-            "payload":{"group_id":ctx.group_ids[g],"content":content,"timestamp":ts.max(0)}}),
+            "payload":{"group_id":ctx.group_ids[g],"content":content,"timestamp":ts.max(0),"media_id":media_id}}),
     }
     .to_string()
 }
@@ -606,7 +630,7 @@ fn on_acked(ctx: &Ctx, k: DeviceKey, i: usize, conv: &str, seq: u64, mid: &str) 
 }
 
 async fn on_frame(
-    ctx: &Ctx,
+    ctx: &Rc<Ctx>,
     k: DeviceKey,
     ws: &mut Ws,
     s: &mut Session,
@@ -721,7 +745,7 @@ async fn on_frame(
 
 /// A message arrived (live or by sync): show it once, ack it, maybe read it later.
 async fn receive(
-    ctx: &Ctx,
+    ctx: &Rc<Ctx>,
     k: DeviceKey,
     ws: &mut Ws,
     s: &mut Session,
@@ -770,6 +794,17 @@ async fn receive(
             true
         }
     };
+    // A pointer to a file: fetch it over the media lane, beside the socket.
+    if let (Some(media_id), Some(&i)) = (&m.media_id, ctx.cmid_index.get(cmid.as_str())) {
+        if ctx.downloads.borrow_mut().insert((k, i)) {
+            tokio::task::spawn_local(crate::media::download(
+                ctx.clone(),
+                k,
+                i,
+                media_id.0.clone(),
+            ));
+        }
+    }
     send(
         ws,
         json!({"type":"delivery_ack","message_id":id}).to_string(),

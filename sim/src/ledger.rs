@@ -63,6 +63,8 @@ pub struct DeviceLog {
     pub connect_failures: u64,
     /// Backoff delays used, ms.
     pub backoffs: Vec<u64>,
+    /// Files downloaded, by send index: whether the bytes matched what was sent.
+    pub media: BTreeMap<usize, bool>,
 }
 
 /// Per planned send: when it was tapped, acked, delivered and read.

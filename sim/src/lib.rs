@@ -4,7 +4,8 @@
 //!
 //! - `scenario`: the TOML format; `plan`: what a seed makes of it.
 //! - `world`: builds and drives the turmoil simulation; `client`: the simulated phone.
-//! - `disk`: what a crash or failover keeps; `crypto`: end-to-end encryption of bodies.
+//! - `disk`: what a crash or failover keeps; `crypto`: end-to-end encryption of bodies;
+//!   `media`: the phone's upload/download lane for files.
 //! - `ledger`: what devices saw, and the JSONL trace; `oracle`: the invariants.
 //! - `report`: latency and reconnect figures; `shrink`: minimal failing scenarios.
 
@@ -13,6 +14,7 @@ pub mod client;
 pub mod crypto;
 pub mod disk;
 pub mod ledger;
+pub mod media;
 pub mod oracle;
 pub mod plan;
 pub mod playback;

@@ -191,6 +191,50 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
         }
     }
 
+    // 1b. A file is part of its message: every recipient device that shows a message with
+    // media has downloaded exactly the bytes that were sent.
+    for (i, s) in plan.sends.iter().enumerate() {
+        let Some((conv, seq, mid, _)) = &l.sends[i].acked else {
+            continue;
+        };
+        if s.media_bytes == 0 {
+            continue;
+        }
+        for u in plan.recipients(s) {
+            for d in 0..plan.devices_per_user {
+                let k = (u, d);
+                let Some(dl) = l.devices.get(&k) else {
+                    continue;
+                };
+                if !dl.shown.contains_key(mid) {
+                    continue; // already reported as a loss
+                }
+                let seen = match dl.media.get(&i) {
+                    Some(true) => continue,
+                    Some(false) => "downloaded a file that differs from the one sent",
+                    None => "shows the message but never downloaded its file",
+                };
+                let dev = dkey(k);
+                push(
+                    &mut out,
+                    Violation {
+                        kind: ViolationKind::Loss,
+                        conversation: Some(conv.clone()),
+                        device: Some(dev.clone()),
+                        expected: format!(
+                            "{mid} (seq {seq}, {} from {}) with its {}-byte file",
+                            s.cmid,
+                            user_name(s.user),
+                            s.media_bytes
+                        ),
+                        seen: seen.into(),
+                        context: context(o, Some(conv), Some(&dev)),
+                    },
+                );
+            }
+        }
+    }
+
     // 2. No duplicates: one send, one seq; one shown copy per device.
     for (i, s) in plan.sends.iter().enumerate() {
         if l.sends[i].seqs_seen.len() > 1 {

@@ -25,6 +25,9 @@ pub struct PlannedSend {
     pub target: Target,
     /// The client's idempotency key, the same on every retry.
     pub cmid: String,
+    /// Size of the file it carries over the media lane (0: text only).
+    #[serde(default)]
+    pub media_bytes: u64,
 }
 
 /// A group created before the run.
@@ -64,7 +67,7 @@ impl Plan {
         let window = w.send_window_ms.unwrap_or([0, sc.duration_ms * 4 / 5]);
         let mut sends = Vec::new();
         let mut next_id = 0usize;
-        let mut push = |rng: &mut SmallRng, user: usize, target: Target| {
+        let mut push = |rng: &mut SmallRng, user: usize, target: Target, media_bytes: u64| {
             let at_ms = rng.random_range(window[0]..=window[1].max(window[0]));
             let device = rng.random_range(0..w.devices_per_user);
             sends.push(PlannedSend {
@@ -73,6 +76,7 @@ impl Plan {
                 device,
                 target,
                 cmid: format!("m{next_id}"),
+                media_bytes,
             });
             next_id += 1;
         };
@@ -89,7 +93,7 @@ impl Plan {
                     break;
                 };
                 if p != u {
-                    push(&mut rng, u, Target::User(p));
+                    push(&mut rng, u, Target::User(p), 0);
                 }
             }
         }
@@ -112,7 +116,12 @@ impl Plan {
                 } else {
                     members[rng.random_range(0..members.len())]
                 };
-                push(&mut rng, from, Target::Group(gi));
+                let media = if k < g.media_messages {
+                    g.media_bytes
+                } else {
+                    0
+                };
+                push(&mut rng, from, Target::Group(gi), media);
             }
             groups.push(PlannedGroup {
                 admin,

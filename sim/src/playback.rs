@@ -114,6 +114,28 @@ pub fn narrate(trace: &[TraceEvent], filter: &Filter) -> Vec<Line> {
                 "the product sets a cap: past it, one send would mean too many copies or reads",
             ),
             "error" => (format!("error {}", e.detail), ""),
+            "media_prepare" => (
+                format!("truck lane: asks for an upload slot for {} in {conv}", e.detail),
+                "big files never ride the WebSocket: text and ticks keep the fast lane",
+            ),
+            "media_prepared" => (format!("media lane: reserved {}", e.detail), ""),
+            "media_chunk" => (
+                format!("media lane: {}", e.detail),
+                "uploaded in chunks over HTTP; after a break the phone resumes from the byte the server has",
+            ),
+            "media_uploaded" => (
+                format!("upload of {} complete: now {cmid} can go, carrying only the pointer", e.detail),
+                "the message holds a pointer (and, end-to-end encrypted, the file's key), never the bytes",
+            ),
+            "media_retry" => (format!("media lane hiccup ({}): retries with backoff", e.detail), ""),
+            "media_fetched" => (
+                format!("media lane: serves {}", e.detail),
+                "only members of the chat may fetch it; in production a CDN serves the bytes",
+            ),
+            "media_download" => (
+                format!("downloads {}", e.detail),
+                "every phone pulls the file itself after the message arrives: forty phones, forty downloads",
+            ),
             "group_add" => (
                 format!("admin asks to add {}", e.detail),
                 "only admins may add members, and the server checks the size cap on every add",
@@ -177,7 +199,19 @@ fn arrow(e: &TraceEvent, at_gw: &std::collections::BTreeMap<String, String>) -> 
             dev.clone(),
             gateway_in(&e.detail).unwrap_or("chat").to_string(),
         ),
-        "send" => (dev.clone(), gw_of_dev()),
+        "send" | "media_prepare" | "typing" | "group_add" => (dev.clone(), gw_of_dev()),
+        "media_chunk" | "media_prepared" => {
+            let uploader = e
+                .detail
+                .split(" from ")
+                .nth(1)
+                .and_then(|x| x.split(':').next());
+            let gw = uploader
+                .and_then(|u| at_gw.iter().find(|(d, _)| d.split('/').next() == Some(u)))
+                .map(|(_, g)| g.clone())
+                .unwrap_or_else(|| "chat".into());
+            (gw, "chat".into())
+        }
         "stored" => (
             gateway_in(&e.detail).unwrap_or("chat").to_string(),
             "chat".into(),
@@ -187,9 +221,8 @@ fn arrow(e: &TraceEvent, at_gw: &std::collections::BTreeMap<String, String>) -> 
             gateway_in(&e.detail).unwrap_or("chat").to_string(),
         ),
         "push" => ("chat".into(), "push".into()),
-        "ack" | "deliver" | "delivery_receipt" | "read_receipt" | "error" => {
-            (gw_of_dev(), dev.clone())
-        }
+        "ack" | "deliver" | "delivery_receipt" | "read_receipt" | "error" | "typing_seen"
+        | "media_download" => (gw_of_dev(), dev.clone()),
         _ => (dev.clone(), dev),
     }
 }

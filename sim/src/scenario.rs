@@ -173,6 +173,13 @@ pub struct GroupLoad {
     /// that the server refuses (the group would grow past `group_cap`).
     #[serde(default)]
     pub grow_at_ms: Option<u64>,
+    /// The first `media_messages` of the group's messages carry a file of `media_bytes`
+    /// bytes, uploaded over the media lane before the message (which carries only the
+    /// pointer) is sent; every recipient device downloads it.
+    #[serde(default)]
+    pub media_messages: usize,
+    #[serde(default)]
+    pub media_bytes: u64,
 }
 
 /// What kind of fault.
@@ -447,6 +454,20 @@ impl Scenario {
                              above group_cap ({cap}): growing a group is only simulated to show \
                              the cap refusing it",
                             self.duration_ms, w.users
+                        ),
+                    ));
+                }
+            }
+            if g.media_messages > 0 {
+                let max = self.limits().map(|l| l.max_media_bytes).unwrap_or(0);
+                if g.media_bytes == 0 || g.media_bytes > max || g.media_messages > g.messages {
+                    return Err((
+                        None,
+                        "media_bytes",
+                        format!(
+                            "with media_messages, media_bytes must be 1..={max} (max_media_bytes) \
+                             and media_messages at most messages ({})",
+                            g.messages
                         ),
                     ));
                 }

@@ -92,3 +92,24 @@ fn async_replication_loses_messages_on_region_failover() {
         ViolationKind::Loss,
     );
 }
+
+#[test]
+fn truncated_media_is_caught_as_a_lost_file() {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios/stories/family-group-video.toml");
+    let sc = Scenario::load(&path).expect("story parses");
+    let (clean, _) = sim::run_seed(&sc, sc.seed, &RunOptions::default()).expect("runs");
+    assert!(clean.passed, "passes without the bug: {:?}", clean.failures);
+    let mut opts = RunOptions::default();
+    opts.bugs.enable("truncated-media").expect("known bug");
+    let (r, _) = sim::run_seed(&sc, sc.seed, &opts).expect("runs");
+    assert!(!r.passed);
+    assert!(r.kinds().contains(&ViolationKind::Loss));
+    assert!(
+        r.violations
+            .iter()
+            .any(|v| v.seen.contains("differs from the one sent")),
+        "{:?}",
+        r.violations
+    );
+}

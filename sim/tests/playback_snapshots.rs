@@ -151,3 +151,34 @@ fn stadium_group_story_writes_once_and_refuses_to_grow_past_the_cap() {
     assert!(text.contains("admin asks to add u6"));
     assert!(text.contains("error 413 group would have 9 members; the cap is 8"));
 }
+
+#[test]
+fn family_group_video_story_uploads_on_the_truck_lane_resumes_and_every_phone_downloads() {
+    check("family-group-video");
+    let (text, _) = story("family-group-video");
+    // The upload resumes after the app kill from where it was, not from zero.
+    let killed = text.find("FAULT kill user=u0").expect("the app is killed");
+    let first_after = text[killed..]
+        .lines()
+        .find(|l| l.contains("media lane: media1 from u0:"))
+        .expect("upload goes on after the kill");
+    let received: u64 = first_after
+        .split("from u0: ")
+        .nth(1)
+        .and_then(|x| x.split(' ').next())
+        .and_then(|x| x.parse().ok())
+        .expect("a byte count");
+    assert!(received > 262_144, "resumed, not restarted: {first_after}");
+    // The text tapped after the video was acked before the video's message.
+    let text_ack = text.find("✓ sent: m1 ").expect("m1 acked");
+    let video_ack = text.find("✓ sent: m0 ").expect("m0 acked");
+    assert!(
+        text_ack < video_ack,
+        "the fast lane is not held up by the upload"
+    );
+    assert_eq!(
+        text.matches("bytes from u0, intact").count(),
+        39,
+        "all 39 other members downloaded the exact file"
+    );
+}

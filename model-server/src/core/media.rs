@@ -120,6 +120,13 @@ impl<S: KvStore> ChatCore<S> {
             counter,
             Write::Put(Table::Media, key(&[id.as_str()], None), enc(&rec)),
         ])?;
+        self.log(|| super::CoreEvent::MediaPrepared {
+            at: now,
+            media_id: id.clone(),
+            user: user.clone(),
+            conversation: rec.conversation_id.clone(),
+            size: rec.size,
+        });
         Ok(MediaPrepared {
             upload_url: format!("/v1/media/{id}"),
             media_id: id,
@@ -175,6 +182,13 @@ impl<S: KvStore> ChatCore<S> {
             ),
             Write::Put(Table::Media, key(&[id.as_str()], None), enc(&rec)),
         ])?;
+        self.log(|| super::CoreEvent::MediaChunk {
+            at: now,
+            media_id: id.clone(),
+            user: user.clone(),
+            received: rec.received,
+            size: rec.size,
+        });
         Ok(MediaStatus {
             media_id: id.clone(),
             size: rec.size,
@@ -204,7 +218,7 @@ impl<S: KvStore> ChatCore<S> {
 
     /// The bytes of a complete upload, for members of its conversation only.
     pub fn media_get(
-        &self,
+        &mut self,
         user: &UserId,
         id: &MediaId,
         now: Millis,
@@ -214,7 +228,17 @@ impl<S: KvStore> ChatCore<S> {
         if !rec.complete() {
             return Err(MediaError::Incomplete);
         }
-        Ok((rec.file_type, self.db.media_bytes(id)?))
+        let mut bytes = self.db.media_bytes(id)?;
+        if self.bugs.truncated_media {
+            bytes.pop();
+        }
+        self.log(|| super::CoreEvent::MediaFetched {
+            at: now,
+            media_id: id.clone(),
+            user: user.clone(),
+            bytes: bytes.len() as u64,
+        });
+        Ok((rec.file_type, bytes))
     }
 
     /// A message may carry `media_id` only for a complete upload into the same conversation.

@@ -178,6 +178,29 @@ pub enum CoreEvent {
         gateway: GatewayId,
         queued_frames: usize,
     },
+    /// The media lane reserved an upload.
+    MediaPrepared {
+        at: Millis,
+        media_id: crate::ids::MediaId,
+        user: UserId,
+        conversation: ConversationId,
+        size: u64,
+    },
+    /// A chunk of an upload arrived: `received` of `size` bytes are stored.
+    MediaChunk {
+        at: Millis,
+        media_id: crate::ids::MediaId,
+        user: UserId,
+        received: u64,
+        size: u64,
+    },
+    /// A member downloaded a complete upload.
+    MediaFetched {
+        at: Millis,
+        media_id: crate::ids::MediaId,
+        user: UserId,
+        bytes: u64,
+    },
     /// A typing notice: forwarded to `devices` online devices (`coalesced` of them
     /// replaced a notice still queued), or dropped by the per-user throttle.
     Typing {
