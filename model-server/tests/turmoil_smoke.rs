@@ -107,3 +107,103 @@ fn server_runs_unchanged_on_turmoil_and_two_clients_chat() {
 fn same_seed_gives_the_same_bytes() {
     assert_eq!(run(11), run(11));
 }
+
+/// Logs `user` in on a fresh turmoil connection and waits for `auth_success`.
+async fn login(
+    user: &str,
+) -> turmoil::Result<tokio_tungstenite::WebSocketStream<turmoil::net::TcpStream>> {
+    let stream = turmoil::net::TcpStream::connect(("server", 8080)).await?;
+    let (mut ws, _) = tokio_tungstenite::client_async("ws://server:8080/ws", stream).await?;
+    let secret = Secret::new(SECRET.to_vec())?;
+    let tok = mint(
+        &secret,
+        &user.into(),
+        &"phone".into(),
+        Millis(EPOCH + 3_600_000),
+    );
+    let auth =
+        json!({"type":"auth","payload":{"user_id":user,"auth_token":tok,"device_id":"phone"}});
+    ws.send(Message::text(auth.to_string())).await?;
+    while let Some(Ok(m)) = ws.next().await {
+        if let Message::Text(t) = m {
+            if t.as_str().contains("auth_success") {
+                return Ok(ws);
+            }
+        }
+    }
+    Err("no auth_success".into())
+}
+
+#[test]
+fn server_still_hears_a_client_while_a_write_to_it_is_blocked() {
+    // Four-segment TCP buffers: a client that stops reading blocks the server's writes to
+    // it after a few frames. Bob stops reading while Alice floods him, then sends her a
+    // message himself. It must reach her at once, not after the server's 10 s write timeout.
+    let mut sim = turmoil::Builder::new()
+        .rng_seed(3)
+        .tcp_capacity(4)
+        .simulation_duration(Duration::from_secs(60))
+        .build();
+    sim.host("server", || async {
+        let listener = turmoil::net::TcpListener::bind(("0.0.0.0", 8080)).await?;
+        let cfg = RuntimeConfig {
+            spawner: Spawner::Local,
+            ..RuntimeConfig::default()
+        };
+        let server = Server::new(
+            Limits::default(),
+            Secret::new(SECRET.to_vec())?,
+            Box::new(MemoryStore::new()),
+            cfg,
+            Clock::starting_at(EPOCH),
+        );
+        server.serve(listener).await;
+        Ok(())
+    });
+    let sent_at = std::rc::Rc::new(std::cell::Cell::new(None::<Duration>));
+    let got_at = std::rc::Rc::new(std::cell::Cell::new(None::<Duration>));
+    {
+        let sent_at = sent_at.clone();
+        sim.client("bob", async move {
+            let mut ws = login("bob").await?;
+            // Not reading from here on; Alice's flood fills the pipe to Bob.
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let send = json!({"type":"message","client_message_id":"bob-1",
+                "payload":{"receiver_id":"alice","content":"Y2lwaGVy"}});
+            sent_at.set(turmoil::sim_elapsed());
+            ws.send(Message::text(send.to_string())).await?;
+            tokio::time::sleep(Duration::from_secs(20)).await;
+            Ok(())
+        });
+    }
+    {
+        let got_at = got_at.clone();
+        sim.client("alice", async move {
+            let mut ws = login("alice").await?;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            for i in 0..20 {
+                let send = json!({"type":"message","client_message_id":format!("a-{i}"),
+                    "payload":{"receiver_id":"bob","content":"Y2lwaGVy"}});
+                ws.send(Message::text(send.to_string())).await?;
+            }
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+            while let Ok(Some(Ok(m))) = tokio::time::timeout_at(deadline, ws.next()).await {
+                if let Message::Text(t) = m {
+                    if t.as_str().contains(r#""sender_id":"bob""#) {
+                        got_at.set(turmoil::sim_elapsed());
+                        break;
+                    }
+                }
+            }
+            Ok(())
+        });
+    }
+    sim.run().expect("simulation runs to completion");
+    let sent = sent_at.get().expect("bob sent");
+    let got = got_at.get().expect("alice got bob's message");
+    assert!(
+        got - sent < Duration::from_secs(1),
+        "bob's message took {:?} to reach alice while the server's writes to bob were blocked",
+        got - sent
+    );
+}

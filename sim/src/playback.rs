@@ -160,7 +160,11 @@ pub fn narrate(trace: &[TraceEvent], filter: &Filter) -> Vec<Line> {
                     .take_while(|x| x.t <= e.t + 2_000)
                     .filter(|x| x.event == "disconnected")
                     .count();
-                let tail = if lost > 0 { format!(": {lost} devices lose their socket and reconnect with jittered backoff") } else { String::new() };
+                let tail = match lost {
+                    0 => String::new(),
+                    1 => ": 1 device loses its socket and reconnects with jittered backoff".to_string(),
+                    n => format!(": {n} devices lose their socket and reconnect with jittered backoff"),
+                };
                 (format!("FAULT {}{tail}", e.detail), "")
             }
             other => (format!("{other} {}", e.detail), ""),

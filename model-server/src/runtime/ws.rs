@@ -1,9 +1,10 @@
 //! One WebSocket connection: frames in go to the core; frames the core queued go out when
 //! it wakes us; a close the core decided is written with its final frames and close code.
 //!
-//! Reads and writes share one task (`select!` with `biased;` so the order does not depend
-//! on an unseeded RNG under simulation). Every write is bounded by `write_timeout`, so a
-//! stalled peer cannot hold the task forever; the core's own timers close silent ones.
+//! Reads and writes run side by side in one task (`select!` with `biased;` so the order does
+//! not depend on an unseeded RNG under simulation): a write blocked on a slow reader does
+//! not stop us hearing that client. Every write is bounded by `write_timeout`, so a stalled
+//! peer cannot hold the task forever; the core's own timers close silent ones.
 
 use super::http::{self, Head, Prefixed};
 use super::{lock, ConnSignal, Server};
@@ -79,10 +80,12 @@ where
     let (mut tx, mut rx) = ws.split();
     let write_timeout = server.cfg.write_timeout;
     let batch = server.cfg.write_batch;
-    loop {
-        tokio::select! {
-            biased;
-            _ = sig.notify.notified() => {
+    // The writer and the reader run side by side in this one task: while a write to a
+    // slow reader is blocked, frames from it (heartbeats, acks, sends) are still read.
+    let ending = {
+        let writer = async {
+            loop {
+                sig.notify.notified().await;
                 let close = lock(&sig.close).take();
                 if let Some(close) = close {
                     let send_all = async {
@@ -92,10 +95,11 @@ where
                         tx.send(Message::Close(Some(CloseFrame {
                             code: CloseCode::from(close.reason.ws_code()),
                             reason: close.reason.as_str().into(),
-                        }))).await
+                        })))
+                        .await
                     };
                     let _ = tokio::time::timeout(write_timeout, send_all).await;
-                    break;
+                    return Ending::Closed;
                 }
                 let frames = lock(&server.hub.core).drain(conn, batch);
                 if frames.len() == batch {
@@ -111,48 +115,69 @@ where
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => {
                         tracing::debug!(%conn, error = %e, "write failed");
-                        break;
+                        return Ending::Closed;
                     }
                     Err(_) => {
                         tracing::info!(%conn, "write timed out; dropping connection");
-                        break;
+                        return Ending::Closed;
                     }
                 }
             }
-            msg = rx.next() => {
+        };
+        let reader = async {
+            loop {
+                let msg = rx.next().await;
                 let now = server.now();
                 let fx = match msg {
-                    Some(Ok(Message::Text(t))) => lock(&server.hub.core).on_text(conn, t.as_str(), now),
+                    Some(Ok(Message::Text(t))) => {
+                        lock(&server.hub.core).on_text(conn, t.as_str(), now)
+                    }
                     Some(Ok(Message::Binary(_))) => lock(&server.hub.core).on_binary(conn, now),
                     Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
-                    Some(Ok(Message::Close(_))) | None => break,
+                    Some(Ok(Message::Close(_))) | None => return Ending::Closed,
                     Some(Err(tokio_tungstenite::tungstenite::Error::Capacity(e))) => {
-                        // Past the transport limit: we cannot read the frame to answer 413,
-                        // so close with 1009 (message too big), as RFC 6455 says.
                         tracing::debug!(%conn, error = %e, "frame over transport limit");
-                        let close = Message::Close(Some(CloseFrame {
-                            code: CloseCode::Size,
-                            reason: "frame too large".into(),
-                        }));
-                        let _ = tokio::time::timeout(write_timeout, tx.send(close)).await;
-                        // Read and discard the rest of the oversized frame for a moment, so
-                        // the client sees our close frame rather than a TCP reset.
-                        if let Ok(ws) = tx.reunite(rx) {
-                            discard_input(ws.into_inner()).await;
-                        }
-                        finish(&server, conn);
-                        return;
+                        return Ending::TooBig;
                     }
                     Some(Err(e)) => {
                         tracing::debug!(%conn, error = %e, "read failed");
-                        break;
+                        return Ending::Closed;
                     }
                 };
                 server.hub.apply(fx);
             }
+        };
+        tokio::select! {
+            biased;
+            e = writer => e,
+            e = reader => e,
+        }
+    };
+    if ending == Ending::TooBig {
+        // Past the transport limit: we cannot read the frame to answer 413, so close with
+        // 1009 (message too big), as RFC 6455 says. A frame the writer had started stays
+        // whole in tungstenite's buffer and goes out before the close.
+        let close = Message::Close(Some(CloseFrame {
+            code: CloseCode::Size,
+            reason: "frame too large".into(),
+        }));
+        let _ = tokio::time::timeout(write_timeout, tx.send(close)).await;
+        // Read and discard the rest of the oversized frame for a moment, so the client
+        // sees our close frame rather than a TCP reset.
+        if let Ok(ws) = tx.reunite(rx) {
+            discard_input(ws.into_inner()).await;
         }
     }
     finish(&server, conn);
+}
+
+/// Why a connection's task ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ending {
+    /// Closed by either side, or a write failed or timed out.
+    Closed,
+    /// The client sent a frame past the transport limit: close with 1009.
+    TooBig,
 }
 
 /// Counts this gateway's running connection tasks (graceful shutdown waits for zero).
