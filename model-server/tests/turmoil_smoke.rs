@@ -207,3 +207,51 @@ fn server_still_hears_a_client_while_a_write_to_it_is_blocked() {
         got - sent
     );
 }
+
+#[test]
+fn streams_past_max_pending_streams_are_closed_at_accept() {
+    // Two idle sockets that never send a request head hold both pending slots; a third is
+    // closed at once instead of waiting for its head.
+    let mut sim = turmoil::Builder::new()
+        .rng_seed(5)
+        .simulation_duration(Duration::from_secs(60))
+        .build();
+    sim.host("server", || async {
+        let listener = turmoil::net::TcpListener::bind(("0.0.0.0", 8080)).await?;
+        let cfg = RuntimeConfig {
+            spawner: Spawner::Local,
+            max_pending_streams: 2,
+            head_timeout: Duration::from_secs(30),
+            ..RuntimeConfig::default()
+        };
+        let server = Server::new(
+            Limits::default(),
+            Secret::new(SECRET.to_vec())?,
+            Box::new(MemoryStore::new()),
+            cfg,
+            Clock::starting_at(EPOCH),
+        );
+        server.serve(listener).await;
+        Ok(())
+    });
+    sim.client("idler", async {
+        use tokio::io::AsyncReadExt;
+        let _a = turmoil::net::TcpStream::connect(("server", 8080)).await?;
+        let _b = turmoil::net::TcpStream::connect(("server", 8080)).await?;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut c = turmoil::net::TcpStream::connect(("server", 8080)).await?;
+        let mut buf = [0u8; 16];
+        let start = tokio::time::Instant::now();
+        let n = tokio::time::timeout(Duration::from_secs(20), c.read(&mut buf))
+            .await
+            .map_err(|_| "third stream was not closed")?
+            .unwrap_or(0);
+        assert_eq!(n, 0, "closed without an answer");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "closed at accept, not after the 30 s head timeout"
+        );
+        Ok(())
+    });
+    sim.run().expect("simulation runs to completion");
+}

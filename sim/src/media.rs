@@ -38,13 +38,19 @@ pub fn file_bytes(seed: u64, cmid: &str, len: u64) -> Vec<u8> {
     v
 }
 
-/// Longest one HTTP exchange may take.
+/// Longest one HTTP exchange may take, plus one second per MiB it carries.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
-/// Most bytes of response read (a full file plus headers).
-const MAX_RESPONSE: usize = 70 * 1024 * 1024;
+/// Response bytes read beyond the file itself (head and JSON answers).
+const RESPONSE_SLACK: usize = 64 * 1024;
+
+/// What one exchange may take, for `bytes` of body either way.
+fn timeout_for(bytes: u64) -> Duration {
+    HTTP_TIMEOUT + Duration::from_secs(bytes / (1024 * 1024))
+}
 
 /// One HTTP/1.1 request on a fresh turmoil TCP connection (the server answers once and
 /// closes). Returns the status and the body.
+#[allow(clippy::too_many_arguments)]
 async fn http(
     gw: &str,
     method: &str,
@@ -52,6 +58,7 @@ async fn http(
     token: &str,
     headers: &str,
     body: &[u8],
+    max_response: usize,
 ) -> Result<(u16, Vec<u8>), String> {
     let exchange = async {
         let mut s = turmoil::net::TcpStream::connect((gw, 8080))
@@ -75,7 +82,7 @@ async fn http(
                 break;
             }
             resp.extend_from_slice(&buf[..n]);
-            if resp.len() > MAX_RESPONSE {
+            if resp.len() > max_response + RESPONSE_SLACK {
                 return Err("response too large".into());
             }
         }
@@ -90,7 +97,8 @@ async fn http(
             .ok_or("bad status line")?;
         Ok((status, resp[split + 4..].to_vec()))
     };
-    match tokio::time::timeout(HTTP_TIMEOUT, exchange).await {
+    let carried = body.len().max(max_response) as u64;
+    match tokio::time::timeout(timeout_for(carried), exchange).await {
         Ok(r) => r,
         Err(_) => Err("timed out".into()),
     }
@@ -98,6 +106,14 @@ async fn http(
 
 fn json_field<'a>(v: &'a serde_json::Value, k: &str) -> Option<&'a serde_json::Value> {
     v.get(k)
+}
+
+/// Records how far the server has send `i`'s upload.
+fn set_received(ctx: &Ctx, i: usize, received: u64, size: u64) {
+    let mut u = ctx.uploads.borrow_mut();
+    let e = u.entry(i).or_default();
+    e.received = received;
+    e.done = received == size;
 }
 
 /// Uploads send `i`'s file from device `k`, then marks it done so the session sends the
@@ -139,61 +155,110 @@ pub async fn upload(ctx: Rc<Ctx>, k: DeviceKey, i: usize) {
                 let body = serde_json::json!({"conversation_id": conv, "file_type": "video/mp4", "file_size": size})
                     .to_string();
                 trace("media_prepare", format!("{size} bytes"));
-                http(gw, "POST", "/v1/media:prepare", &token, "", body.as_bytes())
-                    .await
-                    .and_then(|(code, b)| {
-                        let v: serde_json::Value =
-                            serde_json::from_slice(&b).map_err(|e| e.to_string())?;
-                        if code != 201 {
-                            return Err(format!("prepare: HTTP {code} {v}"));
-                        }
-                        let id = json_field(&v, "media_id")
-                            .and_then(|x| x.as_str())
-                            .ok_or("prepare: no media_id")?
-                            .to_string();
-                        let chunk = json_field(&v, "chunk_size")
-                            .and_then(|x| x.as_u64())
-                            .ok_or("prepare: no chunk_size")?;
-                        let mut u = ctx.uploads.borrow_mut();
-                        let e = u.entry(i).or_default();
-                        e.media_id = Some(id);
-                        e.chunk_size = chunk.max(1);
-                        Ok(())
-                    })
+                match http(
+                    gw,
+                    "POST",
+                    "/v1/media:prepare",
+                    &token,
+                    "",
+                    body.as_bytes(),
+                    0,
+                )
+                .await
+                {
+                    Ok((201, b)) => serde_json::from_slice::<serde_json::Value>(&b)
+                        .ok()
+                        .and_then(|v| {
+                            let id = json_field(&v, "media_id")?.as_str()?.to_string();
+                            let chunk = json_field(&v, "chunk_size")?.as_u64()?;
+                            Some((id, chunk))
+                        })
+                        .ok_or_else(|| "prepare: 201 without media_id/chunk_size".to_string())
+                        .map(|(id, chunk)| {
+                            let mut u = ctx.uploads.borrow_mut();
+                            let e = u.entry(i).or_default();
+                            e.media_id = Some(id);
+                            e.chunk_size = chunk.max(1);
+                        }),
+                    // Refusals that a retry cannot change: give up (the message stays in the
+                    // outbox, which the oracle reports as liveness).
+                    Ok((code @ (400 | 401 | 403 | 413), b)) => {
+                        trace(
+                            "media_failed",
+                            format!("prepare: HTTP {code} {}", String::from_utf8_lossy(&b)),
+                        );
+                        break;
+                    }
+                    Ok((code, b)) => Err(format!(
+                        "prepare: HTTP {code} {}",
+                        String::from_utf8_lossy(&b)
+                    )),
+                    Err(e) => Err(e),
+                }
             }
             Some(id) => {
                 let from = st.received;
                 let to = (from + st.chunk_size).min(size);
                 let headers = format!("content-range: bytes {from}-{}/{size}\r\n", to - 1);
-                http(
+                let put = http(
                     gw,
                     "PUT",
                     &format!("/v1/media/{id}"),
                     &token,
                     &headers,
                     &file[from as usize..to as usize],
+                    0,
                 )
-                .await
-                .and_then(|(code, b)| {
-                    let v: serde_json::Value =
-                        serde_json::from_slice(&b).map_err(|e| e.to_string())?;
-                    // 200 with the new count, or 409 telling where the server is.
-                    let received = match code {
-                        200 => json_field(&v, "received").and_then(|x| x.as_u64()),
-                        409 => v["error"]["message"].as_str().and_then(|m| {
-                            m.split_whitespace().find_map(|w| {
-                                w.trim_matches(|c: char| !c.is_ascii_digit()).parse().ok()
-                            })
-                        }),
-                        _ => None,
+                .await;
+                match put {
+                    Ok((200, b)) => serde_json::from_slice::<serde_json::Value>(&b)
+                        .ok()
+                        .and_then(|v| json_field(&v, "received").and_then(|x| x.as_u64()))
+                        .ok_or_else(|| "chunk: 200 without received".to_string())
+                        .map(|received| set_received(&ctx, i, received, size)),
+                    // The server is elsewhere in the file: ask where, resume from there.
+                    Ok((409, _)) => http(
+                        gw,
+                        "GET",
+                        &format!("/v1/media/{id}/status"),
+                        &token,
+                        "",
+                        &[],
+                        0,
+                    )
+                    .await
+                    .and_then(|(code, b)| {
+                        serde_json::from_slice::<serde_json::Value>(&b)
+                            .ok()
+                            .filter(|_| code == 200)
+                            .and_then(|v| json_field(&v, "received").and_then(|x| x.as_u64()))
+                            .ok_or_else(|| format!("status: HTTP {code}"))
+                    })
+                    .map(|received| set_received(&ctx, i, received, size)),
+                    // The upload expired or was lost: start a new one.
+                    Ok((404, _)) => {
+                        ctx.uploads.borrow_mut().insert(
+                            i,
+                            Upload {
+                                running: true,
+                                ..Upload::default()
+                            },
+                        );
+                        Err("chunk: HTTP 404, upload gone: preparing a new one".into())
                     }
-                    .ok_or_else(|| format!("chunk: HTTP {code} {v}"))?;
-                    let mut u = ctx.uploads.borrow_mut();
-                    let e = u.entry(i).or_default();
-                    e.received = received;
-                    e.done = received == size;
-                    Ok(())
-                })
+                    Ok((code @ (400 | 401 | 403 | 413), b)) => {
+                        trace(
+                            "media_failed",
+                            format!("chunk: HTTP {code} {}", String::from_utf8_lossy(&b)),
+                        );
+                        break;
+                    }
+                    Ok((code, b)) => Err(format!(
+                        "chunk: HTTP {code} {}",
+                        String::from_utf8_lossy(&b)
+                    )),
+                    Err(e) => Err(e),
+                }
             }
         };
         match result {
@@ -235,7 +300,8 @@ pub async fn download(ctx: Rc<Ctx>, k: DeviceKey, i: usize, media_id: String) {
             continue;
         }
         let gw = &gateways[attempt % gateways.len()];
-        match http(gw, "GET", &format!("/v1/media/{media_id}"), &token, "", &[]).await {
+        let path = format!("/v1/media/{media_id}");
+        match http(gw, "GET", &path, &token, "", &[], s.media_bytes as usize).await {
             Ok((200, body)) => {
                 let intact = body == file_bytes(ctx.seed, &s.cmid, s.media_bytes);
                 let mut l = ctx.ledger.borrow_mut();

@@ -30,7 +30,10 @@ impl Filter {
                 .as_deref()
                 .is_some_and(|c| c.split(':').any(|p| p == u))
                 || e.detail.starts_with(&format!("{u}/"))
-                || e.detail.starts_with(&format!("{u}:"));
+                || e.detail.starts_with(&format!("{u}:"))
+                || e.detail.starts_with(&format!("{u} "))
+                || e.detail == *u
+                || e.detail.contains(&format!(" {u}:"));
             if !mine && !about {
                 return false;
             }
@@ -128,6 +131,7 @@ pub fn narrate(trace: &[TraceEvent], filter: &Filter) -> Vec<Line> {
                 "the message holds a pointer (and, end-to-end encrypted, the file's key), never the bytes",
             ),
             "media_retry" => (format!("media lane hiccup ({}): retries with backoff", e.detail), ""),
+            "media_failed" => (format!("media lane refused the upload ({}): the message stays unsent", e.detail), ""),
             "media_fetched" => (
                 format!("media lane: serves {}", e.detail),
                 "only members of the chat may fetch it; in production a CDN serves the bytes",
@@ -147,7 +151,7 @@ pub fn narrate(trace: &[TraceEvent], filter: &Filter) -> Vec<Line> {
             "typing" => (format!("types in {conv} → gateway"), "typing notices ride the fast lane but are disposable"),
             "typing_fwd" => (
                 format!("chat service: typing from {}", e.detail),
-                "at most one notice per user per chat every 2 s; a newer notice replaces one still queued; shed first under pressure",
+                "at most one notice per user per chat every typing_min_interval_ms (2 s by default); a newer notice replaces one still queued; shed first under pressure",
             ),
             "typing_throttled" => (
                 format!("chat service: typing from {} dropped by the throttle", e.detail),
@@ -324,8 +328,95 @@ function show(k){{i=Math.max(-1,Math.min(n-1,k));s.forEach(e=>{{const j=+e.datas
 l.forEach(e=>{{const j=+e.dataset.i;e.classList.toggle('on',j<=i);e.classList.toggle('now',j==i)}});document.getElementById('pos').textContent=(i+1)+' / '+n;\
 const c=document.querySelector('li.now');if(c)c.scrollIntoView({{block:'nearest'}});}}\
 document.getElementById('next').onclick=()=>show(i+1);document.getElementById('prev').onclick=()=>show(i-1);document.getElementById('all').onclick=()=>show(n-1);\
-document.onkeydown=e=>{{if(e.key=='ArrowRight')show(i+1);if(e.key=='ArrowLeft')show(i-1)}};const h=location.hash.match(/^#step=(\\d+)$/);show(h?+h[1]-1:0);</script></body></html>",
+document.onkeydown=e=>{{if(e.key=='ArrowRight')show(i+1);if(e.key=='ArrowLeft')show(i-1)}};\
+function fromHash(){{const h=location.hash.match(/^#step=(\\d+)$/);show(h?Math.max(1,+h[1])-1:0)}}window.onhashchange=fromHash;fromHash();</script></body></html>",
         t = esc(title),
         n = lines.len(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(at: &str, event: &str, conv: Option<&str>, detail: &str) -> TraceEvent {
+        TraceEvent {
+            t: 0,
+            at: at.into(),
+            event: event.into(),
+            conv: conv.map(Into::into),
+            seq: None,
+            cmid: None,
+            detail: detail.into(),
+        }
+    }
+
+    #[test]
+    fn user_filter_keeps_the_server_hops_that_name_the_user() {
+        let f = Filter {
+            user: Some("u0".into()),
+            ..Filter::default()
+        };
+        let keep = [
+            ev("u0/d0", "send", Some("grp:g1"), ""),
+            ev(
+                "chat",
+                "media_chunk",
+                Some("grp:g1"),
+                "media1 from u0: 1 of 2 bytes",
+            ),
+            ev(
+                "chat",
+                "media_fetched",
+                Some("grp:g1"),
+                "media1 to u0: 2 bytes",
+            ),
+            ev(
+                "chat",
+                "typing_fwd",
+                Some("grp:g1"),
+                "u0 to 3 devices (0 coalesced)",
+            ),
+            ev("chat", "typing_throttled", Some("grp:g1"), "u0"),
+            ev("chat", "routed", Some("grp:g1"), "u0/d0 on gw-eu-0"),
+            ev("sim", "fault", None, "kill user=u3"),
+        ];
+        for e in &keep {
+            assert!(f.keeps(e), "keeps {e:?}");
+        }
+        let drop = [
+            ev("u10/d0", "send", Some("grp:g1"), ""),
+            ev(
+                "chat",
+                "media_fetched",
+                Some("grp:g1"),
+                "media1 to u10: 2 bytes",
+            ),
+            ev("chat", "typing_throttled", Some("grp:g1"), "u01"),
+        ];
+        for e in &drop {
+            assert!(!f.keeps(e), "drops {e:?}");
+        }
+    }
+
+    #[test]
+    fn conversation_filter_keeps_media_hops_of_that_chat() {
+        let f = Filter {
+            conversation: Some("grp:g1".into()),
+            ..Filter::default()
+        };
+        assert!(f.keeps(&ev("chat", "media_chunk", Some("grp:g1"), "x")));
+        assert!(!f.keeps(&ev("chat", "media_chunk", Some("grp:g2"), "x")));
+    }
+
+    #[test]
+    fn each_reason_is_told_once() {
+        let trace = [
+            ev("u0/d0", "tap", Some("dm:u0:u1"), ""),
+            ev("u0/d0", "tap", Some("dm:u0:u1"), ""),
+        ];
+        let lines = narrate(&trace, &Filter::default());
+        assert!(!lines[0].why.is_empty());
+        assert!(lines[1].why.is_empty());
+    }
 }

@@ -541,6 +541,7 @@ fn record_core_events(hub: &Hub, l: &mut Ledger) {
             CoreEvent::MediaChunk {
                 at,
                 media_id,
+                conversation,
                 user,
                 received,
                 size,
@@ -548,7 +549,7 @@ fn record_core_events(hub: &Hub, l: &mut Ledger) {
                 t(at),
                 "chat",
                 "media_chunk",
-                None,
+                Some(conversation.as_str()),
                 None,
                 None,
                 format!("{media_id} from {user}: {received} of {size} bytes"),
@@ -556,13 +557,14 @@ fn record_core_events(hub: &Hub, l: &mut Ledger) {
             CoreEvent::MediaFetched {
                 at,
                 media_id,
+                conversation,
                 user,
                 bytes,
             } => l.trace(
                 t(at),
                 "chat",
                 "media_fetched",
-                None,
+                Some(conversation.as_str()),
                 None,
                 None,
                 format!("{media_id} to {user}: {bytes} bytes"),

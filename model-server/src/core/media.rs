@@ -185,6 +185,7 @@ impl<S: KvStore> ChatCore<S> {
         self.log(|| super::CoreEvent::MediaChunk {
             at: now,
             media_id: id.clone(),
+            conversation: rec.conversation_id.clone(),
             user: user.clone(),
             received: rec.received,
             size: rec.size,
@@ -235,6 +236,7 @@ impl<S: KvStore> ChatCore<S> {
         self.log(|| super::CoreEvent::MediaFetched {
             at: now,
             media_id: id.clone(),
+            conversation: rec.conversation_id.clone(),
             user: user.clone(),
             bytes: bytes.len() as u64,
         });

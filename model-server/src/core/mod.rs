@@ -190,6 +190,7 @@ pub enum CoreEvent {
     MediaChunk {
         at: Millis,
         media_id: crate::ids::MediaId,
+        conversation: ConversationId,
         user: UserId,
         received: u64,
         size: u64,
@@ -198,6 +199,7 @@ pub enum CoreEvent {
     MediaFetched {
         at: Millis,
         media_id: crate::ids::MediaId,
+        conversation: ConversationId,
         user: UserId,
         bytes: u64,
     },

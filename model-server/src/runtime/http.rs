@@ -103,6 +103,7 @@ pub async fn read_body<S: AsyncRead + Unpin>(
     s: &mut S,
     head: &Head,
     max: usize,
+    timeout: std::time::Duration,
 ) -> Result<Vec<u8>, (u16, String)> {
     if head.header("transfer-encoding").is_some() {
         return Err((
@@ -123,9 +124,16 @@ pub async fn read_body<S: AsyncRead + Unpin>(
     let mut body = head.raw[head.head_len..].to_vec();
     body.truncate(len);
     let mut rest = vec![0u8; len - body.len()];
-    s.read_exact(&mut rest)
-        .await
-        .map_err(|_| (400, "body shorter than Content-Length".to_string()))?;
+    match tokio::time::timeout(timeout, s.read_exact(&mut rest)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(_)) => return Err((400, "body shorter than Content-Length".to_string())),
+        Err(_) => {
+            return Err((
+                408,
+                format!("body not received within {} s", timeout.as_secs()),
+            ))
+        }
+    }
     body.extend_from_slice(&rest);
     Ok(body)
 }
@@ -145,6 +153,7 @@ pub async fn respond<S: AsyncWrite + Unpin>(
         403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        408 => "Request Timeout",
         409 => "Conflict",
         411 => "Length Required",
         413 => "Payload Too Large",
@@ -254,5 +263,30 @@ mod tests {
     fn content_range_gives_the_start_offset() {
         assert_eq!(content_range_start("bytes 100-199/1000"), Some(100));
         assert_eq!(content_range_start("items 1-2/3"), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_never_arrives_times_out_with_408() {
+        let req = b"PUT /v1/media/m1 HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc";
+        let (mut client, mut server) = tokio::io::duplex(1024);
+        tokio::io::AsyncWriteExt::write_all(&mut client, req)
+            .await
+            .expect("write");
+        let head = read_head(&mut server).await.expect("head");
+        // 7 bytes are still owed and the client keeps the socket open without sending them.
+        let r = read_body(&mut server, &head, 100, std::time::Duration::from_secs(60)).await;
+        assert_eq!(r.map_err(|e| e.0), Err(408));
+        drop(client);
+    }
+
+    #[tokio::test]
+    async fn a_complete_body_is_read_within_the_timeout() {
+        let req = b"PUT /v1/media/m1 HTTP/1.1\r\nContent-Length: 5\r\n\r\nabcde";
+        let mut r = &req[..];
+        let head = read_head(&mut r).await.expect("head");
+        let body = read_body(&mut r, &head, 100, std::time::Duration::from_secs(1))
+            .await
+            .expect("body");
+        assert_eq!(body, b"abcde");
     }
 }

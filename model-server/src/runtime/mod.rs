@@ -91,6 +91,13 @@ pub struct RuntimeConfig {
     pub write_timeout: Duration,
     /// Longest a client may take to send its HTTP request head.
     pub head_timeout: Duration,
+    /// Longest a client may take to send an HTTP request body (a media chunk), after its
+    /// head; answered 408.
+    pub body_timeout: Duration,
+    /// Most streams of this gateway that are not (yet) WebSockets: reading a request head
+    /// or serving HTTP. More are closed at accept, so idle or slow sockets cannot pile up
+    /// outside `max_connections`.
+    pub max_pending_streams: usize,
     /// Most frames written per wake-up of one connection (fairness).
     pub write_batch: usize,
     /// WebSocket read/write buffer size (tungstenite's default 128 KiB is costly at scale).
@@ -109,6 +116,8 @@ impl Default for RuntimeConfig {
             tick_interval: Duration::from_millis(250),
             write_timeout: Duration::from_secs(10),
             head_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(60),
+            max_pending_streams: 10_000,
             write_batch: 64,
             ws_buffer_bytes: 8 * 1024,
             spawner: Spawner::Tokio,
@@ -237,6 +246,30 @@ pub struct Server {
     shutdown: watch::Sender<bool>,
     /// Connection tasks of this gateway still running.
     active: std::sync::atomic::AtomicUsize,
+    /// Streams not (yet) upgraded to WebSocket (see `max_pending_streams`).
+    pending: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Counts one pending (non-WebSocket) stream while it lives.
+struct PendingGuard(Arc<std::sync::atomic::AtomicUsize>);
+
+impl PendingGuard {
+    /// Takes a slot, or `None` when `max` streams are pending already.
+    fn take(count: &Arc<std::sync::atomic::AtomicUsize>, max: usize) -> Option<Self> {
+        use std::sync::atomic::Ordering;
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| PendingGuard(count.clone()))
+    }
+}
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 impl Server {
@@ -261,6 +294,7 @@ impl Server {
             clock,
             shutdown,
             active: Default::default(),
+            pending: Default::default(),
         })
     }
 
@@ -341,6 +375,10 @@ impl Server {
     where
         St: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
+        let Some(pending) = PendingGuard::take(&self.pending, self.cfg.max_pending_streams) else {
+            tracing::debug!(%peer, "too many pending streams; closing");
+            return;
+        };
         let head =
             match tokio::time::timeout(self.cfg.head_timeout, http::read_head(&mut stream)).await {
                 Ok(Ok(h)) => h,
@@ -358,9 +396,12 @@ impl Server {
                 Err(_) => return,
             };
         if head.is_websocket() {
+            // From here on `max_connections` bounds it.
+            drop(pending);
             ws::run(self, stream, head).await;
         } else {
             self.handle_http(stream, head).await;
+            drop(pending);
         }
     }
 }

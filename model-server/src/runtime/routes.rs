@@ -72,7 +72,7 @@ impl Server {
         head: &Head,
     ) -> Result<(u16, &'static str, Vec<u8>), (u16, String)> {
         let user = self.bearer_user(head)?;
-        let body = http::read_body(stream, head, 4096).await?;
+        let body = http::read_body(stream, head, 4096, self.cfg.body_timeout).await?;
         let req: MediaPreparePayload = serde_json::from_slice(&body)
             .map_err(|e| (400, format!("bad JSON body: {}", e.classify_str())))?;
         let now = self.now();
@@ -96,7 +96,7 @@ impl Server {
             None => 0,
         };
         let max = lock(&self.hub.core).limits().media_chunk_bytes;
-        let body = http::read_body(stream, head, max).await?;
+        let body = http::read_body(stream, head, max, self.cfg.body_timeout).await?;
         let now = self.now();
         let st = lock(&self.hub.core)
             .media_put(&user, id, offset, &body, now)
