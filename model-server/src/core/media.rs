@@ -217,30 +217,58 @@ impl<S: KvStore> ChatCore<S> {
         })
     }
 
-    /// The bytes of a complete upload, for members of its conversation only.
+    /// Opens a complete upload for download, for members of its conversation only:
+    /// its type and size. The bytes are then read chunk by chunk with `media_read`, so a
+    /// download never holds the whole file (up to 64 MiB) in memory or the core's lock.
+    pub fn media_open(
+        &mut self,
+        user: &UserId,
+        id: &MediaId,
+        now: Millis,
+    ) -> Result<(String, u64), MediaError> {
+        let rec = self.live_media(id, now)?;
+        self.member_of(user, &rec.conversation_id)?;
+        if !rec.complete() {
+            return Err(MediaError::Incomplete);
+        }
+        let size = if self.bugs.truncated_media {
+            rec.size.saturating_sub(1)
+        } else {
+            rec.size
+        };
+        self.log(|| super::CoreEvent::MediaFetched {
+            at: now,
+            media_id: id.clone(),
+            conversation: rec.conversation_id.clone(),
+            user: user.clone(),
+            bytes: size,
+        });
+        Ok((rec.file_type, size))
+    }
+
+    /// The stored chunk that starts at byte `offset` of an upload (chunks are contiguous:
+    /// the next one starts where this one ends), or `None` if there is none.
+    pub fn media_read(&self, id: &MediaId, offset: u64) -> Result<Option<Vec<u8>>, MediaError> {
+        Ok(self.db.media_chunk(id, offset)?)
+    }
+
+    /// The whole file of a complete upload (`media_open` + every `media_read`).
     pub fn media_get(
         &mut self,
         user: &UserId,
         id: &MediaId,
         now: Millis,
     ) -> Result<(String, Vec<u8>), MediaError> {
-        let rec = self.live_media(id, now)?;
-        self.member_of(user, &rec.conversation_id)?;
-        if !rec.complete() {
-            return Err(MediaError::Incomplete);
+        let (file_type, size) = self.media_open(user, id, now)?;
+        let mut bytes = Vec::new();
+        while (bytes.len() as u64) < size {
+            match self.media_read(id, bytes.len() as u64)? {
+                Some(chunk) => bytes.extend_from_slice(&chunk),
+                None => break,
+            }
         }
-        let mut bytes = self.db.media_bytes(id)?;
-        if self.bugs.truncated_media {
-            bytes.pop();
-        }
-        self.log(|| super::CoreEvent::MediaFetched {
-            at: now,
-            media_id: id.clone(),
-            conversation: rec.conversation_id.clone(),
-            user: user.clone(),
-            bytes: bytes.len() as u64,
-        });
-        Ok((rec.file_type, bytes))
+        bytes.truncate(size as usize);
+        Ok((file_type, bytes))
     }
 
     /// A message may carry `media_id` only for a complete upload into the same conversation.

@@ -10,7 +10,7 @@ use crate::core::MediaError;
 use crate::ids::{MediaId, UserId};
 use crate::protocol::MediaPreparePayload;
 use std::sync::Arc;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 const JSON: &str = "application/json";
 
@@ -52,7 +52,11 @@ impl Server {
                     match (m, status) {
                         ("PUT", false) => self.media_put(&mut stream, &head, &id).await,
                         ("GET", true) => self.media_status(&head, &id),
-                        ("GET", false) => self.media_get(&head, &id),
+                        ("GET", false) => {
+                            // Streamed chunk by chunk; answers errors itself.
+                            self.media_download(&mut stream, &head, &id).await;
+                            return;
+                        }
                         _ => Err((405, "method not allowed".into())),
                     }
                 }
@@ -117,18 +121,64 @@ impl Server {
         Ok((200, JSON, serde_json::to_vec(&st).unwrap_or_default()))
     }
 
-    fn media_get(
+    /// `GET /v1/media/{id}`: the file, written one stored chunk at a time so neither the
+    /// whole file nor the core's lock is held while a slow client reads; each write is
+    /// bounded by `write_timeout`.
+    async fn media_download<St: AsyncWrite + Unpin>(
         &self,
+        stream: &mut St,
         head: &Head,
         id: &MediaId,
-    ) -> Result<(u16, &'static str, Vec<u8>), (u16, String)> {
-        let user = self.bearer_user(head)?;
-        let now = self.now();
-        let (_ct, bytes) = lock(&self.hub.core)
-            .media_get(&user, id, now)
-            .map_err(media_err)?;
+    ) {
+        let opened = self.bearer_user(head).and_then(|user| {
+            let now = self.now();
+            lock(&self.hub.core)
+                .media_open(&user, id, now)
+                .map_err(media_err)
+        });
+        let size = match opened {
+            Ok((_file_type, size)) => size,
+            Err((code, msg)) => {
+                let _ = http::respond(stream, code, JSON, &http::error_json(code, &msg)).await;
+                return;
+            }
+        };
+        let timeout = self.cfg.write_timeout;
         // Media is ciphertext to the server: always served as opaque bytes.
-        Ok((200, "application/octet-stream", bytes))
+        let head = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ncontent-length: {size}\r\nconnection: close\r\n\r\n"
+        );
+        if !matches!(
+            tokio::time::timeout(timeout, stream.write_all(head.as_bytes())).await,
+            Ok(Ok(()))
+        ) {
+            return;
+        }
+        let mut sent = 0u64;
+        while sent < size {
+            let chunk = lock(&self.hub.core).media_read(id, sent);
+            let Ok(Some(mut chunk)) = chunk else {
+                // Deleted or expired meanwhile: the short body tells the client.
+                tracing::debug!(media = %id, sent, "media vanished during download");
+                return;
+            };
+            chunk.truncate((size - sent) as usize);
+            if chunk.is_empty() {
+                return;
+            }
+            if !matches!(
+                tokio::time::timeout(timeout, stream.write_all(&chunk)).await,
+                Ok(Ok(()))
+            ) {
+                return;
+            }
+            sent += chunk.len() as u64;
+        }
+        let _ = tokio::time::timeout(timeout, async {
+            stream.flush().await?;
+            stream.shutdown().await
+        })
+        .await;
     }
 }
 

@@ -288,6 +288,12 @@ impl<S: KvStore> Records<S> {
         Ok(get_json!(self, Table::Media, key(&[id.as_str()], None)))
     }
 
+    /// The chunk of an upload stored at byte `offset`.
+    pub fn media_chunk(&self, id: &MediaId, offset: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        self.kv
+            .get(Table::MediaChunks, &media_chunk_key(id, offset))
+    }
+
     /// All bytes of a media object, in order.
     pub fn media_bytes(&self, id: &MediaId) -> Result<Vec<u8>, StoreError> {
         let prefix = key(&[id.as_str()], None);
