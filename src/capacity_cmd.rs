@@ -7,8 +7,12 @@ use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct CapacityArgs {
-    /// TOML file with any `Inputs` keys at the top level and a `[machine]` table
-    /// (defaults: seed 001's figures and a 32-core, 128 GiB, 25 Gbit/s node at 60%).
+    /// TOML file with any of these keys at the top level (defaults: seed 001's figures):
+    /// registered_users, daily_active_users, messages_per_user_per_day, peak_factor_low,
+    /// peak_factor_high, message_bytes, retention_days, undelivered_share, history_share,
+    /// history_days, concurrent_connections, bytes_per_connection_per_s; and a [machine]
+    /// table with cores, memory_gib, nic_gbit_per_s, utilisation (default: a 32-core,
+    /// 128 GiB, 25 Gbit/s node planned at 60%).
     #[arg(long)]
     pub config: Option<PathBuf>,
     #[arg(long)]
@@ -19,10 +23,14 @@ pub struct CapacityArgs {
     pub concurrent_connections: Option<f64>,
     #[arg(long)]
     pub message_bytes: Option<f64>,
+    /// Average traffic per open connection, bytes/s (seed 001: 10,000): drives bandwidth.
+    #[arg(long)]
+    pub bytes_per_connection_per_s: Option<f64>,
     /// A load report directory (summary.json): size the fleet from its measured figures.
     #[arg(long)]
     pub from_report: Option<PathBuf>,
-    /// Cores the measured server had (the load report's machine).
+    /// Cores of the machine the load report was measured on; used only when the report has
+    /// no server CPU figure (`cpu_us_per_delivered`).
     #[arg(long, default_value_t = 2.0)]
     pub measured_cores: f64,
     /// table (terminal), markdown or csv.
@@ -62,6 +70,9 @@ pub fn capacity(a: CapacityArgs) -> Result<()> {
     if let Some(v) = a.message_bytes {
         i.message_bytes = v;
     }
+    if let Some(v) = a.bytes_per_connection_per_s {
+        i.bytes_per_connection_per_s = v;
+    }
     let e = estimate(&cfg.inputs);
     let mut rows: Vec<(String, String)> = vec![
         ("messages per day".into(), si(e.messages_per_day, "")),
@@ -90,7 +101,11 @@ pub fn capacity(a: CapacityArgs) -> Result<()> {
             si(e.active_storage_bytes, "B"),
         ),
         (
-            "bandwidth at peak connections".into(),
+            format!(
+                "bandwidth at peak connections ({} connections x {} each)",
+                si(cfg.inputs.concurrent_connections, "").trim_end(),
+                si(cfg.inputs.bytes_per_connection_per_s, "B/s")
+            ),
             si(e.bandwidth_bytes_per_s, "B/s"),
         ),
     ];
@@ -105,8 +120,8 @@ pub fn capacity(a: CapacityArgs) -> Result<()> {
         rows.push((
             format!("measured (from {})", dir.display()),
             format!(
-                "{:.0} delivered msgs/s on {} cores = {:.0}/core/s at p99 {:.2} ms; {:.1} KiB/connection",
-                p.measured_delivered_per_s, p.measured_cores, p.delivered_per_core_s, p.p99_deliver_ms, p.kib_per_connection
+                "{:.0} delivered msgs/s at p99 {:.2} ms; {:.0} msgs/s per core ({}); {:.1} KiB/connection",
+                p.measured_delivered_per_s, p.p99_deliver_ms, p.delivered_per_core_s, p.cpu_basis, p.kib_per_connection
             ),
         ));
         let m = &cfg.machine;

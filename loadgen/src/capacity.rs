@@ -109,6 +109,8 @@ pub struct Plan {
     pub measured_delivered_per_s: f64,
     pub measured_cores: f64,
     pub delivered_per_core_s: f64,
+    /// How `delivered_per_core_s` was obtained.
+    pub cpu_basis: String,
     pub kib_per_connection: f64,
     pub p99_deliver_ms: f64,
     /// Nodes needed by each resource at the high peak.
@@ -139,7 +141,31 @@ pub fn plan(
     if report.delivered_per_s <= 0.0 || server.kib_per_connection <= 0.0 {
         return Err("the load report has no deliveries or no memory figure".into());
     }
-    let per_core = report.delivered_per_s / measured_cores;
+    // Best: the server's own CPU time per delivered message (the generator's share of a
+    // shared machine does not count against the server). Otherwise: delivered messages
+    // over the cores of the box, an upper bound on the server's CPU cost.
+    let (per_core, cpu_basis) = if server.cpu_us_per_delivered > 0.0 {
+        (
+            1e6 / server.cpu_us_per_delivered,
+            format!(
+                "server CPU time: {:.1} µs per delivered message",
+                server.cpu_us_per_delivered
+            ),
+        )
+    } else {
+        if measured_cores <= 0.0 || !measured_cores.is_finite() {
+            return Err(format!(
+                "--measured-cores must be a positive number of cores, not {measured_cores}"
+            ));
+        }
+        (
+            report.delivered_per_s / measured_cores,
+            format!(
+                "{} delivered msgs/s over {measured_cores} cores (no server CPU figure in the report)",
+                report.delivered_per_s
+            ),
+        )
+    };
     let usable = m.utilisation;
     let nodes_by_cpu = e.peak_msgs_per_s_high / (per_core * m.cores * usable);
     let conn_bytes = i.concurrent_connections * server.kib_per_connection * 1024.0;
@@ -159,6 +185,7 @@ pub fn plan(
         measured_delivered_per_s: report.delivered_per_s,
         measured_cores,
         delivered_per_core_s: per_core,
+        cpu_basis,
         kib_per_connection: server.kib_per_connection,
         p99_deliver_ms: report.deliver_us.p99 as f64 / 1000.0,
         nodes_by_cpu: nodes_by_cpu.ceil(),
@@ -244,15 +271,22 @@ mod tests {
             cpu_us_per_delivered: 100.0,
         });
         let p = plan(&e, &i, &r, 2.0, &Machine::default()).expect("plan");
-        assert_eq!(p.delivered_per_core_s, 1_500.0);
+        // Sized by the server's own CPU time: 100 µs per message = 10,000 per core-second.
+        assert_eq!(p.delivered_per_core_s, 10_000.0);
+        assert!(p.cpu_basis.contains("100.0 µs"), "{}", p.cpu_basis);
         assert!(
             p.nodes >= p.nodes_by_memory
                 && p.nodes >= p.nodes_by_bandwidth
                 && p.nodes >= p.nodes_by_cpu
         );
-        // 500 GB/s at peak needs ~267 25-Gbit NICs at 60%; CPU needs ~21 nodes at 1,500/core/s.
+        // 500 GB/s at peak needs ~267 25-Gbit NICs at 60%; CPU needs ~4 nodes.
         assert_eq!(p.binding, "bandwidth");
         assert_eq!(p.nodes, p.nodes_by_bandwidth);
+        // Without a server CPU figure: delivered over the measured cores.
+        r.server.as_mut().expect("server").cpu_us_per_delivered = 0.0;
+        let p = plan(&e, &i, &r, 2.0, &Machine::default()).expect("plan");
+        assert_eq!(p.delivered_per_core_s, 1_500.0);
+        assert!(plan(&e, &i, &r, 0.0, &Machine::default()).is_err());
         r.delivered_per_s = 20.0; // a very slow server: now CPU binds
         let p = plan(&e, &i, &r, 2.0, &Machine::default()).expect("plan");
         assert_eq!(p.binding, "cpu");

@@ -245,7 +245,19 @@ pub async fn run_device(ctx: Rc<Ctx>, k: DeviceKey) {
         }
         // Full jitter in [backoff/2, backoff], then double up to the cap.
         let wait = rng.random_range(backoff / 2..=backoff.max(1));
-        ctx.ledger.borrow_mut().device(k).backoffs.push(wait);
+        {
+            let mut l = ctx.ledger.borrow_mut();
+            l.device(k).backoffs.push(wait);
+            l.trace(
+                now_ms(),
+                dev(k),
+                "backoff",
+                None,
+                None,
+                None,
+                format!("{wait} ms of {backoff}"),
+            );
+        }
         backoff = (backoff * 2).min(cfg.backoff_max_ms);
         let until = now_ms() + wait;
         while now_ms() < until && now_ms() < ctx.end_ms {
@@ -403,6 +415,7 @@ async fn session(
                 {
                     let mut l = ctx.ledger.borrow_mut();
                     l.sends[i].attempts += 1;
+                    let attempts = l.sends[i].attempts;
                     let cmid = ctx.plan.sends[i].cmid.clone();
                     l.trace(
                         now,
@@ -411,7 +424,11 @@ async fn session(
                         Some(&ctx.send_conv[i]),
                         None,
                         Some(&cmid),
-                        "",
+                        if attempts > 1 {
+                            format!("retry {}", attempts - 1)
+                        } else {
+                            String::new()
+                        },
                     );
                 }
                 if let Err(e) = send(&mut ws, frame).await {
@@ -695,6 +712,20 @@ async fn on_frame(
                 send(ws, f.to_string()).await?;
             }
         }
+        ServerFrame::GroupReceipt { payload } => {
+            ctx.ledger.borrow_mut().trace(
+                now_ms(),
+                dev(k),
+                "group_receipt",
+                Some(payload.conversation_id.as_str()),
+                Some(payload.seq.0),
+                None,
+                format!(
+                    "delivered to {} of {}, read by {}",
+                    payload.delivered, payload.recipients, payload.read
+                ),
+            );
+        }
         ServerFrame::Typing { payload } => {
             ctx.ledger.borrow_mut().trace(
                 now_ms(),
@@ -728,6 +759,11 @@ async fn on_frame(
             } else {
                 "delivery_receipt"
             };
+            let seqs: Vec<&str> = payload
+                .message_ids
+                .iter()
+                .filter_map(|id| id.as_str().rsplit_once('#').map(|(_, s)| s))
+                .collect();
             l.trace(
                 now,
                 dev(k),
@@ -735,7 +771,12 @@ async fn on_frame(
                 Some(payload.conversation_id.as_str()),
                 None,
                 None,
-                format!("{} by {}", payload.message_ids.len(), payload.by),
+                format!(
+                    "seq{} {} by {}",
+                    if seqs.len() == 1 { "" } else { "s" },
+                    seqs.join(", "),
+                    payload.by
+                ),
             );
         }
         _ => {}

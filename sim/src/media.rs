@@ -139,6 +139,16 @@ pub async fn upload(ctx: Rc<Ctx>, k: DeviceKey, i: usize) {
             detail,
         );
     };
+    if let Some(st) = ctx.uploads.borrow().get(&i).filter(|u| u.received > 0) {
+        trace(
+            "media_resume",
+            format!(
+                "{} at byte {} of {size}",
+                st.media_id.clone().unwrap_or_default(),
+                st.received
+            ),
+        );
+    }
     loop {
         let now = now_ms();
         let ctl = ctx.control(k);

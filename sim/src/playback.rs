@@ -75,6 +75,13 @@ fn seq(e: &TraceEvent) -> String {
 pub fn narrate(trace: &[TraceEvent], filter: &Filter) -> Vec<Line> {
     let mut out = Vec::new();
     let mut told = std::collections::BTreeSet::new();
+    // (conversation, seq) of messages written to a group's shared log, not inboxes.
+    let mut shared = std::collections::BTreeSet::new();
+    for e in trace {
+        if e.event == "stored" && e.detail.contains("shared group log") {
+            shared.insert((e.conv.clone(), e.seq));
+        }
+    }
     for (i, e) in trace.iter().enumerate() {
         if !filter.keeps(e) {
             continue;
@@ -83,6 +90,10 @@ pub fn narrate(trace: &[TraceEvent], filter: &Filter) -> Vec<Line> {
         let cmid = e.cmid.clone().unwrap_or_default();
         let (what, why): (String, &'static str) = match e.event.as_str() {
             "tap" => (format!("taps send: {cmid} in {conv}"), "it lands in the phone's local outbox first, which survives the app being killed"),
+            "send" if e.detail.starts_with("retry") => (
+                format!("→ gateway: message {cmid} in {conv} again ({}: no ack yet)", e.detail),
+                "the same client_message_id rides every retry, so the server can spot duplicates",
+            ),
             "send" => (format!("→ gateway: message {cmid} in {conv}"), "the same client_message_id rides every retry, so the server can spot duplicates"),
             "stored" if e.detail.contains("shared group log") => (
                 format!("chat service: {cmid} is{} of {conv} ({})", seq(e), e.detail),
@@ -94,18 +105,36 @@ pub fn narrate(trace: &[TraceEvent], filter: &Filter) -> Vec<Line> {
             ),
             "dedup" => (
                 format!("chat service: {cmid} is a retry of{}: 409 with the original seq, nothing stored", seq(e)),
-                "at-least-once delivery plus dedup: the elevator retry never shows twice",
+                "at-least-once delivery plus dedup: a retried send never shows twice",
             ),
             "ack" if e.detail == "again" => (format!("✓ again for {cmid} ({})", seq(e).trim()), "a retry's answer: the phone already showed one tick"),
+            "ack" if shared.contains(&(e.conv.clone(), e.seq)) => (
+                format!("✓ sent: {cmid} is{} of {conv}", seq(e)),
+                "ack only after the write to the group log: this is why nothing acked is lost",
+            ),
             "ack" => (format!("✓ sent: {cmid} is{} of {conv}", seq(e)), "ack only after the inbox write: this is why nothing acked is lost"),
-            "routed" => (format!("registry: {} → delivered on its live socket ({})", e.detail, seq(e).trim()), "the user→gateway registry finds every online device, on any gateway"),
+            "routed" => (
+                format!("registry: {} → queued on its live socket ({})", e.detail, seq(e).trim()),
+                "the user→gateway registry finds every online device, on any gateway; the phone has it only when its link delivers it",
+            ),
             "push" => (format!("push → {}", e.detail), "push carries no text: it only wakes the phone; the inbox is the truth"),
             "deliver" if e.detail == "undecryptable" => (format!("got{} of {conv} but cannot decrypt it", seq(e)), ""),
             "deliver" => (format!("shows {cmid} ({} of {conv}) and acks it", seq(e).trim()), "decrypted on the phone; the delivery_ack turns the sender's tick into two"),
             "delivery_receipt" => (format!("✓✓ delivered in {conv} ({})", e.detail), "status only moves forward: sent → delivered → read"),
             "read_receipt" => (format!("blue ticks: read in {conv} ({})", e.detail), "the recipient opened the chat; receipts never go backward"),
+            "group_receipt" => (
+                format!("group ticks for{} of {conv}: {}", seq(e), e.detail),
+                "in a group the sender gets counts, aggregated per message, not a receipt per member",
+            ),
             "connected" => (format!("connected to {} and syncs everything after its last seq", e.detail), "sync on reconnect is how an offline phone catches up, in seq order"),
             "disconnected" => (format!("lost its socket ({})", e.detail), "it will reconnect with jittered exponential backoff, not all at once"),
+            "backoff" => (
+                match e.detail.split_once(" ms of ") {
+                    Some((wait, cap)) => format!("waits {wait} ms before reconnecting (a random pick up to {cap} ms)"),
+                    None => format!("waits {} before reconnecting", e.detail),
+                },
+                "full jitter: each phone picks its own wait up to the backoff, which doubles after each failure up to a cap",
+            ),
             "connect_failed" => (format!("could not connect ({})", e.detail), "backoff doubles up to a cap, with jitter, so a storm spreads out"),
             "app_away" => ("app in the background / killed: socket gone".into(), "messages for it wait in its inbox; its own taps wait in its outbox"),
             "error" if e.detail.starts_with("503") => (
@@ -124,11 +153,15 @@ pub fn narrate(trace: &[TraceEvent], filter: &Filter) -> Vec<Line> {
             "media_prepared" => (format!("media lane: reserved {}", e.detail), ""),
             "media_chunk" => (
                 format!("media lane: {}", e.detail),
-                "uploaded in chunks over HTTP; after a break the phone resumes from the byte the server has",
+                "uploaded in chunks over HTTP, each stored before the next is sent",
             ),
             "media_uploaded" => (
                 format!("upload of {} complete: now {cmid} can go, carrying only the pointer", e.detail),
                 "the message holds a pointer (and, end-to-end encrypted, the file's key), never the bytes",
+            ),
+            "media_resume" => (
+                format!("resumes the upload of {}", e.detail),
+                "after a break the upload goes on from the byte the server has, not from zero",
             ),
             "media_retry" => (format!("media lane hiccup ({}): retries with backoff", e.detail), ""),
             "media_failed" => (format!("media lane refused the upload ({}): the message stays unsent", e.detail), ""),
@@ -138,14 +171,14 @@ pub fn narrate(trace: &[TraceEvent], filter: &Filter) -> Vec<Line> {
             ),
             "media_download" => (
                 format!("downloads {}", e.detail),
-                "every phone pulls the file itself after the message arrives: forty phones, forty downloads",
+                "every recipient's phone pulls the file itself after the message arrives: one download per phone",
             ),
             "group_add" => (
                 format!("admin asks to add {}", e.detail),
                 "only admins may add members, and the server checks the size cap on every add",
             ),
             "slow_consumer" => (
-                format!("chat service: {}: the outbound queue is full, so it drops them and closes the socket", e.detail),
+                format!("chat service: {}: the outbound queue is full, so it drops them and closes the socket with a resume token (error 503)", e.detail),
                 "a bounded queue per connection: one slow phone cannot eat the server's memory; its messages wait in the inbox",
             ),
             "typing" => (format!("types in {conv} → gateway"), "typing notices ride the fast lane but are disposable"),
@@ -159,9 +192,11 @@ pub fn narrate(trace: &[TraceEvent], filter: &Filter) -> Vec<Line> {
             ),
             "typing_seen" => (format!("sees \"{} is typing…\" in {conv}", e.detail), ""),
             "fault" => {
+                // Count the sockets a fault knocks off when it starts, not when it ends.
+                let starts = e.detail.split_whitespace().nth(1) != Some("ends");
                 let lost = trace[i..]
                     .iter()
-                    .take_while(|x| x.t <= e.t + 2_000)
+                    .take_while(|x| starts && x.t <= e.t + 2_000)
                     .filter(|x| x.event == "disconnected")
                     .count();
                 let tail = match lost {
@@ -169,7 +204,7 @@ pub fn narrate(trace: &[TraceEvent], filter: &Filter) -> Vec<Line> {
                     1 => ": 1 device loses its socket and reconnects with jittered backoff".to_string(),
                     n => format!(": {n} devices lose their socket and reconnect with jittered backoff"),
                 };
-                (format!("FAULT {}{tail}", e.detail), "")
+                (format!("FAULT {}{tail}", e.detail), fault_why(&e.detail))
             }
             other => (format!("{other} {}", e.detail), ""),
         };
@@ -182,6 +217,26 @@ pub fn narrate(trace: &[TraceEvent], filter: &Filter) -> Vec<Line> {
         });
     }
     out
+}
+
+/// Why a fault matters, by its kind (the first word of its trace detail).
+fn fault_why(detail: &str) -> &'static str {
+    let ends = detail.split_whitespace().nth(1) == Some("ends");
+    match detail.split_whitespace().next().unwrap_or("") {
+        _ if ends => "",
+        "partition" => "segments between these hosts are dropped: streams stall until a timeout notices",
+        "hold" => "segments are held, not lost: everything arrives late, in a burst",
+        "flaky" => "links fail at random, as on a bad mobile network",
+        "latency" => "every segment on this link is slow",
+        "crash" => "a crash keeps only what was durably written: that is why the ack waits for the write",
+        "deploy" => "a restart drops every socket on the gateway at once: a reconnect storm",
+        "regionfailover" => "the region's gateways go dark and the store's primary moves to the surviving region; phones reconnect there",
+        "offline" => "the app is in the background: no socket, so messages wait in the inbox and a push wakes the phone",
+        "kill" => "the app is killed: its outbox and uploads survive on the phone and resume when it comes back",
+        "slowconsumer" => "the phone reads slowly: the server's bounded queue for it fills",
+        "clockskew" => "the phone's clock is wrong: order comes from the server's seq, never from phone clocks",
+        _ => "",
+    }
 }
 
 fn esc(s: &str) -> String {
@@ -253,10 +308,23 @@ pub fn html(title: &str, lines: &[Line], trace: &[TraceEvent], filter: &Filter) 
         }
     }
     gateways.sort();
-    let mut lanes: Vec<String> = devices;
+    // Phones in user order (u2 before u10); the server's lanes first, so they stay on
+    // screen however many phones a story has.
+    devices.sort_by_key(|d| {
+        let num = |p: Option<&str>| {
+            p.and_then(|x| {
+                x.trim_start_matches(|c: char| !c.is_ascii_digit())
+                    .parse::<u64>()
+                    .ok()
+            })
+            .unwrap_or(u64::MAX)
+        };
+        let mut parts = d.split('/');
+        (num(parts.next()), num(parts.next()), d.clone())
+    });
+    let mut lanes: Vec<String> = vec!["push".into(), "chat".into()];
     lanes.extend(gateways);
-    lanes.push("chat".into());
-    lanes.push("push".into());
+    lanes.extend(devices);
     let lane_x = |name: &str| 90 + 150 * lanes.iter().position(|l| l == name).unwrap_or(0);
     // Room on the right for the labels of hops drawn on the last lanes.
     let width = 90 + 150 * lanes.len() + 260;
@@ -320,13 +388,14 @@ pub fn html(title: &str, lines: &[Line], trace: &[TraceEvent], filter: &Filter) 
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{t}</title><style>\
 body{{font-family:sans-serif;margin:1em}}#bar{{position:sticky;top:0;background:#fff;padding:6px 0}}\
 .step{{opacity:.25}}.step.on{{opacity:1}}.step.now text{{font-weight:bold}}li{{opacity:.35;margin:2px 0}}li.on{{opacity:1}}li.now{{background:#ffd}}\
-#wrap{{display:flex;gap:1em}}#diagram{{overflow:auto;max-height:85vh}}ol{{max-height:85vh;overflow:auto;width:34em;font-size:13px}}</style></head><body>\
+#wrap{{display:flex;gap:1em}}#diagram{{overflow:auto;max-height:85vh}}ol{{max-height:85vh;overflow:auto;width:34em;flex:none;font-size:13px}}</style></head><body>\
 <h1>{t}</h1><div id=\"bar\"><button id=\"prev\">◀ Previous</button> <button id=\"next\">Next ▶</button> <button id=\"all\">Show all</button> <span id=\"pos\"></span></div>\
 <div id=\"wrap\"><div id=\"diagram\">{svg}</div><ol>{list}</ol></div>\
 <script>let i=-1;const n={n};const s=document.querySelectorAll('.step'),l=document.querySelectorAll('li');\
 function show(k){{i=Math.max(-1,Math.min(n-1,k));s.forEach(e=>{{const j=+e.dataset.i;e.classList.toggle('on',j<=i);e.classList.toggle('now',j==i)}});\
 l.forEach(e=>{{const j=+e.dataset.i;e.classList.toggle('on',j<=i);e.classList.toggle('now',j==i)}});document.getElementById('pos').textContent=(i+1)+' / '+n;\
-const c=document.querySelector('li.now');if(c)c.scrollIntoView({{block:'nearest'}});}}\
+const c=document.querySelector('li.now');if(c)c.scrollIntoView({{block:'nearest'}});\
+const g=document.querySelector('.step.now');if(g)g.scrollIntoView({{block:'center',inline:'nearest'}});}}\
 document.getElementById('next').onclick=()=>show(i+1);document.getElementById('prev').onclick=()=>show(i-1);document.getElementById('all').onclick=()=>show(n-1);\
 document.onkeydown=e=>{{if(e.key=='ArrowRight')show(i+1);if(e.key=='ArrowLeft')show(i-1)}};\
 function fromHash(){{const h=location.hash.match(/^#step=(\\d+)$/);show(h?Math.max(1,+h[1])-1:0)}}window.onhashchange=fromHash;fromHash();</script></body></html>",

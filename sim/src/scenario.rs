@@ -264,9 +264,10 @@ pub struct Expect {
     pub p99_ack_ms: Option<u64>,
 }
 
-/// A scenario file that could not be used.
+/// A scenario file that could not be used. `line` is 0 when no line is to blame (the
+/// file could not be read); it is then left out of the message.
 #[derive(Debug, thiserror::Error)]
-#[error("{file}:{line}: {message}")]
+#[error("{file}{}: {message}", if *line > 0 { format!(":{line}") } else { String::new() })]
 pub struct ScenarioError {
     pub file: String,
     pub line: usize,
