@@ -325,7 +325,16 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
                             conversation: Some(conv.clone()),
                             device: Some(dev.clone()),
                             expected: format!("seqs 1..={n} without gaps"),
-                            seen: show(&got),
+                            seen: if server_contiguous {
+                                show(&got)
+                            } else {
+                                let acked: Vec<u64> = seqs.iter().copied().collect();
+                                format!(
+                                    "the server acked seqs {} (a gap or a reused number); the device shows {}",
+                                    show(&acked),
+                                    show(&got)
+                                )
+                            },
                             context: context(o, Some(conv), Some(&dev)),
                         },
                     );
