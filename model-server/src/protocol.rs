@@ -35,6 +35,9 @@ pub enum ClientFrame {
         #[serde(default)]
         timestamp: Option<u64>,
     },
+    /// Ask for the current status of messages this user sent (after a reconnect, for the
+    /// ones whose receipts may have been lost with the old socket).
+    StatusQuery { message_ids: Vec<MessageId> },
     /// Keep-alive; also refreshes presence.
     Heartbeat {
         #[serde(default)]

@@ -49,27 +49,31 @@ async fn client(user: &'static str, peer: &'static str) -> turmoil::Result<Vec<V
     Ok(seen)
 }
 
-fn run(seed: u64) -> Vec<String> {
-    let mut sim = turmoil::Builder::new()
-        .rng_seed(seed)
-        .simulation_duration(Duration::from_secs(30))
-        .build();
-    sim.host("server", || async {
+/// Runs the unchanged server as host `server` on port 8080 with `cfg()` (local spawner).
+fn serve_on(sim: &mut turmoil::Sim<'_>, cfg: fn() -> RuntimeConfig) {
+    sim.host("server", move || async move {
         let listener = turmoil::net::TcpListener::bind(("0.0.0.0", 8080)).await?;
-        let cfg = RuntimeConfig {
-            spawner: Spawner::Local,
-            ..RuntimeConfig::default()
-        };
         let server = Server::new(
             Limits::default(),
             Secret::new(SECRET.to_vec())?,
             Box::new(MemoryStore::new()),
-            cfg,
+            RuntimeConfig {
+                spawner: Spawner::Local,
+                ..cfg()
+            },
             Clock::starting_at(EPOCH),
         );
         server.serve(listener).await;
         Ok(())
     });
+}
+
+fn run(seed: u64) -> Vec<String> {
+    let mut sim = turmoil::Builder::new()
+        .rng_seed(seed)
+        .simulation_duration(Duration::from_secs(30))
+        .build();
+    serve_on(&mut sim, RuntimeConfig::default);
     let out = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
     for (user, peer) in [("alice", "bob"), ("bob", "alice")] {
         let out = out.clone();
@@ -144,22 +148,7 @@ fn server_still_hears_a_client_while_a_write_to_it_is_blocked() {
         .tcp_capacity(4)
         .simulation_duration(Duration::from_secs(60))
         .build();
-    sim.host("server", || async {
-        let listener = turmoil::net::TcpListener::bind(("0.0.0.0", 8080)).await?;
-        let cfg = RuntimeConfig {
-            spawner: Spawner::Local,
-            ..RuntimeConfig::default()
-        };
-        let server = Server::new(
-            Limits::default(),
-            Secret::new(SECRET.to_vec())?,
-            Box::new(MemoryStore::new()),
-            cfg,
-            Clock::starting_at(EPOCH),
-        );
-        server.serve(listener).await;
-        Ok(())
-    });
+    serve_on(&mut sim, RuntimeConfig::default);
     let sent_at = std::rc::Rc::new(std::cell::Cell::new(None::<Duration>));
     let got_at = std::rc::Rc::new(std::cell::Cell::new(None::<Duration>));
     {
@@ -216,23 +205,10 @@ fn streams_past_max_pending_streams_are_closed_at_accept() {
         .rng_seed(5)
         .simulation_duration(Duration::from_secs(60))
         .build();
-    sim.host("server", || async {
-        let listener = turmoil::net::TcpListener::bind(("0.0.0.0", 8080)).await?;
-        let cfg = RuntimeConfig {
-            spawner: Spawner::Local,
-            max_pending_streams: 2,
-            head_timeout: Duration::from_secs(30),
-            ..RuntimeConfig::default()
-        };
-        let server = Server::new(
-            Limits::default(),
-            Secret::new(SECRET.to_vec())?,
-            Box::new(MemoryStore::new()),
-            cfg,
-            Clock::starting_at(EPOCH),
-        );
-        server.serve(listener).await;
-        Ok(())
+    serve_on(&mut sim, || RuntimeConfig {
+        max_pending_streams: 2,
+        head_timeout: Duration::from_secs(30),
+        ..RuntimeConfig::default()
     });
     sim.client("idler", async {
         use tokio::io::AsyncReadExt;

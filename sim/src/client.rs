@@ -370,6 +370,39 @@ async fn session(
     {
         return End::Lost("send failed");
     }
+    // Receipts are pushed once: ask for the ticks this device may have missed while its
+    // socket was down (1:1 messages this user sent that it has not seen read).
+    let unsettled: Vec<String> = {
+        let l = ctx.ledger.borrow();
+        let seen = l.devices.get(&k);
+        ctx.plan
+            .sends
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.user == k.0 && matches!(p.target, Target::User(_)))
+            .filter_map(|(i, _)| l.sends[i].acked.as_ref().map(|a| a.2.clone()))
+            .filter(|mid| {
+                !seen
+                    .and_then(|d| d.statuses.get(mid))
+                    .is_some_and(|v| v.contains(&Status::Read))
+            })
+            .collect()
+    };
+    for ids in unsettled.chunks(256) {
+        ctx.ledger.borrow_mut().trace(
+            now_ms(),
+            dev(k),
+            "status_query",
+            None,
+            None,
+            None,
+            ids.join(", "),
+        );
+        let f = json!({"type":"status_query","message_ids":ids});
+        if let Err(e) = send(&mut ws, f.to_string()).await {
+            return End::Lost(e);
+        }
+    }
     loop {
         let now = now_ms();
         if now >= ctx.end_ms {
@@ -614,8 +647,10 @@ fn send_frame(ctx: &Ctx, i: usize, skew_ms: i64, now: u64, media_id: Option<&str
     .to_string()
 }
 
-/// Records an ack (or a 409 carrying the original id) for send `i`.
-fn on_acked(ctx: &Ctx, k: DeviceKey, i: usize, conv: &str, seq: u64, mid: &str) {
+/// Records an ack (or a 409 carrying the original id) for send `i`. Returns true when the
+/// ack answered a retry: the first attempt may have been stored, delivered and read while
+/// the ack and the receipts were lost with the old socket, so ask for its status.
+fn on_acked(ctx: &Ctx, k: DeviceKey, i: usize, conv: &str, seq: u64, mid: &str) -> bool {
     let now = now_ms();
     let mut l = ctx.ledger.borrow_mut();
     let first = l.sends[i].acked.is_none();
@@ -644,6 +679,19 @@ fn on_acked(ctx: &Ctx, k: DeviceKey, i: usize, conv: &str, seq: u64, mid: &str) 
         Some(&cmid),
         if first { "" } else { "again" },
     );
+    first && l.sends[i].attempts > 1 && matches!(ctx.plan.sends[i].target, Target::User(_))
+}
+
+/// Asks the server for the current status of one message this device sent.
+async fn query_status(ctx: &Ctx, k: DeviceKey, ws: &mut Ws, mid: &str) -> Result<(), &'static str> {
+    ctx.ledger
+        .borrow_mut()
+        .trace(now_ms(), dev(k), "status_query", None, None, None, mid);
+    send(
+        ws,
+        json!({"type":"status_query","message_ids":[mid]}).to_string(),
+    )
+    .await
 }
 
 async fn on_frame(
@@ -660,14 +708,17 @@ async fn on_frame(
             payload,
         } => {
             if let Some(&i) = ctx.cmid_index.get(client_message_id.as_str()) {
-                on_acked(
+                let mid = payload.message_id.as_str();
+                if on_acked(
                     ctx,
                     k,
                     i,
                     payload.conversation_id.as_str(),
                     payload.seq.0,
-                    payload.message_id.as_str(),
-                );
+                    mid,
+                ) {
+                    query_status(ctx, k, ws, mid).await?;
+                }
             }
         }
         ServerFrame::Error { payload } => {
@@ -681,7 +732,9 @@ async fn on_frame(
                     if let (Some(conv), Some(seq), Some(mid)) =
                         (&payload.conversation_id, payload.seq, &payload.message_id)
                     {
-                        on_acked(ctx, k, i, conv.as_str(), seq.0, mid.as_str());
+                        if on_acked(ctx, k, i, conv.as_str(), seq.0, mid.as_str()) {
+                            query_status(ctx, k, ws, mid.as_str()).await?;
+                        }
                     }
                 }
                 (429, Some(&i)) => {

@@ -6,6 +6,7 @@ use crate::crypto::PLAINTEXT_MARKER;
 use crate::ledger::{DeviceKey, TraceEvent};
 use crate::plan::{device_name, user_name, Target};
 use crate::world::Outcome;
+use model_server::protocol::Status;
 use model_server::store::{KvStore, Table};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -339,6 +340,51 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
                         },
                     );
                 }
+            }
+        }
+    }
+
+    // 3b. Receipts converge: a 1:1 message every recipient device shows is at least
+    // delivered (✓✓) on every device of its sender by the end, even when the receipt was
+    // pushed while the sender's socket was down.
+    for (i, s) in plan.sends.iter().enumerate() {
+        let (Target::User(to), Some((conv, _, mid, _))) = (&s.target, &l.sends[i].acked) else {
+            continue;
+        };
+        let everywhere = (0..plan.devices_per_user).all(|d| {
+            l.devices
+                .get(&(*to, d))
+                .is_some_and(|dl| dl.shown.contains_key(mid))
+        });
+        if !everywhere {
+            continue;
+        }
+        for d in 0..plan.devices_per_user {
+            let k = (s.user, d);
+            let best = l
+                .devices
+                .get(&k)
+                .and_then(|dl| dl.statuses.get(mid))
+                .and_then(|v| v.iter().max().copied());
+            if best.is_none_or(|b| b < Status::Delivered) {
+                let dev = dkey(k);
+                push(
+                    &mut out,
+                    Violation {
+                        kind: ViolationKind::Liveness,
+                        conversation: Some(conv.clone()),
+                        device: Some(dev.clone()),
+                        expected: format!(
+                            "✓✓ (delivered) for {mid}: every device of {} shows it",
+                            user_name(*to)
+                        ),
+                        seen: match best {
+                            Some(b) => format!("status {b:?}"),
+                            None => "no receipt at all (one tick)".into(),
+                        },
+                        context: context(o, Some(conv), Some(&dev)),
+                    },
+                );
             }
         }
     }

@@ -122,6 +122,10 @@ pub fn narrate(trace: &[TraceEvent], filter: &Filter) -> Vec<Line> {
             "deliver" => (format!("shows {cmid} ({} of {conv}) and acks it", seq(e).trim()), "decrypted on the phone; the delivery_ack turns the sender's tick into two"),
             "delivery_receipt" => (format!("✓✓ delivered in {conv} ({})", e.detail), "status only moves forward: sent → delivered → read"),
             "read_receipt" => (format!("blue ticks: read in {conv} ({})", e.detail), "the recipient opened the chat; receipts never go backward"),
+            "status_query" => (
+                format!("asks where its ticks are: {}", e.detail),
+                "receipts are pushed once; a phone whose socket was down asks for the ones it missed",
+            ),
             "group_receipt" => (
                 format!("group ticks for{} of {conv}: {}", seq(e), e.detail),
                 "in a group the sender gets counts, aggregated per message, not a receipt per member",
@@ -262,7 +266,9 @@ fn arrow(e: &TraceEvent, at_gw: &std::collections::BTreeMap<String, String>) -> 
             dev.clone(),
             gateway_in(&e.detail).unwrap_or("chat").to_string(),
         ),
-        "send" | "media_prepare" | "typing" | "group_add" => (dev.clone(), gw_of_dev()),
+        "send" | "media_prepare" | "typing" | "group_add" | "status_query" => {
+            (dev.clone(), gw_of_dev())
+        }
         "media_chunk" | "media_prepared" => {
             let uploader = e
                 .detail

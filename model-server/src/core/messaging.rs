@@ -384,15 +384,7 @@ impl<S: KvStore> ChatCore<S> {
         ids: &[MessageId],
         now: Millis,
     ) -> Handled {
-        if ids.len() > self.cfg.max_receipt_ids {
-            return Err(Reject::new(
-                413,
-                format!(
-                    "at most {} message_ids per read_receipt",
-                    self.cfg.max_receipt_ids
-                ),
-            ));
-        }
+        self.check_receipt_ids(ids, "read_receipt")?;
         // (conversation, sender) -> ids that just turned read, for one frame per sender.
         let mut to_tell: BTreeMap<(ConversationId, UserId), Vec<MessageId>> = BTreeMap::new();
         let mut batch = Vec::new();
@@ -446,6 +438,79 @@ impl<S: KvStore> ChatCore<S> {
         Ok(())
     }
 
+    /// A receipt frame may name at most `max_receipt_ids` messages.
+    fn check_receipt_ids(&self, ids: &[MessageId], frame: &str) -> Result<(), Reject> {
+        if ids.len() > self.cfg.max_receipt_ids {
+            return Err(Reject::new(
+                413,
+                format!(
+                    "at most {} message_ids per {frame}",
+                    self.cfg.max_receipt_ids
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Answers `status_query` with the current status of the listed messages the user
+    /// sent, on every online device of the user (they all show the same ticks): receipts
+    /// are pushed once, so a sender whose socket died meanwhile asks again after
+    /// reconnecting. Messages that are not the user's own are skipped, so
+    /// the answer reveals nothing about other people's messages.
+    pub(super) fn handle_status_query(
+        &mut self,
+        sess: &Session,
+        ids: &[MessageId],
+        now: Millis,
+    ) -> Handled {
+        self.check_receipt_ids(ids, "status_query")?;
+        // (conversation, recipient, status) -> ids, for one frame per group of them.
+        let mut receipts: BTreeMap<(ConversationId, UserId, Status), Vec<MessageId>> =
+            BTreeMap::new();
+        let mut groups = Vec::new();
+        for id in ids {
+            let (conv, _kind, seq) = id
+                .parse()
+                .ok_or_else(|| Reject::new(400, "unknown message_id"))?;
+            let Some(msg) = self.db.message(&conv, seq)? else {
+                continue;
+            };
+            if msg.sender != sess.user {
+                continue;
+            }
+            if msg.group_id.is_some() {
+                groups.push(group_receipt(&msg));
+            } else if let Some(to) = msg.receiver.clone() {
+                if msg.status > Status::Sent {
+                    receipts
+                        .entry((conv.clone(), to, msg.status))
+                        .or_default()
+                        .push(id.clone());
+                }
+            }
+        }
+        for ((conv, by, status), message_ids) in receipts {
+            let payload = ReceiptPayload {
+                conversation_id: conv,
+                message_ids,
+                status,
+                by,
+                timestamp: now.0,
+            };
+            let frame = if status == Status::Read {
+                ServerFrame::ReadReceipt { payload }
+            } else {
+                ServerFrame::DeliveryAck { payload }
+            };
+            self.deliver_to_user(&sess.user, &frame, None, None, now);
+        }
+        for payload in groups {
+            let frame = ServerFrame::GroupReceipt { payload };
+            self.deliver_to_user(&sess.user, &frame, None, None, now);
+        }
+        Ok(())
+    }
+
     /// Sends one aggregated receipt per changed group message to its sender (seed 002:
     /// combine read receipts in groups rather than one event per member).
     pub(super) fn flush_group_receipts(&mut self, now: Millis) {
@@ -456,14 +521,7 @@ impl<S: KvStore> ChatCore<S> {
                 _ => continue,
             };
             let frame = ServerFrame::GroupReceipt {
-                payload: GroupReceiptPayload {
-                    message_id: msg.message_id(),
-                    conversation_id: conv.clone(),
-                    seq,
-                    recipients: u64::from(msg.recipients),
-                    delivered: msg.delivered_by.len() as u64,
-                    read: msg.read_by.len() as u64,
-                },
+                payload: group_receipt(&msg),
             };
             let key = format!("grcpt:{}", msg.message_id());
             for (_, c) in self.reg.user_conns(&msg.sender) {
@@ -715,5 +773,17 @@ pub(super) fn delivered_frame(m: &StoredMessage) -> ServerFrame {
         ServerFrame::GroupMessage { payload }
     } else {
         ServerFrame::Message { payload }
+    }
+}
+
+/// The aggregated counts a group sender sees for one of its messages.
+fn group_receipt(msg: &StoredMessage) -> GroupReceiptPayload {
+    GroupReceiptPayload {
+        message_id: msg.message_id(),
+        conversation_id: msg.conversation_id.clone(),
+        seq: msg.seq,
+        recipients: u64::from(msg.recipients),
+        delivered: msg.delivered_by.len() as u64,
+        read: msg.read_by.len() as u64,
     }
 }

@@ -487,6 +487,9 @@ impl<S: KvStore> ChatCore<S> {
             ClientFrame::ReadReceipt { message_ids, .. } => {
                 self.handle_read(&sess, &message_ids, now)
             }
+            ClientFrame::StatusQuery { message_ids } => {
+                self.handle_status_query(&sess, &message_ids, now)
+            }
             ClientFrame::Sync { payload } => self.handle_sync(conn, &sess, payload, now),
             ClientFrame::GroupCreate { payload } => {
                 self.handle_group_create(conn, &sess, payload, now)

@@ -543,6 +543,82 @@ fn read_receipt_tells_sender_read() {
 }
 
 #[test]
+fn status_query_replays_a_receipt_the_sender_missed_while_offline() {
+    let mut h = Harness::new();
+    let alice = h.login("alice", "phone");
+    let bob = h.login("bob", "phone");
+    h.say(alice, "bob", "c1", "eA");
+    h.say(alice, "bob", "c2", "eQ");
+    let ids: Vec<MessageId> = acks(&h.recv(alice))
+        .into_iter()
+        .map(|(_, a)| a.message_id)
+        .collect();
+    h.recv(bob);
+    delivery_ack(&mut h, bob, &ids[0]);
+    delivery_ack(&mut h, bob, &ids[1]);
+    h.disconnect(alice); // her socket died: the receipts below never reach her
+    read_receipt(&mut h, bob, &ids[..1]);
+    let alice = h.login("alice", "phone");
+    let tablet = h.login("alice", "tablet");
+    h.recv(alice);
+    h.recv(tablet);
+    send_json(
+        &mut h,
+        alice,
+        json!({"type": "status_query", "message_ids": ids}),
+    );
+    assert_eq!(
+        h.recv(tablet).len(),
+        2,
+        "her other device shows the same ticks"
+    );
+    let frames = h.recv(alice);
+    let mut seen: Vec<(Status, Vec<MessageId>)> = frames
+        .iter()
+        .map(|f| match f {
+            ServerFrame::DeliveryAck { payload } | ServerFrame::ReadReceipt { payload } => {
+                assert_eq!(payload.by, uid("bob"));
+                (payload.status, payload.message_ids.clone())
+            }
+            other => panic!("expected receipts, got {other:?}"),
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        vec![
+            (Status::Delivered, vec![ids[1].clone()]),
+            (Status::Read, vec![ids[0].clone()]),
+        ]
+    );
+}
+
+#[test]
+fn status_query_says_nothing_about_other_peoples_messages() {
+    let mut h = Harness::new();
+    let alice = h.login("alice", "phone");
+    let bob = h.login("bob", "phone");
+    h.say(alice, "bob", "c1", "eA");
+    let id = single_ack(h.recv(alice)).message_id;
+    h.recv(bob);
+    delivery_ack(&mut h, bob, &id);
+    // Bob asks about Alice's message (he is in the chat, but did not send it).
+    send_json(
+        &mut h,
+        bob,
+        json!({"type": "status_query", "message_ids": [id]}),
+    );
+    assert!(h.recv(bob).is_empty());
+    let eve = h.login("eve", "phone");
+    send_json(
+        &mut h,
+        eve,
+        json!({"type": "status_query", "message_ids": [id]}),
+    );
+    assert!(h.recv(eve).is_empty());
+}
+
+#[test]
 fn delivery_ack_after_read_does_not_move_status_backward() {
     let mut h = Harness::new();
     let alice = h.login("alice", "phone");
