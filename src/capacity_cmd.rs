@@ -109,6 +109,7 @@ pub fn capacity(a: CapacityArgs) -> Result<()> {
             si(e.bandwidth_bytes_per_s, "B/s"),
         ),
     ];
+    let mut planned = None;
     if let Some(dir) = &a.from_report {
         let path = dir.join("summary.json");
         let s: loadgen::report::Summary = serde_json::from_slice(
@@ -117,6 +118,7 @@ pub fn capacity(a: CapacityArgs) -> Result<()> {
         .with_context(|| format!("parsing {}", path.display()))?;
         let p = plan(&e, &cfg.inputs, &s, a.measured_cores, &cfg.machine)
             .map_err(anyhow::Error::msg)?;
+        planned = Some(p.clone());
         rows.push((
             format!("measured (from {})", dir.display()),
             format!(
@@ -147,10 +149,26 @@ pub fn capacity(a: CapacityArgs) -> Result<()> {
             }
         }
         "csv" => {
+            // For a spreadsheet: one raw value per row (inputs, estimate, machine, plan),
+            // named by its field, numbers unformatted.
             let mut w = csv::Writer::from_writer(std::io::stdout());
             w.write_record(["figure", "value"])?;
-            for (k, v) in &rows {
-                w.write_record([k, v])?;
+            let mut parts = vec![
+                ("input", serde_json::to_value(&cfg.inputs)?),
+                ("estimate", serde_json::to_value(&e)?),
+            ];
+            if let Some(p) = &planned {
+                parts.push(("machine", serde_json::to_value(&cfg.machine)?));
+                parts.push(("plan", serde_json::to_value(p)?));
+            }
+            for (prefix, v) in parts {
+                for (k, v) in v.as_object().into_iter().flatten() {
+                    let value = match v {
+                        serde_json::Value::String(s) => s.clone(),
+                        other => other.to_string(),
+                    };
+                    w.write_record([format!("{prefix}.{k}"), value])?;
+                }
             }
             w.flush()?;
         }

@@ -27,3 +27,43 @@ fn readme_capacity_estimate_is_the_output_for_the_committed_report() {
         "README's capacity table is not the command's output; regenerate it:\n{table}"
     );
 }
+
+#[test]
+fn capacity_csv_has_one_raw_number_per_row_for_a_spreadsheet() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new(env!("CARGO_BIN_EXE_chatsim"))
+        .current_dir(root)
+        .args([
+            "capacity",
+            "--from-report",
+            "docs/reports/bench-load-4000",
+            "--format",
+            "csv",
+        ])
+        .output()
+        .expect("run chatsim capacity");
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).expect("utf-8");
+    let mut r = csv::Reader::from_reader(text.as_bytes());
+    let rows: Vec<(String, String)> = r
+        .records()
+        .map(|rec| {
+            let rec = rec.expect("csv row");
+            (rec[0].to_string(), rec[1].to_string())
+        })
+        .collect();
+    let num = |k: &str| -> f64 {
+        rows.iter()
+            .find(|(f, _)| f == k)
+            .unwrap_or_else(|| panic!("no row {k}"))
+            .1
+            .parse()
+            .unwrap_or_else(|e| panic!("{k} is not a number: {e}"))
+    };
+    assert!((num("estimate.avg_msgs_per_s") - 115_740.74).abs() < 0.01);
+    assert_eq!(num("estimate.bandwidth_bytes_per_s"), 500e9);
+    assert_eq!(num("plan.nodes"), num("plan.nodes_by_bandwidth"));
+    assert!(rows
+        .iter()
+        .any(|(f, v)| f == "plan.binding" && v == "bandwidth"));
+}
