@@ -46,6 +46,8 @@ pub struct Outcome {
     pub online_at_end: Vec<bool>,
     /// Number of simulation steps taken.
     pub steps: u64,
+    /// Simulated ms at which the run ended (fault phase plus quiet phase).
+    pub end_ms: u64,
 }
 
 /// A fault action at a point in time.
@@ -429,6 +431,7 @@ pub fn run(sc: &Scenario, seed: u64, opts: &RunOptions) -> Result<Outcome, Strin
         limits,
         online_at_end,
         steps,
+        end_ms,
     })
 }
 

@@ -464,6 +464,18 @@ impl<S: KvStore> ChatCore<S> {
         now: Millis,
     ) -> Handled {
         self.check_receipt_ids(ids, "status_query")?;
+        // Each query costs a token of the user's send bucket: it reads the store once per id.
+        let (burst, rate) = (self.cfg.send_burst, self.cfg.send_rate_per_sec);
+        let bucket = self
+            .rates
+            .entry(sess.user.clone())
+            .or_insert_with(|| super::TokenBucket::full(burst, now));
+        if let Err(wait) = bucket.try_take(rate, burst, now) {
+            let mut e = ErrorPayload::new(429, "rate exceeded");
+            e.retry_after_ms = Some(wait);
+            return Err(Reject(Box::new(e)));
+        }
+        let ids: std::collections::BTreeSet<&MessageId> = ids.iter().collect();
         // (conversation, recipient, status) -> ids, for one frame per group of them.
         let mut receipts: BTreeMap<(ConversationId, UserId, Status), Vec<MessageId>> =
             BTreeMap::new();
@@ -485,7 +497,7 @@ impl<S: KvStore> ChatCore<S> {
                     receipts
                         .entry((conv.clone(), to, msg.status))
                         .or_default()
-                        .push(id.clone());
+                        .push(msg.message_id());
                 }
             }
         }
@@ -504,9 +516,14 @@ impl<S: KvStore> ChatCore<S> {
             };
             self.deliver_to_user(&sess.user, &frame, None, None, now);
         }
+        // Group counts travel like the periodic ones: droppable, and a newer count for the
+        // same message replaces an older one still queued, so counts never go backward.
         for payload in groups {
+            let key = format!("grcpt:{}", payload.message_id);
             let frame = ServerFrame::GroupReceipt { payload };
-            self.deliver_to_user(&sess.user, &frame, None, None, now);
+            for (_, c) in self.reg.user_conns(&sess.user) {
+                self.enqueue(c, &frame, FrameClass::Droppable, Some(key.clone()), now);
+            }
         }
         Ok(())
     }

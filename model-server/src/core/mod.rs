@@ -763,7 +763,11 @@ impl<S: KvStore> ChatCore<S> {
                 self.stats.cross_region_deliveries += 1;
             }
             self.enqueue(conn, frame, FrameClass::Essential, None, now);
-            self.stats.deliveries_enqueued += 1;
+            if routed.is_some() {
+                // Only messages count as deliveries (receipts and group updates also pass
+                // through here): /metrics divides CPU time by this.
+                self.stats.deliveries_enqueued += 1;
+            }
             n += 1;
         }
         n

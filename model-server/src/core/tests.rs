@@ -594,6 +594,31 @@ fn status_query_replays_a_receipt_the_sender_missed_while_offline() {
 }
 
 #[test]
+fn status_query_answers_a_repeated_id_once_and_group_messages_with_counts() {
+    let mut h = Harness::new();
+    let alice = h.login("alice", "phone");
+    let bob = h.login("bob", "phone");
+    h.say(alice, "bob", "c1", "eA");
+    let id = single_ack(h.recv(alice)).message_id;
+    h.recv(bob);
+    delivery_ack(&mut h, bob, &id);
+    h.recv(alice);
+    send_json(
+        &mut h,
+        alice,
+        json!({"type": "status_query", "message_ids": [id, id, id]}),
+    );
+    assert_eq!(h.recv(alice).len(), 1, "one answer for one message");
+    let too_many: Vec<String> = (1..=257).map(|i| format!("dm:alice:bob#{i}")).collect();
+    send_json(
+        &mut h,
+        alice,
+        json!({"type": "status_query", "message_ids": too_many}),
+    );
+    assert_eq!(single_error(h.recv(alice)).code, 413);
+}
+
+#[test]
 fn status_query_says_nothing_about_other_peoples_messages() {
     let mut h = Harness::new();
     let alice = h.login("alice", "phone");
@@ -1038,6 +1063,15 @@ fn group_receipts_are_aggregated_per_message() {
     assert_eq!((r.recipients, r.delivered, r.read), (3, 3, 2));
     h.advance(10);
     assert!(h.recv(alice).is_empty(), "nothing new, nothing sent");
+    // A sender who missed those frames asks: the stored counts come back.
+    send_json(
+        &mut h,
+        alice,
+        json!({"type": "status_query", "message_ids": [ack.message_id]}),
+    );
+    let frames = h.recv(alice);
+    let r = &group_receipts(&frames)[0];
+    assert_eq!((r.recipients, r.delivered, r.read), (3, 3, 2));
 }
 
 #[test]
@@ -2351,4 +2385,22 @@ fn event_log_records_the_slow_consumer_close() {
         })
         .collect();
     assert_eq!(closed, vec![("bob".to_string(), 2)]);
+}
+
+#[test]
+fn only_messages_count_as_deliveries_not_the_receipts_back() {
+    let mut h = Harness::new();
+    let alice = h.login("alice", "phone");
+    let bob = h.login("bob", "phone");
+    h.say(alice, "bob", "c1", "eA");
+    let id = single_ack(h.recv(alice)).message_id;
+    h.recv(bob);
+    delivery_ack(&mut h, bob, &id);
+    read_receipt(&mut h, bob, std::slice::from_ref(&id));
+    assert_eq!(h.recv(alice).len(), 2, "✓✓ and blue ticks went back");
+    assert_eq!(
+        h.core.stats().deliveries_enqueued,
+        1,
+        "/metrics divides CPU time by this"
+    );
 }
