@@ -4,22 +4,27 @@
 use std::path::Path;
 use std::process::Command;
 
-#[test]
-fn readme_capacity_estimate_is_the_output_for_the_committed_report() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+/// `chatsim capacity --from-report docs/reports/bench-load-4000 --format FORMAT`, stdout.
+fn capacity_from_committed_report(format: &str) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_chatsim"))
-        .current_dir(root)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
         .args([
             "capacity",
             "--from-report",
             "docs/reports/bench-load-4000",
             "--format",
-            "markdown",
+            format,
         ])
         .output()
         .expect("run chatsim capacity");
     assert!(out.status.success(), "{out:?}");
-    let table = String::from_utf8(out.stdout).expect("utf-8");
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+#[test]
+fn readme_capacity_estimate_is_the_output_for_the_committed_report() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let table = capacity_from_committed_report("markdown");
     assert!(table.contains("bandwidth binds first"), "{table}");
     let readme = std::fs::read_to_string(root.join("README.md")).expect("README");
     assert!(
@@ -30,20 +35,7 @@ fn readme_capacity_estimate_is_the_output_for_the_committed_report() {
 
 #[test]
 fn capacity_csv_has_one_raw_number_per_row_for_a_spreadsheet() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let out = Command::new(env!("CARGO_BIN_EXE_chatsim"))
-        .current_dir(root)
-        .args([
-            "capacity",
-            "--from-report",
-            "docs/reports/bench-load-4000",
-            "--format",
-            "csv",
-        ])
-        .output()
-        .expect("run chatsim capacity");
-    assert!(out.status.success(), "{out:?}");
-    let text = String::from_utf8(out.stdout).expect("utf-8");
+    let text = capacity_from_committed_report("csv");
     let mut r = csv::Reader::from_reader(text.as_bytes());
     let rows: Vec<(String, String)> = r
         .records()

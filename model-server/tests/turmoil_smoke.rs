@@ -15,19 +15,8 @@ const EPOCH: u64 = 1_700_000_000_000;
 const SECRET: &[u8] = b"simulation-secret-0123";
 
 async fn client(user: &'static str, peer: &'static str) -> turmoil::Result<Vec<Value>> {
-    let stream = turmoil::net::TcpStream::connect(("server", 8080)).await?;
-    let (mut ws, _) = tokio_tungstenite::client_async("ws://server:8080/ws", stream).await?;
-    let secret = Secret::new(SECRET.to_vec())?;
-    let tok = mint(
-        &secret,
-        &user.into(),
-        &"phone".into(),
-        Millis(EPOCH + 3_600_000),
-    );
-    let auth =
-        json!({"type":"auth","payload":{"user_id":user,"auth_token":tok,"device_id":"phone"}});
-    ws.send(Message::text(auth.to_string())).await?;
-    let mut seen = Vec::new();
+    let (mut ws, hello) = login(user).await?;
+    let mut seen = vec![hello];
     // Give both sides time to log in, then each sends one message to the other.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let send = json!({"type":"message","client_message_id":format!("{user}-1"),
@@ -112,10 +101,10 @@ fn same_seed_gives_the_same_bytes() {
     assert_eq!(run(11), run(11));
 }
 
-/// Logs `user` in on a fresh turmoil connection and waits for `auth_success`.
-async fn login(
-    user: &str,
-) -> turmoil::Result<tokio_tungstenite::WebSocketStream<turmoil::net::TcpStream>> {
+type SimWs = tokio_tungstenite::WebSocketStream<turmoil::net::TcpStream>;
+
+/// Logs `user` in on a fresh turmoil connection; returns it with the `auth_success` frame.
+async fn login(user: &str) -> turmoil::Result<(SimWs, Value)> {
     let stream = turmoil::net::TcpStream::connect(("server", 8080)).await?;
     let (mut ws, _) = tokio_tungstenite::client_async("ws://server:8080/ws", stream).await?;
     let secret = Secret::new(SECRET.to_vec())?;
@@ -130,8 +119,9 @@ async fn login(
     ws.send(Message::text(auth.to_string())).await?;
     while let Some(Ok(m)) = ws.next().await {
         if let Message::Text(t) = m {
-            if t.as_str().contains("auth_success") {
-                return Ok(ws);
+            let v: Value = serde_json::from_str(t.as_str())?;
+            if v["type"] == "auth_success" {
+                return Ok((ws, v));
             }
         }
     }
@@ -154,7 +144,7 @@ fn server_still_hears_a_client_while_a_write_to_it_is_blocked() {
     {
         let sent_at = sent_at.clone();
         sim.client("bob", async move {
-            let mut ws = login("bob").await?;
+            let (mut ws, _) = login("bob").await?;
             // Not reading from here on; Alice's flood fills the pipe to Bob.
             tokio::time::sleep(Duration::from_secs(3)).await;
             let send = json!({"type":"message","client_message_id":"bob-1",
@@ -168,7 +158,7 @@ fn server_still_hears_a_client_while_a_write_to_it_is_blocked() {
     {
         let got_at = got_at.clone();
         sim.client("alice", async move {
-            let mut ws = login("alice").await?;
+            let (mut ws, _) = login("alice").await?;
             tokio::time::sleep(Duration::from_millis(500)).await;
             for i in 0..20 {
                 let send = json!({"type":"message","client_message_id":format!("a-{i}"),

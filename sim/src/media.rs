@@ -104,6 +104,12 @@ async fn http(
     }
 }
 
+/// Refusals that a retry cannot change: the upload gives up (its message stays in the
+/// outbox, which the oracle reports as liveness).
+fn refusal_is_final(code: u16) -> bool {
+    matches!(code, 400 | 401 | 403 | 413)
+}
+
 fn json_field<'a>(v: &'a serde_json::Value, k: &str) -> Option<&'a serde_json::Value> {
     v.get(k)
 }
@@ -190,19 +196,14 @@ pub async fn upload(ctx: Rc<Ctx>, k: DeviceKey, i: usize) {
                             e.media_id = Some(id);
                             e.chunk_size = chunk.max(1);
                         }),
-                    // Refusals that a retry cannot change: give up (the message stays in the
-                    // outbox, which the oracle reports as liveness).
-                    Ok((code @ (400 | 401 | 403 | 413), b)) => {
-                        trace(
-                            "media_failed",
-                            format!("prepare: HTTP {code} {}", String::from_utf8_lossy(&b)),
-                        );
-                        break;
+                    Ok((code, b)) => {
+                        let why = format!("prepare: HTTP {code} {}", String::from_utf8_lossy(&b));
+                        if refusal_is_final(code) {
+                            trace("media_failed", why);
+                            break;
+                        }
+                        Err(why)
                     }
-                    Ok((code, b)) => Err(format!(
-                        "prepare: HTTP {code} {}",
-                        String::from_utf8_lossy(&b)
-                    )),
                     Err(e) => Err(e),
                 }
             }
@@ -256,17 +257,14 @@ pub async fn upload(ctx: Rc<Ctx>, k: DeviceKey, i: usize) {
                         );
                         Err("chunk: HTTP 404, upload gone: preparing a new one".into())
                     }
-                    Ok((code @ (400 | 401 | 403 | 413), b)) => {
-                        trace(
-                            "media_failed",
-                            format!("chunk: HTTP {code} {}", String::from_utf8_lossy(&b)),
-                        );
-                        break;
+                    Ok((code, b)) => {
+                        let why = format!("chunk: HTTP {code} {}", String::from_utf8_lossy(&b));
+                        if refusal_is_final(code) {
+                            trace("media_failed", why);
+                            break;
+                        }
+                        Err(why)
                     }
-                    Ok((code, b)) => Err(format!(
-                        "chunk: HTTP {code} {}",
-                        String::from_utf8_lossy(&b)
-                    )),
                     Err(e) => Err(e),
                 }
             }
