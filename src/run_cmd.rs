@@ -37,6 +37,67 @@ pub struct RunArgs {
     /// Threads for many seeds [default: number of cores].
     #[arg(long)]
     pub jobs: Option<usize>,
+    /// Print what each seed drew before its result: the design-space knobs of a swarm
+    /// scenario with `[swarm.space]`, and every fault on its timeline (with many seeds, the
+    /// failing ones only).
+    #[arg(long)]
+    pub explain: bool,
+}
+
+/// The knobs and faults `seed` draws from `sc`, one line each, indented.
+fn explain(sc: &Scenario, seed: u64) -> String {
+    let mut out = String::new();
+    match sim::space::draw(sc, seed) {
+        Ok(d) => {
+            if !d.knobs.is_empty() {
+                let line: Vec<String> = d.knobs.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                out.push_str(&format!("  drew (seed {seed}): {}\n", line.join(" ")));
+                for (i, g) in d.scenario.workload.groups.iter().enumerate() {
+                    out.push_str(&format!(
+                        "    group {i}: size {} messages {}{}{} members {:?}\n",
+                        g.size,
+                        g.messages,
+                        if g.announcement_only {
+                            " announcement-only"
+                        } else {
+                            ""
+                        },
+                        if g.media_messages > 0 {
+                            format!(" media {} bytes", g.media_bytes)
+                        } else {
+                            String::new()
+                        },
+                        g.members.clone().unwrap_or_default()
+                    ));
+                }
+                for l in &d.scenario.workload.links {
+                    out.push_str(&format!(
+                        "    link u{}/d{} at {} ms\n",
+                        l.user, l.device, l.at_ms
+                    ));
+                }
+                for c in &d.scenario.workload.membership {
+                    out.push_str(&format!(
+                        "    {} u{} in group {} at {} ms\n",
+                        c.op, c.user, c.group, c.at_ms
+                    ));
+                }
+            }
+            for f in sim::plan::Plan::draw(&d.scenario, seed).faults {
+                out.push_str(&format!(
+                    "    fault at {} ms: {:?} {}{}\n",
+                    f.at_ms,
+                    f.kind,
+                    sim::world::describe(&f),
+                    f.until_ms
+                        .map(|u| format!(" until {u} ms"))
+                        .unwrap_or_default()
+                ));
+            }
+        }
+        Err(e) => out.push_str(&format!("  cannot draw seed {seed}: {e}\n")),
+    }
+    out
 }
 
 fn parse_seeds(s: &str) -> Result<Vec<u64>> {
@@ -159,7 +220,7 @@ pub fn run(a: RunArgs) -> Result<i32> {
                 );
                 let f = &r.figures;
                 println!(
-                    "  send→ack p50/p99 {}/{} ms, send→read p50/p99 {}/{} ms, peak reconnects {}/s, backoff min/median/max {}/{}/{} ms, pushes {}, redeliveries {}",
+                    "  send→ack p50/p99 {}/{} ms, send→read p50/p99 {}/{} ms, peak reconnects {}/s, backoff min/median/max {}/{}/{} ms, pushes {}, redeliveries {}, fullest queue {} frames/{} bytes",
                     f.send_to_ack_ms.p50,
                     f.send_to_ack_ms.p99,
                     f.send_to_read_ms.p50,
@@ -169,12 +230,20 @@ pub fn run(a: RunArgs) -> Result<i32> {
                     f.backoff_ms.1,
                     f.backoff_ms.2,
                     f.pushes,
-                    f.redeliveries
+                    f.redeliveries,
+                    f.max_queue.0,
+                    f.max_queue.1
                 );
             }
         }
+        if a.explain && seeds.len() == 1 {
+            print!("{}", explain(sc, seeds[0]));
+        }
         for (seed, why) in bad.iter().take(5) {
             println!("  FAIL {} seed {seed}: {why}", sc.name);
+            if a.explain && seeds.len() > 1 {
+                print!("{}", explain(sc, *seed));
+            }
             println!(
                 "       replay: chatsim run {} --seed {seed}{bug_flags}",
                 file.display()

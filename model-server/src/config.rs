@@ -22,6 +22,10 @@ pub struct Limits {
     /// Most messages in one `sync_page`, whatever the client asks (seed 002: limit is capped
     /// server-side).
     pub sync_page_cap: usize,
+    /// Most inbox rows one pending `sync` page scans before it answers (copies this device
+    /// already acked are skipped but counted), so one request's cost is bounded however
+    /// large the inbox; the page then says `has_more` and the client continues.
+    pub sync_scan_rows: usize,
     /// Group size cap (seed 003: 256 members).
     pub group_cap: usize,
     /// Groups up to this size are copied into every member's inbox on send; larger groups
@@ -66,6 +70,7 @@ impl Default for Limits {
             outbound_max_frames: 1024,
             outbound_max_bytes: 1024 * 1024,
             sync_page_cap: 200,
+            sync_scan_rows: 4096,
             group_cap: 256,
             group_fanout_threshold: 100,
             send_rate_per_sec: 20,
@@ -110,11 +115,23 @@ pub struct Bugs {
     /// The media lane serves a file without its last byte.
     #[serde(default)]
     pub truncated_media: bool,
+    /// The sender gets ✓✓ (delivered) as soon as the message is stored, before any
+    /// recipient device has it.
+    #[serde(default)]
+    pub early_delivery_receipt: bool,
+    /// `delivery_ack`s of inbox copies are ignored: copies are never cleared and every
+    /// sync sends them again.
+    #[serde(default)]
+    pub forget_delivery_acks: bool,
+    /// Group sends fan out to the member list cached at the group's first send, so members
+    /// added later get nothing and removed ones keep receiving.
+    #[serde(default)]
+    pub stale_group_members: bool,
 }
 
 impl Bugs {
     /// Every bug name, as given to `--bug`.
-    pub const NAMES: [&'static str; 8] = [
+    pub const NAMES: [&'static str; 11] = [
         "ack-before-persist",
         "no-dedup",
         "order-by-client-clock",
@@ -123,6 +140,9 @@ impl Bugs {
         "push-with-content",
         "async-replication-failover",
         "truncated-media",
+        "early-delivery-receipt",
+        "forget-delivery-acks",
+        "stale-group-members",
     ];
 
     /// Switches on the bug called `name`.
@@ -136,6 +156,9 @@ impl Bugs {
             "push-with-content" => &mut self.push_with_content,
             "async-replication-failover" => &mut self.async_replication_failover,
             "truncated-media" => &mut self.truncated_media,
+            "early-delivery-receipt" => &mut self.early_delivery_receipt,
+            "forget-delivery-acks" => &mut self.forget_delivery_acks,
+            "stale-group-members" => &mut self.stale_group_members,
             other => {
                 return Err(format!(
                     "unknown bug '{other}'; known: {}",
@@ -158,6 +181,9 @@ impl Bugs {
             self.push_with_content,
             self.async_replication_failover,
             self.truncated_media,
+            self.early_delivery_receipt,
+            self.forget_delivery_acks,
+            self.stale_group_members,
         ];
         Self::NAMES
             .iter()

@@ -73,6 +73,11 @@ pub struct Ctx {
     /// Planned groups whose `grow_at_ms` request has been sent.
     pub grown: RefCell<std::collections::BTreeSet<usize>>,
     pub end_ms: u64,
+    /// The simulated disk under the chat service: an ack is checked against it at once.
+    pub disk: crate::disk::SimDisk,
+    /// Conversations each user takes part in at some time of the run (for per-conversation
+    /// sync).
+    pub user_convs: BTreeMap<usize, std::collections::BTreeSet<String>>,
 }
 
 impl Ctx {
@@ -174,8 +179,10 @@ pub async fn run_device(ctx: Rc<Ctx>, k: DeviceKey) {
     let mut backoff = cfg.backoff_initial_ms;
     let gateways = gateway_order(&ctx, k);
     let mut attempt = 0usize;
-    // Phones do not all open the app in the same millisecond.
+    // Phones do not all open the app in the same millisecond; a device linked during the
+    // run first opens it then.
     let start = rng.random_range(0..=ctx.sc.client.start_jitter_ms);
+    let start = start + ctx.plan.links.get(&k).copied().unwrap_or(0);
     tokio::time::sleep(Duration::from_millis(start)).await;
     loop {
         let now = now_ms();
@@ -312,7 +319,17 @@ async fn connect(ctx: &Ctx, k: DeviceKey, gw: &str) -> Result<Ws, String> {
             match ws.next().await {
                 Some(Ok(Message::Text(t))) => match serde_json::from_str::<ServerFrame>(t.as_str())
                 {
-                    Ok(ServerFrame::AuthSuccess { .. }) => return Ok(ws),
+                    Ok(ServerFrame::AuthSuccess { .. }) => {
+                        if ctx.plan.links.contains_key(&k) {
+                            let now = now_ms();
+                            ctx.ledger
+                                .borrow_mut()
+                                .device(k)
+                                .linked_ms
+                                .get_or_insert(now);
+                        }
+                        return Ok(ws);
+                    }
                     Ok(ServerFrame::Error { payload }) => {
                         return Err(format!("auth refused: {}", payload.message))
                     }
@@ -341,6 +358,18 @@ struct Session {
     reads_due: BTreeMap<String, u64>,
     /// When this device last sent a `typing` notice.
     last_typing: Option<u64>,
+    /// `delivery_ack`s sent since the last heartbeat.
+    acks_since_heartbeat: Vec<String>,
+    /// Per heartbeat in flight, the acks sent before it: its `heartbeat_ack` proves the
+    /// server read them (frames on one connection are handled in order).
+    heartbeats: std::collections::VecDeque<Vec<String>>,
+    /// Membership changes requested on this connection.
+    membership_sent: std::collections::BTreeSet<usize>,
+    /// Own messages whose status to ask for, and when asking is allowed again (after a 429).
+    status_wanted: std::collections::BTreeSet<String>,
+    status_next_at: u64,
+    /// Ids asked for and not known to be answered (asked again after a 429).
+    status_asked: std::collections::BTreeSet<String>,
 }
 
 async fn session(
@@ -359,16 +388,50 @@ async fn session(
         next_read_at: now,
         reads_due: BTreeMap::new(),
         last_typing: None,
+        acks_since_heartbeat: Vec::new(),
+        heartbeats: Default::default(),
+        membership_sent: Default::default(),
+        status_wanted: Default::default(),
+        status_next_at: 0,
+        status_asked: Default::default(),
     };
-    // Catch up on everything pending for this device.
-    if ws
-        .send(Message::text(
-            json!({"type":"sync","payload":{}}).to_string(),
-        ))
-        .await
-        .is_err()
+    // Sometimes catch up conversation by conversation first, from the last seq shown
+    // without a gap (a client that keeps its own per-chat position)...
+    if cfg.sync_after_seq_probability > 0.0
+        && rng.random_bool(cfg.sync_after_seq_probability.clamp(0.0, 1.0))
     {
-        return End::Lost("send failed");
+        let convs: Vec<String> = ctx
+            .user_convs
+            .get(&k.0)
+            .map(|c| c.iter().cloned().collect())
+            .unwrap_or_default();
+        for conv in convs {
+            let after = contiguous_seq(&ctx.ledger.borrow(), k, &conv);
+            let mut p = json!({"conversation_id":conv,"after_seq":after});
+            if cfg.sync_limit > 0 {
+                p["limit"] = json!(cfg.sync_limit);
+            }
+            ctx.ledger.borrow_mut().trace(
+                now_ms(),
+                dev(k),
+                "sync",
+                Some(&conv),
+                Some(after),
+                None,
+                "after_seq",
+            );
+            if let Err(e) = send(&mut ws, json!({"type":"sync","payload":p}).to_string()).await {
+                return End::Lost(e);
+            }
+        }
+    }
+    // ...then always everything pending for this device.
+    let mut p = json!({});
+    if cfg.sync_limit > 0 {
+        p["limit"] = json!(cfg.sync_limit);
+    }
+    if let Err(e) = send(&mut ws, json!({"type":"sync","payload":p}).to_string()).await {
+        return End::Lost(e);
     }
     // Receipts are pushed once: ask for the ticks this device may have missed while its
     // socket was down (1:1 messages this user sent that it has not seen read).
@@ -388,21 +451,7 @@ async fn session(
             })
             .collect()
     };
-    for ids in unsettled.chunks(256) {
-        ctx.ledger.borrow_mut().trace(
-            now_ms(),
-            dev(k),
-            "status_query",
-            None,
-            None,
-            None,
-            ids.join(", "),
-        );
-        let f = json!({"type":"status_query","message_ids":ids});
-        if let Err(e) = send(&mut ws, f.to_string()).await {
-            return End::Lost(e);
-        }
-    }
+    s.status_wanted.extend(unsettled);
     loop {
         let now = now_ms();
         if now >= ctx.end_ms {
@@ -512,6 +561,41 @@ async fn session(
                 return End::Lost(e);
             }
         }
+        // The admin changes a group's members (again on each connection until it sees the
+        // change in a `group_update`).
+        for (i, c) in ctx.plan.membership.iter().enumerate() {
+            let admin = ctx.plan.groups[c.group].admin;
+            let done = ctx.ledger.borrow().membership[i].confirmed_ms.is_some();
+            if k != (admin, 0) || c.at_ms > now || done || !s.membership_sent.insert(i) {
+                continue;
+            }
+            let gid = &ctx.group_ids[c.group];
+            {
+                let mut l = ctx.ledger.borrow_mut();
+                l.membership[i].requested_ms.get_or_insert(now);
+                l.trace(
+                    now,
+                    dev(k),
+                    if c.op == "add" {
+                        "group_add"
+                    } else {
+                        "group_remove"
+                    },
+                    Some(&format!("grp:{gid}")),
+                    None,
+                    None,
+                    user_name(c.user),
+                );
+            }
+            let f = json!({"type": format!("group_{}", c.op),
+                "payload":{"group_id":gid,"user_ids":[user_name(c.user)]}});
+            if let Err(e) = send(&mut ws, f.to_string()).await {
+                return End::Lost(e);
+            }
+        }
+        if let Err(e) = send_status_queries(ctx, k, &mut ws, &mut s).await {
+            return End::Lost(e);
+        }
         // Read receipts that are due.
         let due: Vec<String> = s
             .reads_due
@@ -523,6 +607,16 @@ async fn session(
             for id in &due {
                 s.reads_due.remove(id);
             }
+            {
+                let mut l = ctx.ledger.borrow_mut();
+                for id in &due {
+                    l.reads_sent
+                        .entry(id.clone())
+                        .or_default()
+                        .entry(k.0)
+                        .or_insert(now);
+                }
+            }
             let f = json!({"type":"read_receipt","message_ids":due});
             if let Err(e) = send(&mut ws, f.to_string()).await {
                 return End::Lost(e);
@@ -530,12 +624,12 @@ async fn session(
         }
         if now >= s.last_heartbeat + cfg.heartbeat_ms {
             s.last_heartbeat = now;
-            if ws
-                .send(Message::text(r#"{"type":"heartbeat"}"#))
-                .await
-                .is_err()
-            {
-                return End::Lost("send failed");
+            let acks = std::mem::take(&mut s.acks_since_heartbeat);
+            s.heartbeats.push_back(acks);
+            // Bounded like every other write: a heartbeat stuck behind a stalled stream
+            // must end the session, not hang the phone.
+            if let Err(e) = send(&mut ws, r#"{"type":"heartbeat"}"#.to_string()).await {
+                return End::Lost(e);
             }
         }
         let slow = ctl.slow_rate.filter(|_| ctl.slow_until > now);
@@ -604,6 +698,9 @@ fn session_wake_in(ctx: &Ctx, k: DeviceKey, s: &Session, now: u64, slow: bool) -
     if let Some(t) = s.reads_due.values().min() {
         next = next.min(*t);
     }
+    if !s.status_wanted.is_empty() {
+        next = next.min(s.status_next_at.max(now + 1));
+    }
     if let Some((_, t)) = ctx.typing(k, now, s.last_typing) {
         next = next.min(t);
     }
@@ -653,6 +750,28 @@ fn send_frame(ctx: &Ctx, i: usize, skew_ms: i64, now: u64, media_id: Option<&str
 fn on_acked(ctx: &Ctx, k: DeviceKey, i: usize, conv: &str, seq: u64, mid: &str) -> bool {
     let now = now_ms();
     let mut l = ctx.ledger.borrow_mut();
+    // An ack promises the message survives a crash of the chat service and the loss of its
+    // region: look at the simulated disk now, not after a crash.
+    let cmid = &ctx.plan.sends[i].cmid;
+    let (durable, replicated) = ctx.disk.durable_and_replicated(conv, seq, cmid);
+    if !(durable && replicated) {
+        l.breach(
+            crate::invariant::ViolationKind::NotDurable,
+            now,
+            Some(conv),
+            Some(dev(k)),
+            Some(cmid),
+            format!("{mid} ({cmid}) durable and replicated when its ack arrives"),
+            format!(
+                "{} at the ack",
+                match (durable, replicated) {
+                    (false, false) => "neither on disk nor on the replica",
+                    (false, true) => "not on disk",
+                    _ => "not on the replica",
+                }
+            ),
+        );
+    }
     let first = l.sends[i].acked.is_none();
     l.sends[i].seqs_seen.insert((conv.to_string(), seq));
     if first {
@@ -682,14 +801,33 @@ fn on_acked(ctx: &Ctx, k: DeviceKey, i: usize, conv: &str, seq: u64, mid: &str) 
     first && l.sends[i].attempts > 1 && matches!(ctx.plan.sends[i].target, Target::User(_))
 }
 
-/// Asks the server for the current status of one message this device sent.
-async fn query_status(ctx: &Ctx, k: DeviceKey, ws: &mut Ws, mid: &str) -> Result<(), &'static str> {
-    ctx.ledger
-        .borrow_mut()
-        .trace(now_ms(), dev(k), "status_query", None, None, None, mid);
+/// Sends the status queries that are due: one `status_query` of up to 256 ids.
+async fn send_status_queries(
+    ctx: &Ctx,
+    k: DeviceKey,
+    ws: &mut Ws,
+    s: &mut Session,
+) -> Result<(), &'static str> {
+    if s.status_wanted.is_empty() || now_ms() < s.status_next_at {
+        return Ok(());
+    }
+    let ids: Vec<String> = s.status_wanted.iter().take(256).cloned().collect();
+    for id in &ids {
+        s.status_wanted.remove(id);
+        s.status_asked.insert(id.clone());
+    }
+    ctx.ledger.borrow_mut().trace(
+        now_ms(),
+        dev(k),
+        "status_query",
+        None,
+        None,
+        None,
+        ids.join(", "),
+    );
     send(
         ws,
-        json!({"type":"status_query","message_ids":[mid]}).to_string(),
+        json!({"type":"status_query","message_ids":ids}).to_string(),
     )
     .await
 }
@@ -717,7 +855,42 @@ async fn on_frame(
                     payload.seq.0,
                     mid,
                 ) {
-                    query_status(ctx, k, ws, mid).await?;
+                    s.status_wanted.insert(mid.to_string());
+                }
+            }
+        }
+        ServerFrame::HeartbeatAck { .. } => {
+            // Everything acked before the oldest heartbeat in flight has been read.
+            if let Some(acks) = s.heartbeats.pop_front() {
+                let mut l = ctx.ledger.borrow_mut();
+                l.device(k).acks_confirmed.extend(acks);
+            }
+        }
+        ServerFrame::GroupUpdate { payload } => {
+            let now = now_ms();
+            let mut l = ctx.ledger.borrow_mut();
+            for (i, c) in ctx.plan.membership.iter().enumerate() {
+                if ctx.group_ids[c.group] != payload.group_id.as_str()
+                    || l.membership[i].requested_ms.is_none()
+                    || l.membership[i].confirmed_ms.is_some()
+                {
+                    continue;
+                }
+                let member = payload
+                    .members
+                    .iter()
+                    .any(|m| m.as_str() == user_name(c.user));
+                if member == (c.op == "add") {
+                    l.membership[i].confirmed_ms = Some(now);
+                    l.trace(
+                        now,
+                        dev(k),
+                        "group_update",
+                        Some(payload.conversation_id.as_str()),
+                        None,
+                        None,
+                        format!("{} {}", c.op, user_name(c.user)),
+                    );
                 }
             }
         }
@@ -733,13 +906,36 @@ async fn on_frame(
                         (&payload.conversation_id, payload.seq, &payload.message_id)
                     {
                         if on_acked(ctx, k, i, conv.as_str(), seq.0, mid.as_str()) {
-                            query_status(ctx, k, ws, mid.as_str()).await?;
+                            s.status_wanted.insert(mid.to_string());
                         }
                     }
+                }
+                (429, None) => {
+                    // A refused status query (the only frame without an id that costs a
+                    // send token): ask again for what is not settled, later.
+                    let wait = payload.retry_after_ms.unwrap_or(1000);
+                    s.status_next_at = now + wait;
+                    let l = ctx.ledger.borrow();
+                    let asked = std::mem::take(&mut s.status_asked);
+                    s.status_wanted.extend(asked.into_iter().filter(|id| {
+                        !l.devices
+                            .get(&k)
+                            .and_then(|d| d.statuses.get(id))
+                            .is_some_and(|v| v.contains(&Status::Read))
+                    }));
                 }
                 (429, Some(&i)) => {
                     let wait = payload.retry_after_ms.unwrap_or(1000);
                     s.sent_at.insert(i, now + wait);
+                    ctx.ledger.borrow_mut().sends[i].rate_limited = true;
+                }
+                (400 | 403 | 404 | 413, Some(&i)) => {
+                    // A final refusal: the app shows "not sent" and gives the message up.
+                    let mut l = ctx.ledger.borrow_mut();
+                    if l.sends[i].acked.is_none() {
+                        l.sends[i].refused.get_or_insert((payload.code, now));
+                        l.device(k).outbox.retain(|x| *x != i);
+                    }
                 }
                 _ => {}
             }
@@ -754,18 +950,28 @@ async fn on_frame(
             );
         }
         ServerFrame::Message { payload } | ServerFrame::GroupMessage { payload } => {
-            receive(ctx, k, ws, s, rng, payload).await?;
+            receive(ctx, k, ws, s, rng, payload, false).await?;
         }
         ServerFrame::SyncPage { payload } => {
+            // A page of one conversation answers the phone's own `after_seq`: resending what
+            // it has is then what it asked for, not a redelivery.
+            let asked = payload.conversation_id.is_some();
             for m in payload.messages {
-                receive(ctx, k, ws, s, rng, m).await?;
+                receive(ctx, k, ws, s, rng, m, asked).await?;
             }
             if payload.has_more {
-                let f = json!({"type":"sync","payload":{"cursor":payload.next_cursor}});
-                send(ws, f.to_string()).await?;
+                let mut p = json!({"cursor":payload.next_cursor});
+                if let Some(c) = &payload.conversation_id {
+                    p["conversation_id"] = json!(c);
+                }
+                if ctx.sc.client.sync_limit > 0 {
+                    p["limit"] = json!(ctx.sc.client.sync_limit);
+                }
+                send(ws, json!({"type":"sync","payload":p}).to_string()).await?;
             }
         }
         ServerFrame::GroupReceipt { payload } => {
+            check_group_receipt(ctx, k, &payload);
             ctx.ledger.borrow_mut().trace(
                 now_ms(),
                 dev(k),
@@ -792,6 +998,7 @@ async fn on_frame(
         }
         ServerFrame::DeliveryAck { payload } | ServerFrame::ReadReceipt { payload } => {
             let now = now_ms();
+            check_receipt(ctx, k, &payload);
             let mut l = ctx.ledger.borrow_mut();
             for id in &payload.message_ids {
                 l.device(k)
@@ -837,7 +1044,122 @@ async fn on_frame(
     Ok(())
 }
 
+/// The highest seq of `conv` this device shows with every lower one shown too.
+fn contiguous_seq(l: &Ledger, k: DeviceKey, conv: &str) -> u64 {
+    let Some(d) = l.devices.get(&k) else {
+        return 0;
+    };
+    let seqs: std::collections::BTreeSet<u64> = d
+        .shown
+        .values()
+        .filter(|x| x.conv == conv)
+        .map(|x| x.seq)
+        .collect();
+    let mut n = 0;
+    while seqs.contains(&(n + 1)) {
+        n += 1;
+    }
+    n
+}
+
+/// Users who are (or may be) in the conversation other than `sender`: the 1:1 partner, or
+/// every user ever in the group.
+fn others_in(ctx: &Ctx, conv: &str, sender: usize) -> Vec<usize> {
+    (0..ctx.plan.users)
+        .filter(|u| *u != sender && ctx.user_convs.get(u).is_some_and(|c| c.contains(conv)))
+        .collect()
+}
+
+/// A receipt must not claim more than happened: ✓✓ only once some recipient device shows
+/// the message, blue only once some recipient sent a read receipt for it.
+fn check_receipt(ctx: &Ctx, k: DeviceKey, p: &model_server::protocol::ReceiptPayload) {
+    let now = now_ms();
+    let mut l = ctx.ledger.borrow_mut();
+    let conv = p.conversation_id.as_str();
+    for id in &p.message_ids {
+        let mid = id.as_str();
+        let happened = match p.status {
+            Status::Read => l.reads_sent.contains_key(mid),
+            _ => others_in(ctx, conv, k.0).iter().any(|u| {
+                (0..ctx.plan.devices_per_user).any(|d| {
+                    l.devices
+                        .get(&(*u, d))
+                        .is_some_and(|dl| dl.shown.contains_key(mid))
+                })
+            }),
+        };
+        if !happened {
+            let what = if p.status == Status::Read {
+                "a recipient sent a read receipt"
+            } else {
+                "a recipient device shows it"
+            };
+            l.breach(
+                crate::invariant::ViolationKind::FalseReceipt,
+                now,
+                Some(conv),
+                Some(dev(k)),
+                None,
+                format!("{:?} for {mid} only after {what}", p.status),
+                format!("{:?} before that", p.status),
+            );
+        }
+    }
+}
+
+/// Group receipt counts never go backward and never exceed what recipients did.
+fn check_group_receipt(ctx: &Ctx, k: DeviceKey, p: &model_server::protocol::GroupReceiptPayload) {
+    let now = now_ms();
+    let mut l = ctx.ledger.borrow_mut();
+    let conv = p.conversation_id.as_str();
+    let mid = format!("{conv}#{}", p.seq.0);
+    let others = others_in(ctx, conv, k.0);
+    let showing = others
+        .iter()
+        .filter(|u| {
+            (0..ctx.plan.devices_per_user).any(|d| {
+                l.devices
+                    .get(&(**u, d))
+                    .is_some_and(|dl| dl.shown.contains_key(&mid))
+            })
+        })
+        .count() as u64;
+    let reading = l.reads_sent.get(&mid).map_or(0, |r| r.len()) as u64;
+    if p.delivered > showing || p.read > reading {
+        l.breach(
+            crate::invariant::ViolationKind::FalseReceipt,
+            now,
+            Some(conv),
+            Some(dev(k)),
+            None,
+            format!(
+                "group receipt for {mid}: delivered <= {showing} users showing it, read <= {reading} users who read it"
+            ),
+            format!("delivered {} read {}", p.delivered, p.read),
+        );
+    }
+    let last = l.device(k).group_counts.get(&mid).copied();
+    if let Some((d0, r0)) = last {
+        if p.delivered < d0 || p.read < r0 {
+            l.breach(
+                crate::invariant::ViolationKind::ReceiptRegression,
+                now,
+                Some(conv),
+                Some(dev(k)),
+                None,
+                format!("group receipt counts of {mid} never decrease"),
+                format!("delivered {d0} -> {}, read {r0} -> {}", p.delivered, p.read),
+            );
+        }
+    }
+    let (d0, r0) = last.unwrap_or((0, 0));
+    l.device(k)
+        .group_counts
+        .insert(mid, (d0.max(p.delivered), r0.max(p.read)));
+}
+
 /// A message arrived (live or by sync): show it once, ack it, maybe read it later.
+/// `asked`: it came in a page of the phone's own per-conversation `after_seq` sync.
 async fn receive(
     ctx: &Rc<Ctx>,
     k: DeviceKey,
@@ -845,6 +1167,7 @@ async fn receive(
     s: &mut Session,
     rng: &mut SmallRng,
     m: DeliveredMessage,
+    asked: bool,
 ) -> Result<(), &'static str> {
     let now = now_ms();
     let conv = m.conversation_id.as_str().to_string();
@@ -863,6 +1186,18 @@ async fn receive(
         let d = l.device(k);
         if d.shown.contains_key(&id) {
             d.redeliveries += 1;
+            let needless = !asked && d.acks_confirmed.contains(&id);
+            if needless {
+                l.breach(
+                    crate::invariant::ViolationKind::Redelivery,
+                    now,
+                    Some(&conv),
+                    Some(dev(k)),
+                    Some(&cmid),
+                    format!("{id} not sent again: the server had read this device's ack"),
+                    "sent again".into(),
+                );
+            }
             false
         } else {
             d.shown.insert(
@@ -904,6 +1239,12 @@ async fn receive(
         json!({"type":"delivery_ack","message_id":id}).to_string(),
     )
     .await?;
+    s.acks_since_heartbeat.push(id.clone());
+    // A 1:1 message this user sent from another device: its receipts may have been
+    // pushed before this device was online (or linked), so ask for its status.
+    if fresh && sender_idx == k.0 && conv.starts_with("dm:") {
+        s.status_wanted.insert(id.clone());
+    }
     if fresh && sender_idx != k.0 && rng.random_bool(ctx.sc.client.read_probability.clamp(0.0, 1.0))
     {
         let [lo, hi] = ctx.sc.client.read_delay_ms;

@@ -7,6 +7,9 @@
 //! (`async-replication-failover`) lag until the next `flush`, which the chat service's
 //! timer calls: a crash in between loses what the server already acknowledged.
 
+use crate::crypto::PLAINTEXT_MARKER;
+use model_server::ids::{ConversationId, Seq};
+use model_server::store::records::{dec, msg_key, StoredMessage};
 use model_server::store::{KvStore, MemoryStore, Row, StoreError, Table, Write};
 use std::sync::{Arc, Mutex};
 
@@ -23,6 +26,9 @@ pub struct SimDisk {
     pub durable: MemoryStore,
     pub replica: MemoryStore,
     lag: Arc<Mutex<Lagging>>,
+    /// Tables of committed writes that carried the plaintext marker (checked at every
+    /// commit, not only in the final store).
+    pub plaintext_commits: Arc<Mutex<Vec<&'static str>>>,
     ack_before_persist: bool,
     async_replication: bool,
 }
@@ -35,6 +41,7 @@ impl SimDisk {
             durable: MemoryStore::new(),
             replica: MemoryStore::new(),
             lag: Arc::default(),
+            plaintext_commits: Arc::default(),
             ack_before_persist,
             async_replication,
         }
@@ -52,6 +59,20 @@ impl SimDisk {
         };
         let _ = self.durable.clone().commit(d);
         let _ = self.replica.clone().commit(r);
+    }
+
+    /// Whether message `seq` of `conv`, sent as `cmid`, is on the durable copy and on the
+    /// replica right now (what an ack promises).
+    pub fn durable_and_replicated(&self, conv: &str, seq: u64, cmid: &str) -> (bool, bool) {
+        let key = msg_key(&ConversationId(conv.to_string()), Seq(seq));
+        let has = |m: &MemoryStore| {
+            m.get(Table::Messages, &key)
+                .ok()
+                .flatten()
+                .and_then(|v| dec::<StoredMessage>(Table::Messages, &v).ok())
+                .is_some_and(|m| m.client_message_id.0 == cmid)
+        };
+        (has(&self.durable), has(&self.replica))
     }
 
     /// A crash of the chat service: live state becomes what was durable.
@@ -90,6 +111,19 @@ impl KvStore for SimDisk {
         self.live.scan(table, prefix, from, limit)
     }
     fn commit(&mut self, batch: Vec<Write>) -> Result<(), StoreError> {
+        let marker = PLAINTEXT_MARKER.as_bytes();
+        let has = |b: &[u8]| b.windows(marker.len()).any(|w| w == marker);
+        for w in &batch {
+            let (t, k, v) = match w {
+                Write::Put(t, k, v) => (t, k.as_slice(), v.as_slice()),
+                Write::Delete(t, k) => (t, k.as_slice(), &[][..]),
+            };
+            if has(k) || has(v) {
+                if let Ok(mut p) = self.plaintext_commits.lock() {
+                    p.push(t.name());
+                }
+            }
+        }
         self.live.commit(batch.clone())?;
         let mut lag = self.lag.lock().unwrap_or_else(|p| p.into_inner());
         if self.ack_before_persist {

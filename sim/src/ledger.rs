@@ -5,6 +5,7 @@
 //! A device's `outbox` and `shown` messages are its local database: they survive an app
 //! kill, as on a phone.
 
+use crate::invariant::{Breach, ViolationKind};
 use model_server::protocol::Status;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -65,6 +66,13 @@ pub struct DeviceLog {
     pub backoffs: Vec<u64>,
     /// Files downloaded, by send index: whether the bytes matched what was sent.
     pub media: BTreeMap<usize, bool>,
+    /// For a device linked during the run: when its first `auth` succeeded.
+    pub linked_ms: Option<u64>,
+    /// Messages whose `delivery_ack` the server has certainly read: a `heartbeat_ack`
+    /// came back on the same connection for a heartbeat sent after the ack.
+    pub acks_confirmed: BTreeSet<String>,
+    /// Last group receipt counts seen per message: (delivered, read).
+    pub group_counts: BTreeMap<String, (u64, u64)>,
 }
 
 /// Per planned send: when it was tapped, acked, delivered and read.
@@ -77,6 +85,19 @@ pub struct SendLog {
     /// Every distinct (conversation, seq) the server answered with for this cmid.
     pub seqs_seen: BTreeSet<(String, u64)>,
     pub read_ms: Option<u64>,
+    /// A final refusal by the server: (error code, at ms). The phone gave the send up.
+    pub refused: Option<(u16, u64)>,
+    /// The server answered this send with 429 at least once (it may then overtake).
+    pub rate_limited: bool,
+}
+
+/// A `[[workload.membership]]` change as the admin's phone saw it.
+#[derive(Clone, Debug, Default)]
+pub struct MembershipLog {
+    /// When the request first left the admin's phone.
+    pub requested_ms: Option<u64>,
+    /// When a `group_update` showing the change first reached the admin's phone.
+    pub confirmed_ms: Option<u64>,
 }
 
 /// The whole run's record.
@@ -91,7 +112,18 @@ pub struct Ledger {
     pub send_by_message: BTreeMap<String, usize>,
     /// Time the fault phase ended and the quiet phase began.
     pub quiet_from_ms: u64,
+    /// Invariants seen broken while the run went on.
+    pub breaches: Vec<Breach>,
+    /// message id -> user -> when a device of that user first sent a read receipt for it.
+    pub reads_sent: BTreeMap<String, BTreeMap<usize, u64>>,
+    /// One entry per `[[workload.membership]]` change.
+    pub membership: Vec<MembershipLog>,
+    /// Largest outbound queue seen on any connection after any step: (frames, bytes).
+    pub max_queue: (u64, u64),
 }
+
+/// Breaches kept per kind (the first ones are the useful witnesses).
+const MAX_BREACHES_PER_KIND: usize = 20;
 
 impl Ledger {
     /// Appends a trace event. (Eight arguments: one per trace column, kept flat so call
@@ -136,6 +168,31 @@ impl Ledger {
             h = h.wrapping_mul(0x0100_0000_01b3);
         }
         h
+    }
+
+    /// Records a breach of an invariant seen at `t`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn breach(
+        &mut self,
+        kind: ViolationKind,
+        t: u64,
+        conversation: Option<&str>,
+        device: Option<String>,
+        cmid: Option<&str>,
+        expected: String,
+        seen: String,
+    ) {
+        if self.breaches.iter().filter(|b| b.kind == kind).count() < MAX_BREACHES_PER_KIND {
+            self.breaches.push(Breach {
+                kind,
+                t,
+                conversation: conversation.map(str::to_string),
+                device,
+                cmid: cmid.map(str::to_string),
+                expected,
+                seen,
+            });
+        }
     }
 
     /// The device's log, created on first use.

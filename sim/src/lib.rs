@@ -13,14 +13,17 @@ pub mod bench;
 pub mod client;
 pub mod crypto;
 pub mod disk;
+pub mod invariant;
 pub mod ledger;
 pub mod media;
 pub mod oracle;
 pub mod plan;
 pub mod playback;
+pub mod reference;
 pub mod report;
 pub mod scenario;
 pub mod shrink;
+pub mod space;
 pub mod world;
 
 pub use oracle::{Violation, ViolationKind};

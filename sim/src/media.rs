@@ -114,6 +114,16 @@ fn json_field<'a>(v: &'a serde_json::Value, k: &str) -> Option<&'a serde_json::V
     v.get(k)
 }
 
+/// A final refusal of the upload: the app shows the message as not sent and drops it from
+/// its outbox (the oracle judges whether the refusal was one the design allows).
+fn give_up(ctx: &Ctx, k: DeviceKey, i: usize, code: u16) {
+    let mut l = ctx.ledger.borrow_mut();
+    if l.sends[i].acked.is_none() {
+        l.sends[i].refused.get_or_insert((code, now_ms()));
+        l.device(k).outbox.retain(|x| *x != i);
+    }
+}
+
 /// Records how far the server has send `i`'s upload.
 fn set_received(ctx: &Ctx, i: usize, received: u64, size: u64) {
     let mut u = ctx.uploads.borrow_mut();
@@ -200,6 +210,7 @@ pub async fn upload(ctx: Rc<Ctx>, k: DeviceKey, i: usize) {
                         let why = format!("prepare: HTTP {code} {}", String::from_utf8_lossy(&b));
                         if refusal_is_final(code) {
                             trace("media_failed", why);
+                            give_up(&ctx, k, i, code);
                             break;
                         }
                         Err(why)
@@ -261,6 +272,7 @@ pub async fn upload(ctx: Rc<Ctx>, k: DeviceKey, i: usize) {
                         let why = format!("chunk: HTTP {code} {}", String::from_utf8_lossy(&b));
                         if refusal_is_final(code) {
                             trace("media_failed", why);
+                            give_up(&ctx, k, i, code);
                             break;
                         }
                         Err(why)

@@ -3,48 +3,16 @@
 //! trace lines around it).
 
 use crate::crypto::PLAINTEXT_MARKER;
+pub use crate::invariant::ViolationKind;
 use crate::ledger::{DeviceKey, TraceEvent};
 use crate::plan::{device_name, user_name, Target};
+use crate::reference::{Membership, Reference};
 use crate::world::Outcome;
 use model_server::protocol::Status;
+use model_server::store::records::{key_num, key_parts};
 use model_server::store::{KvStore, Table};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
-
-/// The invariants, by name (also what `expect.violations` lists).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ViolationKind {
-    /// An acked message never reached a recipient device.
-    Loss,
-    /// A device shows one send twice, or a retry got a second seq.
-    Duplicate,
-    /// A device's conversation is not seq 1..n without gaps.
-    Order,
-    /// A sender saw a status go backward.
-    ReceiptRegression,
-    /// Plaintext reached the server, or a push carried content.
-    Plaintext,
-    /// An outbound queue grew past its bound.
-    QueueBound,
-    /// After the quiet phase, something was still pending or presence had not converged.
-    Liveness,
-}
-
-impl ViolationKind {
-    /// Name as written in scenario files.
-    pub fn name(self) -> &'static str {
-        match self {
-            ViolationKind::Loss => "loss",
-            ViolationKind::Duplicate => "duplicate",
-            ViolationKind::Order => "order",
-            ViolationKind::ReceiptRegression => "receipt_regression",
-            ViolationKind::Plaintext => "plaintext",
-            ViolationKind::QueueBound => "queue_bound",
-            ViolationKind::Liveness => "liveness",
-        }
-    }
-}
 
 /// One broken invariant with its witness.
 #[derive(Clone, Debug, Serialize)]
@@ -131,34 +99,67 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
     let plan = &o.plan;
     let l = &o.ledger;
     let dkey = |k: DeviceKey| format!("{}/{}", user_name(k.0), device_name(k.1));
+    let r = Reference::new(plan, l);
 
-    // Conversations: who is in each, and the seqs the server acked in each.
+    // 0. What the phones, the disk and the world saw broken while the run went on
+    // (panics first: after one, the rest of the run is not to be trusted).
+    let mut breaches: Vec<&crate::invariant::Breach> = l.breaches.iter().collect();
+    breaches.sort_by_key(|b| (b.kind != ViolationKind::Panic, b.t));
+    for b in breaches {
+        let mut ctx = context_of(
+            o,
+            b.conversation.as_deref(),
+            b.device.as_deref(),
+            b.cmid.as_deref(),
+        );
+        ctx.retain(|e| e.t <= b.t);
+        push(
+            &mut out,
+            Violation {
+                kind: b.kind,
+                conversation: b.conversation.clone(),
+                device: b.device.clone(),
+                expected: b.expected.clone(),
+                seen: format!("{} at {} ms", b.seen, b.t),
+                context: ctx,
+            },
+        );
+    }
+
+    // Conversations: who may be in each, one of its sends, and the seqs the server used
+    // in it (acked by a sender or shown by a device).
+    let mut seqs_by_conv: BTreeMap<String, BTreeSet<u64>> = BTreeMap::new();
     let mut acked_by_conv: BTreeMap<String, BTreeSet<u64>> = BTreeMap::new();
-    let mut members: BTreeMap<String, BTreeSet<usize>> = BTreeMap::new();
-    for (i, s) in plan.sends.iter().enumerate() {
+    let mut members: BTreeMap<String, (BTreeSet<usize>, usize)> = BTreeMap::new();
+    for (i, _) in plan.sends.iter().enumerate() {
         if let Some((conv, seq, _, _)) = &l.sends[i].acked {
             acked_by_conv.entry(conv.clone()).or_default().insert(*seq);
-            let m = members.entry(conv.clone()).or_default();
-            m.insert(s.user);
-            match s.target {
-                Target::User(u) => {
-                    m.insert(u);
-                }
-                Target::Group(g) => m.extend(plan.groups[g].members.iter().copied()),
+            seqs_by_conv.entry(conv.clone()).or_default().insert(*seq);
+            let m = members
+                .entry(conv.clone())
+                .or_insert_with(|| (BTreeSet::new(), i));
+            m.0.extend(r.participants(i));
+        }
+    }
+    for dl in l.devices.values() {
+        for sh in dl.shown.values() {
+            if let Some(set) = seqs_by_conv.get_mut(&sh.conv) {
+                set.insert(sh.seq);
             }
         }
     }
 
-    // 1. No loss: every acked message is shown on every device of every participant.
+    // 1. No loss: every acked message is shown on every device the design promises it to.
     for (i, s) in plan.sends.iter().enumerate() {
         let Some((conv, seq, mid, _)) = &l.sends[i].acked else {
             continue;
         };
-        let mut users = plan.recipients(s);
-        users.push(s.user);
-        for u in users {
+        for u in r.participants(i) {
             for d in 0..plan.devices_per_user {
                 let k = (u, d);
+                if !r.required(i, k) {
+                    continue;
+                }
                 // Shown under this id *with this content*: a failover that reuses a seq for
                 // another message must not hide the loss of the first.
                 let shown = l.devices.get(&k).is_some_and(|dl| {
@@ -204,9 +205,15 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
         if s.media_bytes == 0 {
             continue;
         }
-        for u in plan.recipients(s) {
+        for u in r.participants(i) {
+            if u == s.user {
+                continue;
+            }
             for d in 0..plan.devices_per_user {
                 let k = (u, d);
+                if !r.required(i, k) {
+                    continue;
+                }
                 let Some(dl) = l.devices.get(&k) else {
                     continue;
                 };
@@ -290,18 +297,44 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
         }
     }
 
-    // 3. Order: each device ends with seq 1..n of each of its conversations, no gaps.
-    for (conv, seqs) in &acked_by_conv {
+    // 3. Order: each device shows every seq of each of its conversations, without gaps,
+    // from the start (or, for a device linked or a member added during the run, from the
+    // first message promised to it); the server's own seqs are 1..n.
+    for (conv, (users, rep)) in &members {
+        let seqs = &seqs_by_conv[conv];
+        let acked = &acked_by_conv[conv];
         let n = seqs.iter().copied().max().unwrap_or(0);
         let server_contiguous = seqs.len() as u64 == n;
-        // Compared without materialising 1..=n: a broken server may hand out huge seqs.
-        let is_one_to_n = |v: &[u64]| {
-            v.len() as u64 == n && v.iter().enumerate().all(|(i, s)| *s == i as u64 + 1)
-        };
-        for &u in members.get(conv).into_iter().flatten() {
+        for &u in users {
             for d in 0..plan.devices_per_user {
                 let k = (u, d);
-                let mut got: Vec<u64> = l
+                if let Target::Group(g) = plan.sends[*rep].target {
+                    if matches!(r.membership(g, u), Membership::Removed { .. }) {
+                        continue; // promised nothing of the group (see `reference`)
+                    }
+                }
+                let lo = if r.from_the_start(*rep, k) {
+                    1
+                } else {
+                    // The first seq promised to this device in this conversation.
+                    let first = plan
+                        .sends
+                        .iter()
+                        .enumerate()
+                        .filter(|(j, _)| r.required(*j, k))
+                        .filter_map(|(j, _)| l.sends[j].acked.as_ref())
+                        .filter(|a| &a.0 == conv)
+                        .map(|a| a.1)
+                        .min();
+                    match first {
+                        Some(f) => f,
+                        None => continue,
+                    }
+                };
+                if r.linked_at(k).is_none() {
+                    continue; // never logged in: reported under liveness
+                }
+                let got: BTreeSet<u64> = l
                     .devices
                     .get(&k)
                     .map(|dl| {
@@ -312,10 +345,13 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
                             .collect()
                     })
                     .unwrap_or_default();
-                got.sort_unstable();
-                if !is_one_to_n(&got) || !server_contiguous {
+                // Compared without materialising lo..=n: a broken server may hand out huge
+                // seqs.
+                let missing = got.range(lo..=n).count() as u64 != n.saturating_sub(lo) + 1;
+                if missing || (lo == 1 && !server_contiguous) {
                     let dev = dkey(k);
-                    let show = |v: &[u64]| {
+                    let show = |v: &BTreeSet<u64>| {
+                        let v: Vec<u64> = v.iter().copied().collect();
                         if v.len() > 12 {
                             format!("{:?}.. ({} seqs)", &v[..12], v.len())
                         } else {
@@ -328,14 +364,14 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
                             kind: ViolationKind::Order,
                             conversation: Some(conv.clone()),
                             device: Some(dev.clone()),
-                            expected: format!("seqs 1..={n} without gaps"),
-                            seen: if server_contiguous {
+                            expected: format!("seqs {lo}..={n} without gaps"),
+                            seen: if server_contiguous || lo > 1 {
                                 show(&got)
                             } else {
-                                let acked: Vec<u64> = seqs.iter().copied().collect();
                                 format!(
-                                    "the server acked seqs {} (a gap or a reused number); the device shows {}",
-                                    show(&acked),
+                                    "the server used seqs {} (a gap or a reused number; acked {}); the device shows {}",
+                                    show(seqs),
+                                    show(acked),
                                     show(&got)
                                 )
                             },
@@ -343,6 +379,149 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
                         },
                     );
                 }
+            }
+        }
+    }
+
+    // 3a. Per-sender FIFO: a later tap by the same device, in the same conversation, never
+    // gets a lower seq (unless the earlier one waited on a 429 or on its file's upload).
+    let mut by_device: BTreeMap<(DeviceKey, &str), Vec<usize>> = BTreeMap::new();
+    for (i, s) in plan.sends.iter().enumerate() {
+        if let Some(a) = &l.sends[i].acked {
+            by_device
+                .entry(((s.user, s.device), a.0.as_str()))
+                .or_default()
+                .push(i);
+        }
+    }
+    for ((k, conv), sends) in &by_device {
+        // `plan.sends` is in tap order already.
+        let mut worst: Option<(usize, u64)> = None;
+        for &j in sends {
+            let seq = l.sends[j].acked.as_ref().map_or(0, |a| a.1);
+            if let Some((i, prev)) = worst {
+                let excused = l.sends[i].rate_limited
+                    || plan.sends[i].media_bytes > 0
+                    || plan.sends[j].media_bytes > 0;
+                if seq < prev && !excused {
+                    let dev = dkey(*k);
+                    push(
+                        &mut out,
+                        Violation {
+                            kind: ViolationKind::Order,
+                            conversation: Some(conv.to_string()),
+                            device: Some(dev.clone()),
+                            expected: format!(
+                                "{} (tapped after {}) gets a seq above {prev}",
+                                plan.sends[j].cmid, plan.sends[i].cmid
+                            ),
+                            seen: format!("seq {seq}: sender FIFO broken"),
+                            context: context_of(
+                                o,
+                                Some(conv),
+                                Some(&dev),
+                                Some(&plan.sends[j].cmid),
+                            ),
+                        },
+                    );
+                }
+            }
+            if plan.sends[j].media_bytes == 0 && worst.is_none_or(|(_, p)| seq > p) {
+                worst = Some((j, seq));
+            }
+        }
+    }
+
+    // 3c. Refusals: a send the design allows is never refused for good (a member's group
+    // send is refused only once its removal was asked for).
+    for (i, s) in plan.sends.iter().enumerate() {
+        let Some((code, at)) = l.sends[i].refused else {
+            continue;
+        };
+        let excused = match s.target {
+            Target::Group(g) => match r.membership(g, s.user) {
+                Membership::Removed { requested, .. } => requested.is_some_and(|t| t <= at),
+                _ => false,
+            },
+            Target::User(_) => false,
+        };
+        if !excused {
+            let dev = dkey((s.user, s.device));
+            push(
+                &mut out,
+                Violation {
+                    kind: ViolationKind::Loss,
+                    conversation: None,
+                    device: Some(dev.clone()),
+                    expected: format!("{} from {} accepted", s.cmid, user_name(s.user)),
+                    seen: format!("refused for good with {code} at {at} ms"),
+                    context: context_of(o, None, Some(&dev), Some(&s.cmid)),
+                },
+            );
+        }
+    }
+
+    // 3d. Membership: nobody shows a group message while not a member, and the server
+    // accepts no group send tapped after its sender's removal was seen done.
+    for (k, dl) in &l.devices {
+        for sh in dl.shown.values() {
+            let Some(&i) = l.send_by_message.get(&sh.message_id) else {
+                continue;
+            };
+            let Target::Group(g) = plan.sends[i].target else {
+                continue;
+            };
+            let bad = match r.membership(g, k.0) {
+                Membership::Always => false,
+                Membership::Never => true,
+                Membership::Added { requested, .. } => requested.is_none_or(|t| sh.at_ms < t),
+                Membership::Removed { confirmed, .. } => {
+                    confirmed.is_some_and(|c| plan.sends[i].at_ms >= c)
+                }
+            };
+            if bad && plan.sends[i].user != k.0 {
+                let dev = dkey(*k);
+                push(
+                    &mut out,
+                    Violation {
+                        kind: ViolationKind::NonMember,
+                        conversation: Some(sh.conv.clone()),
+                        device: Some(dev.clone()),
+                        expected: format!(
+                            "{} shows no message of {} while not a member",
+                            dev, sh.conv
+                        ),
+                        seen: format!("{} ({}) shown at {} ms", sh.message_id, sh.cmid, sh.at_ms),
+                        context: context_of(o, Some(&sh.conv), Some(&dev), Some(&sh.cmid)),
+                    },
+                );
+            }
+        }
+    }
+    for (i, s) in plan.sends.iter().enumerate() {
+        let (Target::Group(g), Some((conv, _, mid, _))) = (&s.target, &l.sends[i].acked) else {
+            continue;
+        };
+        if let Membership::Removed {
+            confirmed: Some(c), ..
+        } = r.membership(*g, s.user)
+        {
+            if s.at_ms >= c {
+                let dev = dkey((s.user, s.device));
+                push(
+                    &mut out,
+                    Violation {
+                        kind: ViolationKind::NonMember,
+                        conversation: Some(conv.clone()),
+                        device: Some(dev.clone()),
+                        expected: format!(
+                            "a send tapped after {}'s removal refused",
+                            user_name(s.user)
+                        ),
+                        seen: format!("stored as {mid}"),
+                        context: context_of(o, Some(conv), Some(&dev), Some(&s.cmid)),
+                    },
+                );
             }
         }
     }
@@ -462,19 +641,83 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
         }
     }
 
-    // 6. Outbound queues within bound.
-    if o.stats.outbound_high_water > o.limits.outbound_max_frames as u64 {
+    // 5b. No plaintext in anything the chat service logged.
+    if let Some(e) = l
+        .trace
+        .iter()
+        .find(|e| e.at == "chat" && e.detail.contains(PLAINTEXT_MARKER))
+    {
+        push(
+            &mut out,
+            Violation {
+                kind: ViolationKind::Plaintext,
+                conversation: e.conv.clone(),
+                device: None,
+                expected: "no plaintext in the chat service's log".into(),
+                seen: format!("'{}' at {} ms carried the plaintext marker", e.event, e.t),
+                context: vec![e.clone()],
+            },
+        );
+    }
+
+    // 6. Outbound queues within bound: what was actually buffered on any connection after
+    // any step, frames and bytes.
+    let (frames, bytes) = l.max_queue;
+    if frames > o.limits.outbound_max_frames as u64 || bytes > o.limits.outbound_max_bytes as u64 {
         push(
             &mut out,
             Violation {
                 kind: ViolationKind::QueueBound,
                 conversation: None,
                 device: None,
-                expected: format!("outbound queue <= {} frames", o.limits.outbound_max_frames),
-                seen: format!("{} frames", o.stats.outbound_high_water),
+                expected: format!(
+                    "outbound queue <= {} frames and <= {} bytes",
+                    o.limits.outbound_max_frames, o.limits.outbound_max_bytes
+                ),
+                seen: format!("{frames} frames, {bytes} bytes buffered on one connection"),
                 context: Vec::new(),
             },
         );
+    }
+
+    // 6b. Storage drains: an inbox copy of a message every device of its user shows (well
+    // before the end) must be gone.
+    if let Ok(rows) = o.store.scan(Table::Inbox, b"", b"", usize::MAX) {
+        for (key, _) in rows {
+            let (Some(parts), Some(seq)) = (key_parts(&key, 2), key_num(&key)) else {
+                continue;
+            };
+            let Some(u) = parts[0]
+                .strip_prefix('u')
+                .and_then(|x| x.parse::<usize>().ok())
+            else {
+                continue;
+            };
+            let mid = format!("{}#{seq}", parts[1]);
+            let everywhere = (0..plan.devices_per_user).all(|d| {
+                r.linked_at((u, d)).is_none()
+                    || l.devices
+                        .get(&(u, d))
+                        .and_then(|dl| dl.shown.get(&mid))
+                        .is_some_and(|x| x.at_ms + RECEIPT_GRACE_MS <= o.end_ms)
+            });
+            if everywhere {
+                push(
+                    &mut out,
+                    Violation {
+                        kind: ViolationKind::StorageLeak,
+                        conversation: Some(parts[1].clone()),
+                        device: Some(parts[0].clone()),
+                        expected: format!(
+                            "the inbox copy of {mid} for {} deleted: every device shows it",
+                            parts[0]
+                        ),
+                        seen: "still stored at the end".into(),
+                        context: context(o, Some(&parts[1]), None),
+                    },
+                );
+            }
+        }
     }
 
     // 7. Liveness: after the quiet phase nothing is pending and everyone is back online.
@@ -498,6 +741,22 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
                         cmids.len(),
                         cmids.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
                     ),
+                    context: context(o, None, Some(&dev)),
+                },
+            );
+        }
+    }
+    for k in plan.links.keys() {
+        if r.linked_at(*k).is_none() {
+            let dev = dkey(*k);
+            push(
+                &mut out,
+                Violation {
+                    kind: ViolationKind::Liveness,
+                    conversation: None,
+                    device: Some(dev.clone()),
+                    expected: format!("{dev}, linked during the run, logged in"),
+                    seen: "never logged in".into(),
                     context: context(o, None, Some(&dev)),
                 },
             );

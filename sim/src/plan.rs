@@ -5,7 +5,7 @@
 //! identical however the network behaves, so two runs of a seed differ only if the
 //! system under test does, and shrinking can remove sends and faults one by one.
 
-use crate::scenario::{Fault, FaultKind, Scenario};
+use crate::scenario::{Fault, FaultKind, MembershipChange, Scenario};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
@@ -46,6 +46,10 @@ pub struct Plan {
     pub groups: Vec<PlannedGroup>,
     pub sends: Vec<PlannedSend>,
     pub faults: Vec<Fault>,
+    /// Devices linked during the run: (user, device) -> when they first open the app.
+    pub links: std::collections::BTreeMap<(usize, usize), u64>,
+    /// Membership changes during the run, in scenario order.
+    pub membership: Vec<MembershipChange>,
 }
 
 /// Name of user `i`.
@@ -99,14 +103,20 @@ impl Plan {
         }
         let mut groups = Vec::new();
         for (gi, g) in w.groups.iter().enumerate() {
-            let mut all: Vec<usize> = (0..n).collect();
-            // Partial Fisher-Yates: a seeded random subset of members.
-            for i in 0..g.size {
-                let j = rng.random_range(i..n);
-                all.swap(i, j);
-            }
-            let mut members = all[..g.size].to_vec();
+            let mut members = match &g.members {
+                Some(m) => m.clone(),
+                None => {
+                    let mut all: Vec<usize> = (0..n).collect();
+                    // Partial Fisher-Yates: a seeded random subset of members.
+                    for i in 0..g.size {
+                        let j = rng.random_range(i..n);
+                        all.swap(i, j);
+                    }
+                    all[..g.size].to_vec()
+                }
+            };
             members.sort_unstable();
+            members.dedup();
             let admin = members[0];
             for k in 0..g.messages {
                 let from = if g.announcement_only {
@@ -132,7 +142,13 @@ impl Plan {
         sends.sort_by(|a, b| (a.at_ms, &a.cmid).cmp(&(b.at_ms, &b.cmid)));
         let mut faults = sc.faults.clone();
         if let Some(sw) = &sc.swarm {
-            faults.extend(draw_swarm(sc, &sw.kinds, sw.max_faults, &mut rng));
+            faults.extend(draw_swarm(
+                sc,
+                &sw.kinds,
+                sw.max_faults,
+                sw.max_fault_ms.unwrap_or(10_000).max(1_000),
+                &mut rng,
+            ));
         }
         faults.sort_by_key(|f| f.at_ms);
         Plan {
@@ -141,6 +157,12 @@ impl Plan {
             groups,
             sends,
             faults,
+            links: w
+                .links
+                .iter()
+                .map(|l| ((l.user, l.device), l.at_ms))
+                .collect(),
+            membership: w.membership.clone(),
         }
     }
 
@@ -164,7 +186,13 @@ impl Plan {
 }
 
 /// Random faults within the scenario's bounds (swarm testing: each seed its own mix).
-fn draw_swarm(sc: &Scenario, kinds: &[FaultKind], max: usize, rng: &mut SmallRng) -> Vec<Fault> {
+fn draw_swarm(
+    sc: &Scenario,
+    kinds: &[FaultKind],
+    max: usize,
+    max_ms: u64,
+    rng: &mut SmallRng,
+) -> Vec<Fault> {
     if kinds.is_empty() {
         return Vec::new();
     }
@@ -176,7 +204,7 @@ fn draw_swarm(sc: &Scenario, kinds: &[FaultKind], max: usize, rng: &mut SmallRng
     for _ in 0..count {
         let kind = kinds[rng.random_range(0..kinds.len())];
         let at_ms = rng.random_range(0..=d * 7 / 10);
-        let until = (at_ms + rng.random_range(1_000..=10_000)).min(d);
+        let until = (at_ms + rng.random_range(1_000..=max_ms)).min(d);
         let gw = gateways[rng.random_range(0..gateways.len())].0.clone();
         let client = clients[rng.random_range(0..clients.len())].clone();
         let user = rng.random_range(0..sc.workload.users);

@@ -51,6 +51,8 @@ pub struct Figures {
     pub backoff_ms: (u64, u64, u64),
     pub redeliveries: u64,
     pub pushes: usize,
+    /// Largest outbound queue seen on one connection: (frames, bytes).
+    pub max_queue: (u64, u64),
 }
 
 impl Figures {
@@ -110,6 +112,7 @@ impl Figures {
                 backoffs.last().copied().unwrap_or(0),
             ),
             redeliveries,
+            max_queue: l.max_queue,
             pushes: l.pushes.len(),
         }
     }

@@ -103,6 +103,14 @@ pub struct ClientConfig {
     pub read_delay_ms: [u64; 2],
     /// Devices open the app at a random time in 0..=this at the start, ms.
     pub start_jitter_ms: u64,
+    /// Chance, per connection, that the phone also catches up conversation by conversation
+    /// (`sync` with `conversation_id` and `after_seq`, its highest seq without a gap) before
+    /// the pending sync it always sends.
+    #[serde(default)]
+    pub sync_after_seq_probability: f64,
+    /// Page size the phone asks for in `sync` (`limit`); 0: none (the server's cap).
+    #[serde(default)]
+    pub sync_limit: usize,
 }
 
 impl Default for ClientConfig {
@@ -116,6 +124,8 @@ impl Default for ClientConfig {
             read_probability: 1.0,
             read_delay_ms: [200, 2_000],
             start_jitter_ms: 500,
+            sync_after_seq_probability: 0.0,
+            sync_limit: 0,
         }
     }
 }
@@ -145,6 +155,36 @@ pub struct Workload {
     /// While typing, a `typing` notice every this many ms (keystrokes, roughly).
     #[serde(default = "default_typing_every")]
     pub typing_every_ms: u64,
+    /// Devices linked to their account during the run (not before it): each first opens
+    /// the app at `at_ms`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub links: Vec<Link>,
+    /// Members added to or removed from groups during the run, by the group's admin.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub membership: Vec<MembershipChange>,
+}
+
+/// A device linked mid-run (`[[workload.links]]`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Link {
+    pub user: usize,
+    pub device: usize,
+    pub at_ms: u64,
+}
+
+/// A membership change mid-run (`[[workload.membership]]`): the admin's first device asks
+/// the server to add or remove `user` in group `group` (index into `[[workload.groups]]`)
+/// once it is connected at or after `at_ms`, and asks again on each new connection until it
+/// sees the change in a `group_update`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MembershipChange {
+    pub at_ms: u64,
+    pub group: usize,
+    pub user: usize,
+    /// `add` or `remove`.
+    pub op: String,
 }
 
 fn default_typing_every() -> u64 {
@@ -180,6 +220,10 @@ pub struct GroupLoad {
     pub media_messages: usize,
     #[serde(default)]
     pub media_bytes: u64,
+    /// The members, by user index (`size` of them, the lowest is the admin); drawn from
+    /// the seed when absent. Needed by `[[workload.membership]]` changes to the group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub members: Option<Vec<usize>>,
 }
 
 /// What kind of fault.
@@ -249,6 +293,14 @@ pub struct Fault {
 pub struct Swarm {
     pub kinds: Vec<FaultKind>,
     pub max_faults: usize,
+    /// Longest a drawn fault lasts, ms (each lasts 1 s up to this; default 10 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_fault_ms: Option<u64>,
+    /// The design space: when present, each seed also draws the server's limits, the
+    /// phones' behaviour, the topology, the workload and mid-run operations, within these
+    /// bounds (knob name -> [min, max]; see `crate::space::KNOBS`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub space: Option<std::collections::BTreeMap<String, [f64; 2]>>,
 }
 
 /// What a run must show.
@@ -257,7 +309,7 @@ pub struct Swarm {
 pub struct Expect {
     /// Violations this scenario is meant to find (teaching scenarios); empty: none allowed.
     #[serde(default)]
-    pub violations: Vec<crate::oracle::ViolationKind>,
+    pub violations: Vec<crate::invariant::ViolationKind>,
     #[serde(default)]
     pub p99_deliver_ms: Option<u64>,
     #[serde(default)]
@@ -479,6 +531,86 @@ impl Scenario {
                     "[[workload.groups]]",
                     format!("group size {} must be 2..=users ({})", g.size, w.users),
                 ));
+            }
+        }
+        for g in &w.groups {
+            if let Some(m) = &g.members {
+                let mut sorted = m.clone();
+                sorted.sort_unstable();
+                sorted.dedup();
+                if sorted.len() != g.size || sorted.iter().any(|u| *u >= w.users) {
+                    return Err((
+                        None,
+                        "members",
+                        format!(
+                            "group members must be {} different users below users ({})",
+                            g.size, w.users
+                        ),
+                    ));
+                }
+            }
+        }
+        for l in &w.links {
+            if l.user >= w.users || l.device >= w.devices_per_user || l.at_ms > self.duration_ms {
+                return Err((
+                    None,
+                    "[[workload.links]]",
+                    format!(
+                        "a link needs user < users ({}), device < devices_per_user ({}) and \
+                         at_ms within duration_ms ({})",
+                        w.users, w.devices_per_user, self.duration_ms
+                    ),
+                ));
+            }
+            if w.links
+                .iter()
+                .filter(|x| x.user == l.user && x.device == l.device)
+                .count()
+                > 1
+            {
+                return Err((
+                    None,
+                    "[[workload.links]]",
+                    format!("device u{}/d{} is linked twice", l.user, l.device),
+                ));
+            }
+        }
+        for c in &w.membership {
+            let bad = |m: String| Err((None, "[[workload.membership]]", m));
+            let Some(g) = w.groups.get(c.group) else {
+                return bad(format!("group {} does not exist", c.group));
+            };
+            let Some(members) = &g.members else {
+                return bad(format!(
+                    "group {} needs explicit members to change them mid-run",
+                    c.group
+                ));
+            };
+            let admin = members.iter().min().copied();
+            let ok = match c.op.as_str() {
+                "add" => c.user < w.users && !members.contains(&c.user),
+                "remove" => members.contains(&c.user) && Some(c.user) != admin,
+                _ => return bad(format!("op must be add or remove, not '{}'", c.op)),
+            };
+            if !ok || c.at_ms > self.duration_ms {
+                return bad(format!(
+                    "{} u{} in group {}: add a non-member or remove a member other than the \
+                     admin, at_ms within duration_ms",
+                    c.op, c.user, c.group
+                ));
+            }
+            if w.membership
+                .iter()
+                .filter(|x| x.group == c.group && x.user == c.user)
+                .count()
+                > 1
+            {
+                return bad(format!("u{} changes twice in group {}", c.user, c.group));
+            }
+        }
+        if let Some(space) = self.swarm.as_ref().and_then(|s| s.space.as_ref()) {
+            if let Err(e) = crate::space::check_bounds(space) {
+                return Err((None, "space", e));
             }
         }
         if let Err(e) = self.limits() {

@@ -40,9 +40,12 @@ pub fn shrink(
     kind: ViolationKind,
     budget: usize,
 ) -> Shrunk {
-    let mut best = sc.clone();
-    // Make swarm-drawn faults explicit so that they can be removed one by one.
-    best.faults = crate::plan::Plan::draw(sc, seed).faults;
+    // Start from what the seed drew: every knob of the design space written out, and the
+    // swarm's faults made explicit so that they can be removed one by one.
+    let mut best = crate::space::draw(sc, seed)
+        .map(|d| d.scenario)
+        .unwrap_or_else(|_| sc.clone());
+    best.faults = crate::plan::Plan::draw(&best, seed).faults;
     best.swarm = None;
     let mut runs = 0usize;
     let try_keep = |cand: Scenario, best: &mut Scenario, runs: &mut usize| -> bool {
@@ -112,14 +115,43 @@ pub fn shrink(
             }
         }
         for gi in 0..w.groups.len() {
-            let mut c = best.clone();
-            c.workload.groups.remove(gi);
-            cands.push(c);
+            cands.push(remove_group(&best, gi));
             if w.groups[gi].messages > 1 {
                 let mut c = best.clone();
                 c.workload.groups[gi].messages /= 2;
                 cands.push(c);
             }
+            // A smaller group: drop its highest member (not the admin, not one whose
+            // membership changes).
+            if let Some(m) = &w.groups[gi].members {
+                if let Some(&last) = m.iter().max() {
+                    let touched = w.membership.iter().any(|c| c.group == gi && c.user == last);
+                    if m.len() > 2 && !touched {
+                        let mut c = best.clone();
+                        let g = &mut c.workload.groups[gi];
+                        g.members = Some(m.iter().copied().filter(|u| *u != last).collect());
+                        g.size -= 1;
+                        cands.push(c);
+                    }
+                }
+            }
+        }
+        // Operations during the run, all at once, then one by one.
+        if !w.links.is_empty() || !w.membership.is_empty() {
+            let mut c = best.clone();
+            c.workload.links.clear();
+            c.workload.membership.clear();
+            cands.push(c);
+        }
+        for i in 0..w.links.len() {
+            let mut c = best.clone();
+            c.workload.links.remove(i);
+            cands.push(c);
+        }
+        for i in 0..w.membership.len() {
+            let mut c = best.clone();
+            c.workload.membership.remove(i);
+            cands.push(c);
         }
         let mut user_steps = vec![
             (w.users / 2).max(2),
@@ -129,12 +161,7 @@ pub fn shrink(
         user_steps.dedup();
         for to in user_steps {
             if to >= 2 && to < w.users {
-                let mut c = best.clone();
-                c.workload.users = to;
-                for g in &mut c.workload.groups {
-                    g.size = g.size.min(to);
-                }
-                cands.push(c);
+                cands.push(cut_users(&best, to));
             }
         }
         if w.devices_per_user > 1 {
@@ -146,6 +173,31 @@ pub fn shrink(
             let mut c = best.clone();
             c.topology.client_hosts = 1;
             cands.push(c);
+        }
+        // Knobs back to their defaults, one at a time: what is left is what the bug needs.
+        if let Some(t) = &best.server {
+            for key in t.keys() {
+                let mut c = best.clone();
+                if let Some(t) = c.server.as_mut() {
+                    t.remove(key);
+                }
+                cands.push(c);
+            }
+        }
+        let defaults = toml::Table::try_from(crate::scenario::ClientConfig::default()).ok();
+        let current = toml::Table::try_from(&best.client).ok();
+        if let (Some(def), Some(cur)) = (defaults, current) {
+            for (key, v) in &cur {
+                if def.get(key) != Some(v) {
+                    let mut t = cur.clone();
+                    t.insert(key.clone(), def[key].clone());
+                    if let Ok(cfg) = t.try_into() {
+                        let mut c = best.clone();
+                        c.client = cfg;
+                        cands.push(c);
+                    }
+                }
+            }
         }
         for c in cands {
             if try_keep(c, &mut best, &mut runs) {
@@ -161,4 +213,41 @@ pub fn shrink(
         scenario: best,
         runs,
     }
+}
+
+/// `sc` without group `gi` (membership changes renumbered).
+fn remove_group(sc: &Scenario, gi: usize) -> Scenario {
+    let mut c = sc.clone();
+    c.workload.groups.remove(gi);
+    c.workload.membership.retain(|m| m.group != gi);
+    for m in &mut c.workload.membership {
+        if m.group > gi {
+            m.group -= 1;
+        }
+    }
+    c
+}
+
+/// `sc` with only the first `to` users: groups lose the others (and vanish below two
+/// members), links and membership changes of the others go.
+fn cut_users(sc: &Scenario, to: usize) -> Scenario {
+    let mut c = sc.clone();
+    c.workload.users = to;
+    c.workload.links.retain(|l| l.user < to);
+    c.workload.membership.retain(|m| m.user < to);
+    let mut gi = 0;
+    while gi < c.workload.groups.len() {
+        let g = &mut c.workload.groups[gi];
+        g.size = g.size.min(to);
+        if let Some(m) = &mut g.members {
+            m.retain(|u| *u < to);
+            g.size = m.len();
+        }
+        if g.size < 2 {
+            c = remove_group(&c, gi);
+        } else {
+            gi += 1;
+        }
+    }
+    c
 }

@@ -37,6 +37,10 @@ pub struct RunOptions {
 /// Everything a finished run leaves for the oracle and the report.
 pub struct Outcome {
     pub seed: u64,
+    /// The concrete scenario that ran (a swarm's design space resolved for this seed).
+    pub scenario: Scenario,
+    /// Knobs the seed drew from the design space, (name, value), in drawing order.
+    pub knobs: Vec<(String, String)>,
     pub plan: Plan,
     pub ledger: Ledger,
     pub store: MemoryStore,
@@ -59,6 +63,9 @@ enum Action {
 
 /// Runs `sc` with `seed`.
 pub fn run(sc: &Scenario, seed: u64, opts: &RunOptions) -> Result<Outcome, String> {
+    let drawn = crate::space::draw(sc, seed)?;
+    let sc = &drawn.scenario;
+    let _capture = panics::capture();
     let limits = sc.limits()?;
     let plan = Plan::draw(sc, seed);
     let secret = Secret::new(SIM_SECRET.to_vec()).map_err(|e| e.to_string())?;
@@ -87,9 +94,14 @@ pub fn run(sc: &Scenario, seed: u64, opts: &RunOptions) -> Result<Outcome, Strin
         c.set_bugs(opts.bugs.clone());
         c.enable_event_log();
     });
-    // Every phone is linked to its account before the run: messages wait for all of them.
+    hub.watch_queues();
+    // Every phone is linked to its account before the run (but those `[[workload.links]]`
+    // link during it): messages wait for all of them.
     for u in 0..plan.users {
         for d in 0..plan.devices_per_user {
+            if plan.links.contains_key(&(u, d)) {
+                continue;
+            }
             hub.with_core(|c| {
                 c.admin_register_device(
                     &UserId(user_name(u)),
@@ -124,12 +136,36 @@ pub fn run(sc: &Scenario, seed: u64, opts: &RunOptions) -> Result<Outcome, Strin
             Target::Group(g) => ConversationId::group(&GroupId(group_ids[g].clone())).0,
         })
         .collect();
+    // The conversations each user takes part in (at any time of the run).
+    let mut user_convs: BTreeMap<usize, std::collections::BTreeSet<String>> = BTreeMap::new();
+    for (i, s) in plan.sends.iter().enumerate() {
+        user_convs
+            .entry(s.user)
+            .or_default()
+            .insert(send_conv[i].clone());
+        if let Target::User(u) = s.target {
+            user_convs
+                .entry(u)
+                .or_default()
+                .insert(send_conv[i].clone());
+        }
+    }
+    for (g, pg) in plan.groups.iter().enumerate() {
+        let conv = ConversationId::group(&GroupId(group_ids[g].clone())).0;
+        for m in &pg.members {
+            user_convs.entry(*m).or_default().insert(conv.clone());
+        }
+        for c in plan.membership.iter().filter(|c| c.group == g) {
+            user_convs.entry(c.user).or_default().insert(conv.clone());
+        }
+    }
     let mut device_sends: BTreeMap<(usize, usize), Vec<usize>> = BTreeMap::new();
     for (i, s) in plan.sends.iter().enumerate() {
         device_sends.entry((s.user, s.device)).or_default().push(i);
     }
     let mut ledger = Ledger {
         sends: vec![SendLog::default(); plan.sends.len()],
+        membership: vec![Default::default(); plan.membership.len()],
         quiet_from_ms: sc.duration_ms,
         ..Ledger::default()
     };
@@ -160,6 +196,8 @@ pub fn run(sc: &Scenario, seed: u64, opts: &RunOptions) -> Result<Outcome, Strin
         uploads: RefCell::new(Default::default()),
         downloads: RefCell::new(Default::default()),
         end_ms,
+        disk: disk.clone(),
+        user_convs,
     });
 
     let mut sim = turmoil::Builder::new()
@@ -402,10 +440,49 @@ pub fn run(sc: &Scenario, seed: u64, opts: &RunOptions) -> Result<Outcome, Strin
                 }
             }
         }
-        if let Err(e) = sim.step() {
-            return Err(format!("simulation failed at {t} ms: {e}"));
+        let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sim.step()));
+        match stepped {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(format!("simulation failed at {t} ms: {e}")),
+            Err(_) => {
+                let why = panics::take().join("; ");
+                if why.contains("server socket buffer full") {
+                    return Err(format!(
+                        "at {t} ms more connections arrived at one gateway at once than \
+                         turmoil's accept backlog holds ([topology] tcp_segments = {}): raise \
+                         tcp_segments (up to 4096), add gateways, or spread the app starts \
+                         ([client] start_jitter_ms)",
+                        sc.topology.tcp_segments
+                    ));
+                }
+                return Err(format!("the simulation itself panicked at {t} ms: {why}"));
+            }
         }
-        record_core_events(&hub, &mut ctx.ledger.borrow_mut());
+        {
+            let mut l = ctx.ledger.borrow_mut();
+            record_core_events(&hub, &mut l);
+            l.max_queue = hub.fullest_queue();
+            let mut broken = panics::take();
+            if hub.poisoned() {
+                broken.push("the chat core's lock is poisoned".into());
+            }
+            if !broken.is_empty() {
+                for why in broken {
+                    l.breach(
+                        crate::invariant::ViolationKind::Panic,
+                        t,
+                        None,
+                        None,
+                        None,
+                        "no simulated task panics".into(),
+                        format!("{why} (seed {seed})"),
+                    );
+                }
+                // The system under test is broken: stop here rather than judge the rest.
+                steps += 1;
+                break;
+            }
+        }
         steps += 1;
     }
     let stats = hub.with_core(|c| c.stats().clone());
@@ -420,10 +497,25 @@ pub fn run(sc: &Scenario, seed: u64, opts: &RunOptions) -> Result<Outcome, Strin
     if let Ok(p) = pushes.lock() {
         ledger.pushes = p.clone();
     }
+    if let Ok(p) = disk.plaintext_commits.lock() {
+        for table in p.iter().take(5) {
+            ledger.breach(
+                crate::invariant::ViolationKind::Plaintext,
+                0,
+                None,
+                None,
+                None,
+                format!("no plaintext in any write committed to table {table}"),
+                "a committed write carried the plaintext marker".into(),
+            );
+        }
+    }
     // Server events are drained after each step: put everything in time order (stable).
     ledger.trace.sort_by_key(|e| e.t);
     Ok(Outcome {
         seed,
+        scenario: sc.clone(),
+        knobs: drawn.knobs,
         plan,
         ledger,
         store: disk.live.clone(),
@@ -596,6 +688,57 @@ fn record_core_events(hub: &Hub, l: &mut Ledger) {
                     format!("{user} to {devices} devices ({coalesced} coalesced)")
                 },
             ),
+        }
+    }
+}
+
+/// Panics of simulated tasks, caught per thread (each thread runs its own simulation), so
+/// that a panic fails the run with its message instead of looking like a dropped socket.
+mod panics {
+    use std::cell::RefCell;
+
+    thread_local! {
+        static CAUGHT: RefCell<Option<Vec<String>>> = const { RefCell::new(None) };
+    }
+
+    /// Catches panics on this thread until the guard is dropped.
+    pub fn capture() -> Guard {
+        static HOOK: std::sync::Once = std::sync::Once::new();
+        HOOK.call_once(|| {
+            let previous = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                let caught = CAUGHT.with(|c| match c.borrow_mut().as_mut() {
+                    Some(v) => {
+                        if v.len() < 16 {
+                            v.push(info.to_string().replace('\n', " "));
+                        }
+                        true
+                    }
+                    None => false,
+                });
+                if !caught {
+                    previous(info);
+                }
+            }));
+        });
+        CAUGHT.with(|c| *c.borrow_mut() = Some(Vec::new()));
+        Guard
+    }
+
+    /// The panics caught since the last call.
+    pub fn take() -> Vec<String> {
+        CAUGHT.with(|c| {
+            c.borrow_mut()
+                .as_mut()
+                .map(std::mem::take)
+                .unwrap_or_default()
+        })
+    }
+
+    pub struct Guard;
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            CAUGHT.with(|c| *c.borrow_mut() = None);
         }
     }
 }

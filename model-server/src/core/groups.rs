@@ -253,6 +253,14 @@ impl<S: KvStore> ChatCore<S> {
                 "announcement-only group: only admins may post",
             )));
         }
+        let members = if self.bugs.stale_group_members {
+            self.stale_members
+                .entry(g.group_id.clone())
+                .or_insert_with(|| g.members.clone())
+                .clone()
+        } else {
+            g.members
+        };
         self.store_and_fan_out(
             conn,
             sess,
@@ -260,7 +268,7 @@ impl<S: KvStore> ChatCore<S> {
                 conv: ConversationId::group(&g.group_id),
                 cmid: cmid.clone(),
                 receiver: None,
-                group: Some((g.group_id.clone(), g.members)),
+                group: Some((g.group_id.clone(), members)),
                 content: p.content,
                 media_id: p.media_id,
                 reply_to: p.reply_to,

@@ -24,6 +24,16 @@ use crate::store::records::{
 use crate::store::{KvStore, Table, Write};
 use std::collections::{BTreeMap, BTreeSet};
 
+/// One page of a device's pending messages.
+#[derive(Default)]
+struct PendingPage {
+    messages: Vec<StoredMessage>,
+    /// More may remain after `next`.
+    has_more: bool,
+    /// Where the next page starts (after this conversation and seq).
+    next: Option<(ConversationId, Seq)>,
+}
+
 /// A send that passed validation, ready to be stored.
 pub(super) struct NewMessage {
     pub conv: ConversationId,
@@ -194,6 +204,16 @@ impl<S: KvStore> ChatCore<S> {
         for (u, e) in &inbox_users {
             batch.push(Write::Put(Table::Inbox, inbox_key(u, &m.conv, seq), enc(e)));
         }
+        if shared_log {
+            // The sending device has its own message: mark it read in its cursor, so the
+            // cursor can move past it (its other devices still get it by sync).
+            if let Some((g, _)) = &m.group {
+                let mut c = self.db.group_cursor(g, &sess.user, &sess.device)?;
+                if c.ack(seq.0) {
+                    batch.push(group_cursor_put(g, &sess.user, &sess.device, &c));
+                }
+            }
+        }
         // Save before ack: if this commit fails, the client gets an error and no ack.
         self.db.commit(batch)?;
         self.stats.messages_stored += 1;
@@ -233,6 +253,18 @@ impl<S: KvStore> ChatCore<S> {
             None,
             now,
         );
+        if self.bugs.early_delivery_receipt && msg.receiver.is_some() {
+            let early = ServerFrame::DeliveryAck {
+                payload: ReceiptPayload {
+                    conversation_id: msg.conversation_id.clone(),
+                    message_ids: vec![msg.message_id()],
+                    status: Status::Delivered,
+                    by: msg.receiver.clone().unwrap_or_else(|| sess.user.clone()),
+                    timestamp: now.0,
+                },
+            };
+            self.deliver_to_user(&sess.user, &early, None, None, now);
+        }
         let frame = delivered_frame(&msg);
         self.deliver_to_user(&sess.user, &frame, Some(conn), Some(conn), now);
         let preview = if self.bugs.push_with_content {
@@ -300,6 +332,9 @@ impl<S: KvStore> ChatCore<S> {
         let (conv, kind, seq) = id
             .parse()
             .ok_or_else(|| Reject::new(400, "unknown message_id"))?;
+        if self.bugs.forget_delivery_acks {
+            return Ok(());
+        }
         // A member removed from a group may still clear the inbox copies it was sent.
         if self.db.inbox_entry(&sess.user, &conv, seq)?.is_none() {
             self.check_member(&sess.user, &kind)?;
@@ -311,8 +346,9 @@ impl<S: KvStore> ChatCore<S> {
         let mut msg_changed = false;
         if msg.shared_log {
             if let ConversationKind::Group(g) = &kind {
-                if self.db.group_cursor(g, &sess.user, &sess.device)? < seq {
-                    batch.push(group_cursor_put(g, &sess.user, &sess.device, seq));
+                let mut c = self.db.group_cursor(g, &sess.user, &sess.device)?;
+                if c.ack(seq.0) {
+                    batch.push(group_cursor_put(g, &sess.user, &sess.device, &c));
                 }
             }
         } else if let Some(mut entry) = self.db.inbox_entry(&sess.user, &conv, seq)? {
@@ -555,45 +591,62 @@ impl<S: KvStore> ChatCore<S> {
         device: &DeviceId,
     ) -> Result<u64, Reject> {
         let page = self.pending_page(user, device, None, 10_000)?;
-        Ok(page.0.len() as u64)
+        Ok(page.messages.len() as u64)
     }
 
     /// Up to `limit` pending messages for a device after `cursor`, in (conversation, seq)
-    /// order, and whether more remain.
+    /// order, whether more may remain, and where the next page starts.
+    ///
+    /// Every store read is bounded by `sync_scan_rows`: a page that stops scanning early
+    /// (many copies this device already acked, a shared log it mostly read) returns only
+    /// what lies before the point it reached, says `has_more`, and resumes from there, so
+    /// nothing past that point is skipped however large the inbox.
     fn pending_page(
         &self,
         user: &UserId,
         device: &DeviceId,
         cursor: Option<(ConversationId, Seq)>,
         limit: usize,
-    ) -> Result<(Vec<StoredMessage>, bool), Reject> {
+    ) -> Result<PendingPage, Reject> {
+        let scan_cap = self.cfg.sync_scan_rows.max(1);
         let mut found: Vec<(ConversationId, Seq)> = Vec::new();
-        // Inbox copies, skipping ones this device already acked; bounded scan.
+        // The furthest position fully looked at, when a scan stopped before the end.
+        let mut horizon: Option<(ConversationId, Seq)> = None;
+        let mut stop_at = |at: (ConversationId, Seq)| {
+            if horizon.as_ref().is_none_or(|h| at < *h) {
+                horizon = Some(at);
+            }
+        };
+        // Inbox copies, skipping ones this device already acked.
+        let batch = scan_cap.clamp(1, 256);
         let mut from = cursor.clone().map(|(c, s)| (c, s.next()));
         let mut scanned = 0usize;
-        'scan: loop {
+        loop {
+            let want = batch.min(scan_cap - scanned);
             let rows = self
                 .db
-                .inbox_scan(user, from.as_ref().map(|(c, s)| (c, *s)), 256)?;
-            if rows.is_empty() {
-                break;
-            }
+                .inbox_scan(user, from.as_ref().map(|(c, s)| (c, *s)), want)?;
             for (c, s, e) in &rows {
                 scanned += 1;
                 if !e.acked.contains(device) {
                     found.push((c.clone(), *s));
-                    if found.len() > limit {
-                        break 'scan;
-                    }
                 }
             }
-            if scanned >= limit.saturating_mul(20).max(4096) || rows.len() < 256 {
-                break;
+            if rows.len() < want {
+                break; // the whole inbox after the cursor was looked at
             }
             let (c, s, _) = &rows[rows.len() - 1];
+            if found.len() > limit {
+                break; // enough: the page is cut at `limit` below
+            }
+            if scanned >= scan_cap {
+                stop_at((c.clone(), *s));
+                break;
+            }
             from = Some((c.clone(), s.next()));
         }
-        // Shared-log groups.
+        // Shared-log groups: messages past this device's cursor that it has not acked and
+        // did not send itself (the user's other devices do need those).
         for g in self.db.user_groups(user)? {
             let conv = ConversationId::group(&g);
             if let Some((cc, _)) = &cursor {
@@ -601,22 +654,48 @@ impl<S: KvStore> ChatCore<S> {
                     continue;
                 }
             }
-            let mut after = self.db.group_cursor(&g, user, device)?;
+            let read = self.db.group_cursor(&g, user, device)?;
+            let mut after = Seq(read.upto);
             if let Some((cc, cs)) = &cursor {
                 if cc == &conv {
                     after = after.max(*cs);
                 }
             }
-            for m in self.db.messages_after(&conv, after, limit + 1)? {
-                if m.shared_log && m.sender != *user {
-                    found.push((conv.clone(), m.seq));
+            let (mut got, mut looked) = (0usize, 0usize);
+            loop {
+                let want = (limit + 1).min(scan_cap - looked).max(1);
+                let msgs = self.db.messages_after(&conv, after, want)?;
+                for m in &msgs {
+                    looked += 1;
+                    let own = m.sender == *user && m.sender_device == *device;
+                    if m.shared_log && !own && !read.has(m.seq.0) {
+                        found.push((conv.clone(), m.seq));
+                        got += 1;
+                    }
                 }
+                if msgs.len() < want || got > limit {
+                    break;
+                }
+                let last = msgs[msgs.len() - 1].seq;
+                if looked >= scan_cap {
+                    stop_at((conv.clone(), last));
+                    break;
+                }
+                after = last;
             }
         }
         found.sort();
         found.dedup();
-        let has_more = found.len() > limit;
+        if let Some(h) = &horizon {
+            found.retain(|x| x <= h);
+        }
+        let cut = found.len() > limit;
         found.truncate(limit);
+        let next = if cut {
+            found.last().cloned()
+        } else {
+            horizon.clone().or_else(|| found.last().cloned())
+        };
         let mut out = Vec::with_capacity(found.len());
         for (c, s) in found {
             if let Some(m) = self.db.message(&c, s)? {
@@ -625,7 +704,11 @@ impl<S: KvStore> ChatCore<S> {
                 }
             }
         }
-        Ok((out, has_more))
+        Ok(PendingPage {
+            messages: out,
+            has_more: cut || horizon.is_some(),
+            next,
+        })
     }
 
     pub(super) fn handle_sync(
@@ -678,17 +761,16 @@ impl<S: KvStore> ChatCore<S> {
                     }
                     None => None,
                 };
-                let (msgs, has_more) = if self.bugs.skip_sync_on_reconnect {
-                    (Vec::new(), false)
+                let page = if self.bugs.skip_sync_on_reconnect {
+                    PendingPage::default()
                 } else {
                     self.pending_page(&sess.user, &sess.device, cursor, limit)?
                 };
-                let next = msgs.last().map(|m| m.message_id().0);
                 SyncPagePayload {
                     conversation_id: None,
-                    messages: msgs.iter().map(delivered_message).collect(),
-                    next_cursor: next,
-                    has_more,
+                    messages: page.messages.iter().map(delivered_message).collect(),
+                    next_cursor: page.next.map(|(c, s)| MessageId::new(&c, s).0),
+                    has_more: page.has_more,
                 }
             }
         };

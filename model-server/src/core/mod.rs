@@ -19,7 +19,7 @@ pub use media::{MediaError, MediaStatus};
 
 use crate::auth::Secret;
 use crate::config::Limits;
-use crate::ids::{ConnId, ConversationId, GatewayId, Millis, RegionId, Seq, UserId};
+use crate::ids::{ConnId, ConversationId, GatewayId, GroupId, Millis, RegionId, Seq, UserId};
 use crate::protocol::{decode_client, encode_server, ClientFrame, ErrorPayload, ServerFrame};
 use crate::store::records::Records;
 use crate::store::{KvStore, StoreError};
@@ -223,6 +223,8 @@ pub struct Gauges {
     pub outbound_frames: u64,
     pub outbound_bytes: u64,
     pub outbound_max_frames: u64,
+    /// Bytes queued on the fullest connection (by bytes).
+    pub outbound_max_bytes: u64,
 }
 
 /// How often the core sweeps expired messages and uploads.
@@ -246,6 +248,8 @@ pub struct ChatCore<S: KvStore> {
     stats: Stats,
     fx: Effects,
     bugs: crate::config::Bugs,
+    /// Member lists cached by the planted bug `stale-group-members` (empty otherwise).
+    stale_members: BTreeMap<GroupId, BTreeSet<UserId>>,
     /// Playback's event log; `None` (off) unless `enable_event_log` was called.
     events: Option<Vec<CoreEvent>>,
 }
@@ -286,6 +290,7 @@ impl<S: KvStore> ChatCore<S> {
             stats: Stats::default(),
             fx: Effects::default(),
             bugs: crate::config::Bugs::default(),
+            stale_members: BTreeMap::new(),
             events: None,
         }
     }
@@ -350,6 +355,7 @@ impl<S: KvStore> ChatCore<S> {
             g.outbound_frames += c.out.len() as u64;
             g.outbound_bytes += c.out.bytes() as u64;
             g.outbound_max_frames = g.outbound_max_frames.max(c.out.len() as u64);
+            g.outbound_max_bytes = g.outbound_max_bytes.max(c.out.bytes() as u64);
         }
         g
     }
@@ -522,6 +528,14 @@ impl<S: KvStore> ChatCore<S> {
     pub fn disconnected(&mut self, conn: ConnId, now: Millis) -> Effects {
         self.forget_conn(conn, now);
         self.take_fx()
+    }
+
+    /// Frames and bytes queued for `conn` right now.
+    pub fn queue_depth(&self, conn: ConnId) -> Option<(usize, usize)> {
+        self.reg
+            .conns
+            .get(&conn)
+            .map(|c| (c.out.len(), c.out.bytes()))
     }
 
     /// Up to `max` encoded frames queued for `conn`, oldest first.

@@ -143,6 +143,8 @@ pub struct Hub {
     conns: Mutex<BTreeMap<ConnId, Arc<ConnSignal>>>,
     push_sink: Option<PushSink>,
     pushes: std::sync::atomic::AtomicU64,
+    watch_queues: std::sync::atomic::AtomicBool,
+    fullest: Mutex<(u64, u64)>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -165,6 +167,8 @@ impl Hub {
             conns: Mutex::new(BTreeMap::new()),
             push_sink,
             pushes: Default::default(),
+            watch_queues: Default::default(),
+            fullest: Mutex::new((0, 0)),
         })
     }
 
@@ -204,13 +208,42 @@ impl Hub {
         }
     }
 
+    /// True when a call into the core panicked while holding its lock (the simulator
+    /// fails the run; the real server carries on with the state it has).
+    pub fn poisoned(&self) -> bool {
+        self.core.is_poisoned()
+    }
+
     /// Push requests carried out so far.
     pub fn pushes(&self) -> u64 {
         self.pushes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Starts measuring, after every core call, the outbound queues it added frames to
+    /// (the simulator's oracle checks the bounds against what was really buffered, not
+    /// against the core's own high-water counter). Off by default: one branch per call.
+    pub fn watch_queues(&self) {
+        self.watch_queues
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The fullest queue seen since `watch_queues`: (frames, bytes).
+    pub fn fullest_queue(&self) -> (u64, u64) {
+        *lock(&self.fullest)
+    }
+
     /// Carries out what the core asked for.
     fn apply(&self, fx: Effects) {
+        if self.watch_queues.load(std::sync::atomic::Ordering::Relaxed) && !fx.wake.is_empty() {
+            let core = lock(&self.core);
+            let mut f = lock(&self.fullest);
+            for c in &fx.wake {
+                if let Some((n, b)) = core.queue_depth(*c) {
+                    f.0 = f.0.max(n as u64);
+                    f.1 = f.1.max(b as u64);
+                }
+            }
+        }
         let mut conns = lock(&self.conns);
         for c in &fx.wake {
             if let Some(sig) = conns.get(c) {

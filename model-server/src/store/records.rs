@@ -101,6 +101,42 @@ pub struct InboxEntry {
     pub acked: BTreeSet<DeviceId>,
 }
 
+/// A device's read position in a group's shared log: every seq up to `upto` is acked, and
+/// so is each seq in `above` (acked out of order: a message that arrived live while a
+/// sync was still paging through older ones). A bare high-water mark would skip the
+/// pages not fetched yet.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupCursor {
+    pub upto: u64,
+    #[serde(default)]
+    pub above: BTreeSet<u64>,
+}
+
+impl GroupCursor {
+    /// Most out-of-order acks kept; past it the highest are forgotten (those messages are
+    /// then sent again: at-least-once, never lost).
+    pub const MAX_ABOVE: usize = 1024;
+
+    /// Records an ack of `seq`; false if it was already acked (nothing to write).
+    pub fn ack(&mut self, seq: u64) -> bool {
+        if seq <= self.upto || !self.above.insert(seq) {
+            return false;
+        }
+        while self.above.remove(&(self.upto + 1)) {
+            self.upto += 1;
+        }
+        while self.above.len() > Self::MAX_ABOVE {
+            self.above.pop_last();
+        }
+        true
+    }
+
+    /// Has `seq` been acked?
+    pub fn has(&self, seq: u64) -> bool {
+        seq <= self.upto || self.above.contains(&seq)
+    }
+}
+
 /// A user's settings (and home region).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct UserRecord {
@@ -275,13 +311,19 @@ impl<S: KvStore> Records<S> {
         g: &GroupId,
         user: &UserId,
         device: &DeviceId,
-    ) -> Result<Seq, StoreError> {
-        Ok(self
+    ) -> Result<GroupCursor, StoreError> {
+        match self
             .kv
             .get(Table::GroupCursor, &group_cursor_key(g, user, device))?
-            .and_then(|b| key_num(&b))
-            .map(Seq)
-            .unwrap_or_default())
+        {
+            None => Ok(GroupCursor::default()),
+            // Stores written before out-of-order acks were kept hold a bare seq.
+            Some(b) if b.len() == 8 => Ok(GroupCursor {
+                upto: key_num(&b).unwrap_or(0),
+                above: BTreeSet::new(),
+            }),
+            Some(b) => dec(Table::GroupCursor, &b),
+        }
     }
 
     pub fn media(&self, id: &MediaId) -> Result<Option<MediaRecord>, StoreError> {
@@ -386,11 +428,11 @@ pub fn user_group_key(user: &UserId, g: &GroupId) -> Vec<u8> {
 pub fn group_cursor_key(g: &GroupId, user: &UserId, device: &DeviceId) -> Vec<u8> {
     key(&[g.as_str(), user.as_str(), device.as_str()], None)
 }
-pub fn group_cursor_put(g: &GroupId, user: &UserId, device: &DeviceId, seq: Seq) -> Write {
+pub fn group_cursor_put(g: &GroupId, user: &UserId, device: &DeviceId, c: &GroupCursor) -> Write {
     Write::Put(
         Table::GroupCursor,
         group_cursor_key(g, user, device),
-        seq.0.to_be_bytes().to_vec(),
+        enc(c),
     )
 }
 pub fn expiry_key(at: Millis, conv: &ConversationId, seq: Seq) -> Vec<u8> {

@@ -1,0 +1,679 @@
+//! The design space of a swarm scenario: what each seed draws besides its faults.
+//!
+//! FoundationDB and TigerBeetle find bugs by letting every seed pick its own system as
+//! well as its own faults: small pages and large ones, groups on both sides of the fan-out
+//! threshold, one device per user or four, tight queues and rates. A scenario with a
+//! `[swarm.space]` table is resolved, per seed, into a concrete scenario with every knob
+//! written out (`draw`): the run, `--explain` and a shrunk repro all use that concrete
+//! scenario, so a failing seed replays as a plain scenario on its own.
+//!
+//! Every knob has default bounds (`KNOBS`); a scenario narrows or widens them with
+//! `name = [min, max]` in `[swarm.space]` (within the knob's hard limits).
+
+use crate::scenario::{GroupLoad, Link, MembershipChange, Scenario};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use std::collections::BTreeMap;
+
+/// One knob: its name, default bounds, hard limits and what it sets.
+pub struct Knob {
+    pub name: &'static str,
+    pub default: [f64; 2],
+    pub limits: [f64; 2],
+    pub what: &'static str,
+}
+
+const fn k(name: &'static str, lo: f64, hi: f64, min: f64, max: f64, what: &'static str) -> Knob {
+    Knob {
+        name,
+        default: [lo, hi],
+        limits: [min, max],
+        what,
+    }
+}
+
+/// Every knob a seed draws, in drawing order.
+pub const KNOBS: &[Knob] = &[
+    // Topology.
+    k("regions", 1.0, 3.0, 1.0, 3.0, "regions (eu, us, ap)"),
+    k(
+        "gateways_per_region",
+        1.0,
+        2.0,
+        1.0,
+        4.0,
+        "gateways per region",
+    ),
+    k(
+        "client_hosts",
+        1.0,
+        3.0,
+        1.0,
+        8.0,
+        "hosts carrying the phones",
+    ),
+    k(
+        "latency_max_ms",
+        5.0,
+        80.0,
+        1.0,
+        1000.0,
+        "per-segment latency cap",
+    ),
+    k(
+        "tcp_segments",
+        16.0,
+        256.0,
+        4.0,
+        4096.0,
+        "TCP buffer and accept backlog",
+    ),
+    // Workload.
+    k("users", 2.0, 16.0, 2.0, 2000.0, "users"),
+    k("devices_per_user", 1.0, 4.0, 1.0, 8.0, "devices per user"),
+    k(
+        "messages_per_user",
+        0.0,
+        24.0,
+        0.0,
+        1000.0,
+        "1:1 messages per user",
+    ),
+    k("groups", 0.0, 3.0, 0.0, 10.0, "groups"),
+    k(
+        "group_messages",
+        0.0,
+        40.0,
+        0.0,
+        2000.0,
+        "messages per group",
+    ),
+    k(
+        "burst_probability",
+        0.25,
+        0.25,
+        0.0,
+        1.0,
+        "chance all sends fall in one short burst",
+    ),
+    k(
+        "announcement_probability",
+        0.15,
+        0.15,
+        0.0,
+        1.0,
+        "chance a group is announcement-only",
+    ),
+    k(
+        "media_probability",
+        0.1,
+        0.1,
+        0.0,
+        1.0,
+        "chance a group's first message carries a file",
+    ),
+    k(
+        "link_probability",
+        0.0,
+        0.35,
+        0.0,
+        1.0,
+        "chance a second..fourth device is linked mid-run",
+    ),
+    k(
+        "membership_changes",
+        0.0,
+        3.0,
+        0.0,
+        20.0,
+        "members added or removed mid-run",
+    ),
+    k(
+        "fault_max_ms",
+        1000.0,
+        20000.0,
+        1000.0,
+        600000.0,
+        "longest a drawn fault lasts",
+    ),
+    k(
+        "typing_probability",
+        0.2,
+        0.2,
+        0.0,
+        1.0,
+        "chance users type before each send",
+    ),
+    // Server limits.
+    k(
+        "sync_page_cap",
+        1.0,
+        64.0,
+        1.0,
+        10000.0,
+        "messages per sync page",
+    ),
+    k(
+        "sync_scan_rows",
+        8.0,
+        512.0,
+        1.0,
+        100000.0,
+        "inbox rows one pending sync page scans",
+    ),
+    k(
+        "group_fanout_threshold",
+        2.0,
+        10.0,
+        1.0,
+        1000.0,
+        "largest copy-on-send group",
+    ),
+    k(
+        "outbound_max_frames",
+        8.0,
+        1024.0,
+        4.0,
+        100000.0,
+        "outbound queue frames",
+    ),
+    k(
+        "outbound_max_bytes",
+        16384.0,
+        1048576.0,
+        4096.0,
+        67108864.0,
+        "outbound queue bytes",
+    ),
+    k(
+        "send_rate_per_sec",
+        2.0,
+        40.0,
+        1.0,
+        10000.0,
+        "sends per second per user",
+    ),
+    k(
+        "send_burst",
+        2.0,
+        100.0,
+        1.0,
+        10000.0,
+        "send burst per user",
+    ),
+    k(
+        "presence_timeout_ms",
+        20000.0,
+        60000.0,
+        5000.0,
+        600000.0,
+        "server idle timeout",
+    ),
+    k(
+        "media_chunk_bytes",
+        4096.0,
+        262144.0,
+        1024.0,
+        1048576.0,
+        "media chunk size",
+    ),
+    // Phones.
+    k(
+        "heartbeat_ms",
+        1000.0,
+        8000.0,
+        100.0,
+        60000.0,
+        "phone heartbeat",
+    ),
+    k(
+        "idle_timeout_ms",
+        6000.0,
+        20000.0,
+        1000.0,
+        120000.0,
+        "phone idle timeout (at least 3 heartbeats)",
+    ),
+    k(
+        "ack_timeout_ms",
+        300.0,
+        8000.0,
+        50.0,
+        60000.0,
+        "resend an unacked message after",
+    ),
+    k(
+        "backoff_initial_ms",
+        50.0,
+        2000.0,
+        1.0,
+        60000.0,
+        "first reconnect backoff",
+    ),
+    k(
+        "backoff_max_ms",
+        1000.0,
+        20000.0,
+        1.0,
+        600000.0,
+        "backoff cap",
+    ),
+    k(
+        "read_probability",
+        0.0,
+        1.0,
+        0.0,
+        1.0,
+        "share of messages read",
+    ),
+    k(
+        "read_delay_max_ms",
+        0.0,
+        5000.0,
+        0.0,
+        600000.0,
+        "longest delay before reading",
+    ),
+    k(
+        "sync_after_seq_probability",
+        0.0,
+        1.0,
+        0.0,
+        1.0,
+        "chance a connection also syncs per conversation after_seq",
+    ),
+    k(
+        "sync_limit",
+        0.0,
+        64.0,
+        0.0,
+        10000.0,
+        "page size phones ask for (0: none)",
+    ),
+    k(
+        "start_jitter_ms",
+        0.0,
+        3000.0,
+        0.0,
+        600000.0,
+        "spread of app starts",
+    ),
+];
+
+/// Checks `[swarm.space]` bounds: known names, `min <= max`, within the hard limits.
+pub fn check_bounds(b: &BTreeMap<String, [f64; 2]>) -> Result<(), String> {
+    for (name, [lo, hi]) in b {
+        let Some(kn) = KNOBS.iter().find(|k| k.name == name) else {
+            return Err(format!(
+                "unknown knob '{name}' in [swarm.space]; known: {}",
+                KNOBS.iter().map(|k| k.name).collect::<Vec<_>>().join(", ")
+            ));
+        };
+        if !(lo <= hi && *lo >= kn.limits[0] && *hi <= kn.limits[1]) {
+            return Err(format!(
+                "[swarm.space] {name} = [{lo}, {hi}]: need min <= max within [{}, {}]",
+                kn.limits[0], kn.limits[1]
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Draws knob values within bounds.
+struct Drawer<'a> {
+    rng: SmallRng,
+    bounds: &'a BTreeMap<String, [f64; 2]>,
+    explain: Vec<(String, String)>,
+}
+
+impl Drawer<'_> {
+    fn range(&self, name: &str) -> [f64; 2] {
+        self.bounds.get(name).copied().unwrap_or_else(|| {
+            KNOBS
+                .iter()
+                .find(|k| k.name == name)
+                .map(|k| k.default)
+                .unwrap_or([0.0, 0.0])
+        })
+    }
+    /// An integer knob, clamped into `[lo, hi]` as well (for knobs that depend on others).
+    fn int_within(&mut self, name: &str, lo: u64, hi: u64) -> u64 {
+        let [a, b] = self.range(name);
+        let (a, b) = (
+            (a.round() as u64).clamp(lo, hi),
+            (b.round() as u64).clamp(lo, hi),
+        );
+        let v = self.rng.random_range(a.min(b)..=b.max(a));
+        self.explain.push((name.to_string(), v.to_string()));
+        v
+    }
+    fn int(&mut self, name: &str) -> u64 {
+        self.int_within(name, 0, u64::MAX)
+    }
+    /// An integer knob drawn uniformly in log space (small values as often as large ones:
+    /// a page cap of 2 finds other bugs than one of 200).
+    fn log_int(&mut self, name: &str, lo: u64) -> u64 {
+        let [a, b] = self.range(name);
+        let (a, b) = (
+            (a.round() as u64).max(lo).max(1),
+            (b.round() as u64).max(lo).max(1),
+        );
+        let (a, b) = (a.min(b), a.max(b));
+        let x = self.rng.random_range((a as f64).ln()..=(b as f64).ln());
+        let v = (x.exp().round() as u64).clamp(a, b);
+        self.explain.push((name.to_string(), v.to_string()));
+        v
+    }
+    fn float(&mut self, name: &str) -> f64 {
+        let [a, b] = self.range(name);
+        let v = if a < b {
+            self.rng.random_range(a..=b)
+        } else {
+            a
+        };
+        let v = (v * 1000.0).round() / 1000.0;
+        self.explain.push((name.to_string(), v.to_string()));
+        v
+    }
+    fn chance(&mut self, p: f64) -> bool {
+        self.rng.random_bool(p.clamp(0.0, 1.0))
+    }
+}
+
+/// A concrete scenario of one seed, and the knobs drawn (name, value) for `--explain`.
+pub struct Drawn {
+    pub scenario: Scenario,
+    pub knobs: Vec<(String, String)>,
+}
+
+/// Resolves `sc` for `seed`: without `[swarm.space]`, the scenario itself; with it, a
+/// concrete scenario whose every drawn knob is written out (and `space` removed, so the
+/// result runs and shrinks as a plain scenario). Faults are still drawn by the plan.
+pub fn draw(sc: &Scenario, seed: u64) -> Result<Drawn, String> {
+    let Some(bounds) = sc.swarm.as_ref().and_then(|s| s.space.clone()) else {
+        return Ok(Drawn {
+            scenario: sc.clone(),
+            knobs: Vec::new(),
+        });
+    };
+    let mut d = Drawer {
+        rng: SmallRng::seed_from_u64(seed ^ 0xd35_16e5_a5ce),
+        bounds: &bounds,
+        explain: Vec::new(),
+    };
+    let mut out = sc.clone();
+    if let Some(s) = out.swarm.as_mut() {
+        s.space = None;
+    }
+    let dur = sc.duration_ms;
+    // Topology.
+    let regions = d.int("regions") as usize;
+    out.topology.regions = ["eu", "us", "ap"][..regions.clamp(1, 3)]
+        .iter()
+        .map(|r| r.to_string())
+        .collect();
+    out.topology.gateways_per_region = d.int("gateways_per_region") as usize;
+    out.topology.client_hosts = d.int("client_hosts") as usize;
+    let lat = d.int("latency_max_ms");
+    out.topology.latency_ms = [1.min(lat), lat];
+    // Workload.
+    let users = d.int("users") as usize;
+    let devices = d.int("devices_per_user") as usize;
+    let mut tcp = d.log_int("tcp_segments", 4) as usize;
+    // The accept backlog must hold the devices that may connect to one gateway at once.
+    tcp = tcp.max((users * devices).div_ceil(2 * out.topology.gateways_per_region) + 8);
+    out.topology.tcp_segments = tcp.min(4096);
+    let w = &mut out.workload;
+    w.users = users;
+    w.devices_per_user = devices;
+    w.pattern = ["pairs", "ring", "star", "one-way"][d.rng.random_range(0..4)].to_string();
+    d.explain.push(("pattern".into(), w.pattern.clone()));
+    w.messages_per_user = d.int("messages_per_user") as usize;
+    let typing_p = d.float("typing_probability");
+    if d.chance(typing_p) {
+        w.typing_ms = d.rng.random_range(500..=3_000);
+        w.typing_every_ms = d.rng.random_range(100..=1_000);
+        d.explain.push((
+            "typing".into(),
+            format!("{} ms every {} ms", w.typing_ms, w.typing_every_ms),
+        ));
+    } else {
+        w.typing_ms = 0;
+    }
+    let burst_p = d.float("burst_probability");
+    w.send_window_ms = if d.chance(burst_p) {
+        let width = d.rng.random_range(200..=2_000).min(dur);
+        let start = d.rng.random_range(0..=(dur * 7 / 10).saturating_sub(width));
+        Some([start, start + width])
+    } else {
+        Some([0, dur * 4 / 5])
+    };
+    d.explain.push((
+        "send_window_ms".into(),
+        format!("{:?}", w.send_window_ms.unwrap_or_default()),
+    ));
+    // Server limits (drawn before groups: sizes straddle the fan-out threshold).
+    let mut limits = sc.limits()?;
+    limits.sync_page_cap = d.log_int("sync_page_cap", 1) as usize;
+    limits.sync_scan_rows = d.log_int("sync_scan_rows", 1) as usize;
+    limits.group_fanout_threshold = d.int("group_fanout_threshold") as usize;
+    limits.outbound_max_frames = d.log_int("outbound_max_frames", 1) as usize;
+    limits.outbound_max_bytes = d.log_int("outbound_max_bytes", 1) as usize;
+    limits.send_rate_per_sec = d.int_within("send_rate_per_sec", 1, u32::MAX as u64) as u32;
+    limits.send_burst = d.int_within("send_burst", 1, u32::MAX as u64) as u32;
+    limits.presence_timeout_ms = d.int("presence_timeout_ms");
+    limits.media_chunk_bytes = d.int("media_chunk_bytes") as usize;
+    let groups = d.int("groups") as usize;
+    let announce_p = d.float("announcement_probability");
+    let media_p = d.float("media_probability");
+    let thr = limits.group_fanout_threshold;
+    let mut new_groups = Vec::new();
+    for _ in 0..groups {
+        // Half the groups sit right around the threshold, the rest anywhere up to all users.
+        let size = if d.chance(0.5) {
+            d.rng.random_range(thr.saturating_sub(1)..=thr + 2)
+        } else {
+            d.rng.random_range(2..=users)
+        }
+        .clamp(2, users.min(limits.group_cap));
+        let mut all: Vec<usize> = (0..users).collect();
+        for i in 0..size {
+            let j = d.rng.random_range(i..users);
+            all.swap(i, j);
+        }
+        let mut members = all[..size].to_vec();
+        members.sort_unstable();
+        let messages = d.int("group_messages") as usize;
+        let announcement_only = d.chance(announce_p);
+        let round_robin = d.chance(0.3);
+        let (media_messages, media_bytes) = if messages > 0 && d.chance(media_p) {
+            let chunk = limits.media_chunk_bytes as u64;
+            (1, d.rng.random_range(1..=chunk * 3))
+        } else {
+            (0, 0)
+        };
+        new_groups.push(GroupLoad {
+            size,
+            messages,
+            announcement_only,
+            round_robin,
+            grow_at_ms: None,
+            media_messages,
+            media_bytes,
+            members: Some(members),
+        });
+    }
+    out.workload.groups = new_groups;
+    // Operations during the run.
+    let link_p = d.float("link_probability");
+    let mut links = Vec::new();
+    for u in 0..users {
+        for dev in 1..devices {
+            if d.chance(link_p) {
+                let at_ms = d.rng.random_range(0..=dur * 4 / 5);
+                links.push(Link {
+                    user: u,
+                    device: dev,
+                    at_ms,
+                });
+            }
+        }
+    }
+    out.workload.links = links;
+    let changes = if out.workload.groups.is_empty() {
+        0
+    } else {
+        d.int("membership_changes") as usize
+    };
+    let mut membership: Vec<MembershipChange> = Vec::new();
+    for _ in 0..changes {
+        let gi = d.rng.random_range(0..out.workload.groups.len());
+        let members = out.workload.groups[gi].members.clone().unwrap_or_default();
+        let admin = members.first().copied();
+        let touched: Vec<usize> = membership
+            .iter()
+            .filter(|c| c.group == gi)
+            .map(|c| c.user)
+            .collect();
+        let addable: Vec<usize> = (0..users)
+            .filter(|u| !members.contains(u) && !touched.contains(u))
+            .collect();
+        let removable: Vec<usize> = members
+            .iter()
+            .copied()
+            .filter(|u| Some(*u) != admin && !touched.contains(u))
+            .collect();
+        let add = match (addable.is_empty(), removable.is_empty()) {
+            (true, true) => continue,
+            (false, true) => true,
+            (true, false) => false,
+            (false, false) => d.chance(0.5),
+        };
+        let user = if add {
+            addable[d.rng.random_range(0..addable.len())]
+        } else {
+            removable[d.rng.random_range(0..removable.len())]
+        };
+        membership.push(MembershipChange {
+            at_ms: d.rng.random_range(0..=dur * 7 / 10),
+            group: gi,
+            user,
+            op: if add { "add" } else { "remove" }.into(),
+        });
+    }
+    out.workload.membership = membership;
+    let fault_max = d.int_within("fault_max_ms", 1_000, u64::MAX);
+    if let Some(sw) = out.swarm.as_mut() {
+        sw.max_fault_ms = Some(fault_max);
+    }
+    // Phones.
+    let c = &mut out.client;
+    c.heartbeat_ms = d.int("heartbeat_ms");
+    let hb = c.heartbeat_ms;
+    c.idle_timeout_ms = d.int_within("idle_timeout_ms", hb * 3, u64::MAX);
+    // The server must not time a phone out between two heartbeats.
+    limits.presence_timeout_ms = limits.presence_timeout_ms.max(hb * 3);
+    c.ack_timeout_ms = d.int("ack_timeout_ms");
+    c.backoff_initial_ms = d.int("backoff_initial_ms");
+    let init = c.backoff_initial_ms;
+    c.backoff_max_ms = d.int_within("backoff_max_ms", init, u64::MAX);
+    c.read_probability = d.float("read_probability");
+    let rd = d.int("read_delay_max_ms");
+    c.read_delay_ms = [rd / 4, rd];
+    c.sync_after_seq_probability = d.float("sync_after_seq_probability");
+    c.sync_limit = d.int("sync_limit") as usize;
+    c.start_jitter_ms = d.int("start_jitter_ms");
+    out.server =
+        Some(toml::Table::try_from(&limits).map_err(|e| format!("encoding drawn limits: {e}"))?);
+    // Knobs that ended up adjusted by others are explained by their final value.
+    let knobs = d.explain;
+    let text = toml::to_string(&out).map_err(|e| format!("encoding drawn scenario: {e}"))?;
+    Scenario::parse(&text, &format!("{} (seed {seed}, drawn)", sc.name))
+        .map_err(|e| format!("drawn scenario is invalid: {e}"))?;
+    Ok(Drawn {
+        scenario: out,
+        knobs,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn swarm(space: &str) -> Scenario {
+        Scenario::parse(
+            &format!(
+                "name=\"s\"\nduration_ms=20000\n[workload]\nusers=4\n[swarm]\nkinds=[]\nmax_faults=0\n[swarm.space]\n{space}"
+            ),
+            "s.toml",
+        )
+        .expect("parses")
+    }
+
+    #[test]
+    fn every_seed_draws_a_valid_concrete_scenario_within_bounds() {
+        let sc = swarm("users = [3, 9]\nsync_page_cap = [2, 5]\n");
+        let mut thresholds = std::collections::BTreeSet::new();
+        let mut both_sides = (false, false);
+        for seed in 1..200 {
+            let d = draw(&sc, seed).expect("draws");
+            let c = &d.scenario;
+            assert!(c.swarm.as_ref().is_some_and(|s| s.space.is_none()));
+            assert!((3..=9).contains(&c.workload.users));
+            let l = c.limits().expect("limits");
+            assert!((2..=5).contains(&l.sync_page_cap));
+            thresholds.insert(l.group_fanout_threshold);
+            for g in &c.workload.groups {
+                if g.size > l.group_fanout_threshold {
+                    both_sides.1 = true;
+                } else {
+                    both_sides.0 = true;
+                }
+            }
+            // Written out, it parses back to the same scenario.
+            let text = toml::to_string(c).expect("encodes");
+            let back = Scenario::parse(&text, "back").expect("parses");
+            assert_eq!(toml::to_string(&back).expect("encodes"), text);
+        }
+        assert!(thresholds.len() > 3, "thresholds vary: {thresholds:?}");
+        assert_eq!(
+            both_sides,
+            (true, true),
+            "groups on both sides of the threshold"
+        );
+    }
+
+    #[test]
+    fn same_seed_same_draw_and_plain_scenarios_are_left_alone() {
+        let sc = swarm("");
+        let a = toml::to_string(&draw(&sc, 7).expect("draws").scenario).expect("enc");
+        let b = toml::to_string(&draw(&sc, 7).expect("draws").scenario).expect("enc");
+        let c = toml::to_string(&draw(&sc, 8).expect("draws").scenario).expect("enc");
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        let plain = Scenario::parse(
+            "name=\"p\"\nduration_ms=1000\n[workload]\nusers=2\n",
+            "p.toml",
+        )
+        .expect("parses");
+        let d = draw(&plain, 3).expect("draws");
+        assert!(d.knobs.is_empty());
+        assert_eq!(d.scenario.workload.users, 2);
+    }
+
+    #[test]
+    fn bad_bounds_are_errors_naming_the_knob() {
+        let e = Scenario::parse(
+            "name=\"s\"\nduration_ms=1000\n[workload]\nusers=2\n[swarm]\nkinds=[]\nmax_faults=0\n[swarm.space]\nuserz = [1, 2]\n",
+            "s.toml",
+        )
+        .expect_err("unknown knob");
+        assert!(e.to_string().contains("unknown knob 'userz'"), "{e}");
+        let e = Scenario::parse(
+            "name=\"s\"\nduration_ms=1000\n[workload]\nusers=2\n[swarm]\nkinds=[]\nmax_faults=0\n[swarm.space]\nusers = [9, 3]\n",
+            "s.toml",
+        )
+        .expect_err("min > max");
+        assert!(e.to_string().contains("users = [9, 3]"), "{e}");
+    }
+}
