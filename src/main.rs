@@ -63,10 +63,14 @@ enum ReportCmd {
 
 #[derive(Subcommand)]
 enum BenchCmd {
-    /// Simulated messages per wall-second for the 1,000-device storm vs a bare turmoil echo.
+    /// Simulated messages per wall-second for the 1,000-device storm vs a bare turmoil echo;
+    /// then swarm seeds per wall-minute on all cores, design-space vs fault-only swarm.
     Sim {
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Swarm seeds to run for the throughput figure (seeds 1..=N of each swarm).
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+        swarm_seeds: u64,
     },
     /// Max sustained delivery rate of the model on loopback, latency at half of it, and the
     /// same load against a bare relay.
@@ -152,9 +156,9 @@ fn run() -> Result<()> {
             secs,
             slo_p99_ms,
         }) => load_cmd::bench_load(users, secs, slo_p99_ms),
-        Cmd::Bench(BenchCmd::Sim { seed }) => {
+        Cmd::Bench(BenchCmd::Sim { seed, swarm_seeds }) => {
             eprintln!("running the 1,000-device reconnect storm, then a bare turmoil echo of the same size...");
-            let b = sim::bench::run(seed).map_err(anyhow::Error::msg)?;
+            let mut b = sim::bench::run(seed).map_err(anyhow::Error::msg)?;
             println!(
                 "devices {}  hosts {}  simulated {:.0} s",
                 b.devices, b.hosts, b.simulated_s
@@ -175,6 +179,48 @@ fn run() -> Result<()> {
                 "ratio:  the bare echo moves {:.1}x more messages per wall-second",
                 b.ratio()
             );
+            let jobs = std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1);
+            eprintln!(
+                "running seeds 1..={swarm_seeds} of swarm-space, then of swarm-chaos, on {jobs} threads..."
+            );
+            let s = &*b
+                .swarm
+                .insert(sim::bench::swarm(swarm_seeds, jobs).map_err(anyhow::Error::msg)?);
+            for (label, r) in [("swarm:", &s.space), ("chaos:", &s.chaos)] {
+                println!(
+                    "{label:<7} {} seeds {}..={} of {} on {} jobs in {:.2} s wall = {:.1} seeds/wall-min, {}/{} passed",
+                    r.seeds,
+                    r.first_seed,
+                    r.last_seed,
+                    r.scenario,
+                    r.jobs,
+                    r.wall_s,
+                    r.seeds_per_min,
+                    r.passed,
+                    r.seeds
+                );
+            }
+            println!(
+                "ratio:  swarm-space runs {:.2}x the seeds per wall-minute of swarm-chaos (the fault-only swarm)",
+                s.ratio()
+            );
+            for r in [&s.space, &s.chaos] {
+                if !r.failed.is_empty() {
+                    let seeds: Vec<String> = r.failed.iter().map(|(n, _)| n.to_string()).collect();
+                    println!("FAIL {}: seeds {}", r.scenario, seeds.join(" "));
+                    for (n, why) in &r.failed {
+                        println!(
+                            "  seed {n}: {why}\n    replay: chatsim run scenarios/{}.toml --seed {n}",
+                            r.scenario
+                        );
+                    }
+                }
+            }
+            if !s.all_passed() {
+                std::process::exit(1);
+            }
             Ok(())
         }
         Cmd::Capacity(a) => capacity_cmd::capacity(a),

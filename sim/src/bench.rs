@@ -1,7 +1,10 @@
 //! `chatsim bench sim`: how fast the simulator runs the model, against a bare turmoil echo
-//! of the same shape in the same process, so the model's cost is visible as a ratio.
+//! of the same shape in the same process, so the model's cost is visible as a ratio; and
+//! swarm throughput, seeds of the design-space swarm per wall-clock minute on all cores,
+//! against the older fault-only swarm in the same run.
 //!
-//! Wall-clock time is read here, around whole simulations, never inside one.
+//! Wall-clock time is read here, around whole simulations (or a whole batch), never inside
+//! one.
 
 use crate::{RunOptions, Scenario};
 use std::time::{Duration, Instant};
@@ -9,6 +12,12 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 /// The 1,000-device reconnect storm shipped in `scenarios/`.
 pub const STORM: &str = include_str!("../../scenarios/reconnect-storm.toml");
+
+/// The swarm over the whole design space (limits, phones, topology, workload, faults).
+pub const SWARM_SPACE: &str = include_str!("../../scenarios/swarm-space.toml");
+
+/// The older fault-only swarm, the baseline for swarm throughput.
+pub const SWARM_CHAOS: &str = include_str!("../../scenarios/swarm-chaos.toml");
 
 /// Figures of one benchmark.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -24,6 +33,8 @@ pub struct SimBench {
     pub echo_msgs_per_wall_s: f64,
     /// Simulated seconds the echo needed to move its messages.
     pub echo_simulated_s: f64,
+    /// Swarm throughput, when measured (see [`swarm`]).
+    pub swarm: Option<SwarmBench>,
 }
 
 impl SimBench {
@@ -63,7 +74,80 @@ pub fn run(seed: u64) -> Result<SimBench, String> {
         echo_wall_s: echo_wall,
         echo_msgs_per_wall_s: echoed as f64 / echo_wall,
         echo_simulated_s,
+        swarm: None,
     })
+}
+
+/// One batch of swarm seeds: how many ran, how fast, and which failed.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SwarmRun {
+    pub scenario: String,
+    /// Seeds `first_seed..=last_seed`, all run.
+    pub first_seed: u64,
+    pub last_seed: u64,
+    pub seeds: usize,
+    pub jobs: usize,
+    pub passed: usize,
+    /// Seeds that failed their verdict or could not run, with the first reason.
+    pub failed: Vec<(u64, String)>,
+    /// Wall time of the whole batch (threads started to last seed judged).
+    pub wall_s: f64,
+    pub seeds_per_min: f64,
+}
+
+/// Swarm throughput of the design-space swarm, and of the fault-only swarm as a baseline.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SwarmBench {
+    pub space: SwarmRun,
+    pub chaos: SwarmRun,
+}
+
+impl SwarmBench {
+    /// Design-space seeds per minute over fault-only seeds per minute (below 1: slower).
+    pub fn ratio(&self) -> f64 {
+        self.space.seeds_per_min / self.chaos.seeds_per_min.max(f64::MIN_POSITIVE)
+    }
+
+    /// Whether every seed of both batches passed.
+    pub fn all_passed(&self) -> bool {
+        self.space.failed.is_empty() && self.chaos.failed.is_empty()
+    }
+}
+
+/// Runs seeds `1..=seeds` of `swarm-space`, then of `swarm-chaos`, each on `jobs` threads.
+pub fn swarm(seeds: u64, jobs: usize) -> Result<SwarmBench, String> {
+    let space = Scenario::parse(SWARM_SPACE, "swarm-space.toml").map_err(|e| e.to_string())?;
+    let chaos = Scenario::parse(SWARM_CHAOS, "swarm-chaos.toml").map_err(|e| e.to_string())?;
+    let seeds: Vec<u64> = (1..=seeds).collect();
+    Ok(SwarmBench {
+        space: swarm_batch(&space, &seeds, jobs),
+        chaos: swarm_batch(&chaos, &seeds, jobs),
+    })
+}
+
+fn swarm_batch(sc: &Scenario, seeds: &[u64], jobs: usize) -> SwarmRun {
+    let t0 = Instant::now();
+    let results = crate::run_seeds(sc, seeds, &RunOptions::default(), jobs, &|_| {});
+    let wall = t0.elapsed().as_secs_f64();
+    let failed: Vec<(u64, String)> = results
+        .iter()
+        .filter_map(|(seed, r)| match r {
+            Ok(r) if r.passed => None,
+            Ok(r) => Some((*seed, r.failures.first().cloned().unwrap_or_default())),
+            Err(e) => Some((*seed, format!("simulation error: {e}"))),
+        })
+        .collect();
+    SwarmRun {
+        scenario: sc.name.clone(),
+        first_seed: seeds.first().copied().unwrap_or(0),
+        last_seed: seeds.last().copied().unwrap_or(0),
+        seeds: results.len(),
+        jobs: jobs.max(1).min(seeds.len().max(1)),
+        passed: results.len() - failed.len(),
+        failed,
+        wall_s: wall,
+        seeds_per_min: results.len() as f64 * 60.0 / wall.max(f64::MIN_POSITIVE),
+    }
 }
 
 /// A bare turmoil echo: `devices` connections spread over `clients` hosts, each sending
