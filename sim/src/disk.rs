@@ -159,6 +159,48 @@ mod tests {
     }
 
     #[test]
+    fn a_commit_carrying_plaintext_is_recorded_at_once() {
+        let mut d = SimDisk::new(false, false);
+        d.commit(put(b"k")).expect("commit");
+        assert!(d.plaintext_commits.lock().expect("lock").is_empty());
+        let v = format!("{{\"body\":\"{PLAINTEXT_MARKER}u0:m1\"}}").into_bytes();
+        d.commit(vec![Write::Put(Table::Messages, b"m".to_vec(), v)])
+            .expect("commit");
+        assert_eq!(*d.plaintext_commits.lock().expect("lock"), vec!["messages"]);
+    }
+
+    #[test]
+    fn an_ack_is_durable_only_once_disk_and_replica_have_it() {
+        use model_server::store::records::enc;
+        let msg: StoredMessage = serde_json::from_value(serde_json::json!({
+            "conversation_id": "dm:u0:u1", "seq": 1, "sender": "u0", "sender_device": "d0",
+            "client_message_id": "m1", "receiver": "u1", "group_id": null,
+            "content": "x", "media_id": null, "reply_to": null, "stored_at": 0,
+            "client_timestamp": null, "status": "sent", "pending_users": 1,
+            "delivered_by": [], "read_by": [], "recipients": 1, "shared_log": false
+        }))
+        .expect("a stored message");
+        let key = msg_key(&ConversationId("dm:u0:u1".into()), Seq(1));
+        let mut lagging = SimDisk::new(true, true);
+        lagging
+            .commit(vec![Write::Put(Table::Messages, key.clone(), enc(&msg))])
+            .expect("commit");
+        assert_eq!(
+            lagging.durable_and_replicated("dm:u0:u1", 1, "m1"),
+            (false, false)
+        );
+        lagging.flush();
+        assert_eq!(
+            lagging.durable_and_replicated("dm:u0:u1", 1, "m1"),
+            (true, true)
+        );
+        assert_eq!(
+            lagging.durable_and_replicated("dm:u0:u1", 1, "m2"),
+            (false, false)
+        );
+    }
+
+    #[test]
     fn buggy_disk_loses_unflushed_commits() {
         let mut d = SimDisk::new(true, true);
         d.commit(put(b"a")).expect("commit");

@@ -767,3 +767,18 @@ pub fn describe(f: &crate::scenario::Fault) -> String {
     }
     parts.join(" ")
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_panic_on_the_simulation_thread_is_caught_with_its_message() {
+        let guard = super::panics::capture();
+        let r = std::panic::catch_unwind(|| panic!("boom in a simulated task"));
+        assert!(r.is_err());
+        let caught = super::panics::take();
+        assert_eq!(caught.len(), 1);
+        assert!(caught[0].contains("boom in a simulated task"), "{caught:?}");
+        assert!(super::panics::take().is_empty(), "taken once");
+        drop(guard);
+    }
+}

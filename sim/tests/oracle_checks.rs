@@ -1,0 +1,295 @@
+//! Each check of the oracle fails on a history crafted to break it (a real run, then one
+//! thing changed in what the phones saw or the server stored) and passes on the run as it
+//! happened. Checks made during the run (not_durable, false_receipt, redelivery, panic,
+//! queue_bound) are shown failing by planted bugs in `swarm_finds_bugs.rs`; here the
+//! oracle's handling of them is checked too.
+
+use model_server::store::records::inbox_key;
+use model_server::store::{KvStore, Table, Write};
+use sim::invariant::Breach;
+use sim::ledger::{Shown, TraceEvent};
+use sim::world::Outcome;
+use sim::{RunOptions, Scenario, ViolationKind};
+
+/// Four users with two phones each: u0 and u1 chat, u0..u2 share a group (u3 is not in it).
+fn run() -> Outcome {
+    let sc = Scenario::parse(
+        r#"
+name = "crafted"
+duration_ms = 8000
+quiet_ms = 20000
+[workload]
+users = 4
+devices_per_user = 2
+messages_per_user = 3
+[[workload.groups]]
+size = 3
+messages = 4
+members = [0, 1, 2]
+"#,
+        "crafted.toml",
+    )
+    .expect("parses");
+    let (r, o) = sim::run_seed(&sc, 1, &RunOptions::default()).expect("runs");
+    assert!(r.passed, "the untouched run passes: {:?}", r.failures);
+    o
+}
+
+fn kinds(o: &Outcome) -> Vec<ViolationKind> {
+    sim::oracle::check(o).into_iter().map(|v| v.kind).collect()
+}
+
+/// A (send index, conversation, seq, message id) of an acked send matching `pred`.
+fn acked(o: &Outcome, group: bool) -> (usize, String, u64, String) {
+    o.ledger
+        .sends
+        .iter()
+        .enumerate()
+        .find_map(|(i, s)| {
+            let (c, seq, mid, _) = s.acked.clone()?;
+            (c.starts_with("grp:") == group).then_some((i, c, seq, mid))
+        })
+        .expect("an acked send")
+}
+
+#[test]
+fn the_untouched_history_passes_every_check() {
+    assert!(kinds(&run()).is_empty());
+}
+
+#[test]
+fn a_message_missing_on_one_device_is_a_loss_and_a_gap() {
+    let mut o = run();
+    let (_, _, _, mid) = acked(&o, false);
+    let dl = o
+        .ledger
+        .devices
+        .values_mut()
+        .find(|d| d.shown.get(&mid).is_some_and(|s| s.sender != usize::MAX) && d.outbox.is_empty())
+        .expect("a device shows it");
+    dl.shown.remove(&mid);
+    let k = kinds(&o);
+    assert!(k.contains(&ViolationKind::Loss), "{k:?}");
+    assert!(k.contains(&ViolationKind::Order), "{k:?}");
+}
+
+#[test]
+fn one_send_shown_twice_is_a_duplicate() {
+    let mut o = run();
+    let (i, conv, _, mid) = acked(&o, false);
+    let sim::plan::Target::User(to) = o.plan.sends[i].target else {
+        unreachable!()
+    };
+    let d = o.ledger.devices.get_mut(&(to, 0)).expect("device");
+    let sh = d.shown.get(&mid).cloned().expect("shown");
+    d.shown.insert(
+        format!("{conv}#99"),
+        Shown {
+            message_id: format!("{conv}#99"),
+            seq: 99,
+            ..sh
+        },
+    );
+    assert!(kinds(&o).contains(&ViolationKind::Duplicate));
+}
+
+#[test]
+fn a_later_tap_with_a_lower_seq_breaks_sender_fifo() {
+    let mut o = run();
+    // Two acked sends of one device in one conversation: swap their seqs.
+    let mut by: std::collections::BTreeMap<((usize, usize), String), Vec<usize>> =
+        Default::default();
+    for (i, s) in o.plan.sends.iter().enumerate() {
+        if let Some(a) = &o.ledger.sends[i].acked {
+            by.entry(((s.user, s.device), a.0.clone()))
+                .or_default()
+                .push(i);
+        }
+    }
+    let pair = by
+        .values()
+        .find(|v| v.len() >= 2)
+        .expect("two sends of one device")
+        .clone();
+    let (a, b) = (pair[0], pair[1]);
+    let sa = o.ledger.sends[a].acked.as_ref().expect("acked").1;
+    let sb = o.ledger.sends[b].acked.as_ref().expect("acked").1;
+    o.ledger.sends[a].acked.as_mut().expect("acked").1 = sb;
+    o.ledger.sends[b].acked.as_mut().expect("acked").1 = sa;
+    let v = sim::oracle::check(&o);
+    assert!(
+        v.iter()
+            .any(|v| v.kind == ViolationKind::Order && v.seen.contains("FIFO")),
+        "{v:?}"
+    );
+}
+
+#[test]
+fn a_status_going_backward_is_a_receipt_regression() {
+    let mut o = run();
+    let (i, _, _, mid) = acked(&o, false);
+    let s = &o.plan.sends[i];
+    let d = o
+        .ledger
+        .devices
+        .get_mut(&(s.user, s.device))
+        .expect("device");
+    d.statuses.insert(
+        mid,
+        vec![
+            model_server::protocol::Status::Read,
+            model_server::protocol::Status::Delivered,
+        ],
+    );
+    assert!(kinds(&o).contains(&ViolationKind::ReceiptRegression));
+}
+
+#[test]
+fn a_group_message_on_a_non_members_phone_is_non_member() {
+    let mut o = run();
+    let (_, conv, seq, mid) = acked(&o, true);
+    let sh = o.ledger.devices[&(0, 0)].shown[&mid].clone();
+    o.ledger
+        .devices
+        .get_mut(&(3, 0))
+        .expect("u3")
+        .shown
+        .insert(mid.clone(), Shown { conv, seq, ..sh });
+    assert!(kinds(&o).contains(&ViolationKind::NonMember));
+}
+
+#[test]
+fn an_inbox_copy_left_for_a_message_every_device_shows_is_a_storage_leak() {
+    let mut o = run();
+    let (i, conv, seq, _) = acked(&o, false);
+    let sim::plan::Target::User(to) = o.plan.sends[i].target else {
+        unreachable!()
+    };
+    let row = inbox_key(
+        &format!("u{to}").as_str().into(),
+        &model_server::ids::ConversationId(conv),
+        model_server::ids::Seq(seq),
+    );
+    o.store
+        .commit(vec![Write::Put(
+            Table::Inbox,
+            row,
+            b"{\"acked\":[]}".to_vec(),
+        )])
+        .expect("commit");
+    assert!(kinds(&o).contains(&ViolationKind::StorageLeak));
+}
+
+#[test]
+fn more_buffered_than_the_bound_is_queue_bound() {
+    let mut o = run();
+    o.ledger.max_queue = (o.limits.outbound_max_frames as u64 + 1, 10);
+    assert!(kinds(&o).contains(&ViolationKind::QueueBound));
+    let mut o = run();
+    o.ledger.max_queue = (1, o.limits.outbound_max_bytes as u64 + 1);
+    assert!(kinds(&o).contains(&ViolationKind::QueueBound));
+}
+
+#[test]
+fn plaintext_in_a_chat_log_line_or_a_push_is_plaintext() {
+    let mut o = run();
+    o.ledger.trace.push(TraceEvent {
+        t: 1,
+        at: "chat".into(),
+        event: "stored".into(),
+        conv: None,
+        seq: None,
+        cmid: None,
+        detail: format!("{}u0:m1", sim::crypto::PLAINTEXT_MARKER),
+    });
+    assert!(kinds(&o).contains(&ViolationKind::Plaintext));
+    let mut o = run();
+    o.ledger
+        .pushes
+        .push((1, "u1".into(), 1, Some("hello".into())));
+    assert!(kinds(&o).contains(&ViolationKind::Plaintext));
+}
+
+#[test]
+fn a_valid_send_refused_for_good_is_a_loss() {
+    let mut o = run();
+    let (i, _, _, _) = acked(&o, false);
+    o.ledger.sends[i].acked = None;
+    o.ledger.sends[i].refused = Some((403, 100));
+    let v = sim::oracle::check(&o);
+    assert!(
+        v.iter()
+            .any(|v| v.kind == ViolationKind::Loss && v.seen.contains("refused")),
+        "{v:?}"
+    );
+}
+
+#[test]
+fn breaches_seen_during_the_run_are_reported_panics_first() {
+    let mut o = run();
+    for kind in [ViolationKind::FalseReceipt, ViolationKind::Panic] {
+        o.ledger.breaches.push(Breach {
+            kind,
+            t: 10,
+            conversation: None,
+            device: Some("u0/d0".into()),
+            cmid: None,
+            expected: "x".into(),
+            seen: "y".into(),
+        });
+    }
+    let k = kinds(&o);
+    assert_eq!(k.first(), Some(&ViolationKind::Panic), "{k:?}");
+    assert!(k.contains(&ViolationKind::FalseReceipt));
+}
+
+#[test]
+fn an_unacked_send_left_in_an_outbox_is_liveness() {
+    let mut o = run();
+    o.ledger.devices.get_mut(&(0, 0)).expect("d").outbox.push(0);
+    assert!(kinds(&o).contains(&ViolationKind::Liveness));
+}
+
+#[test]
+fn shown_before_the_store_is_not_required_of_a_device_linked_later() {
+    // A device linked during the run is promised only what was tapped after its login.
+    let sc = Scenario::parse(
+        r#"
+name = "late"
+duration_ms = 10000
+quiet_ms = 20000
+[workload]
+users = 2
+devices_per_user = 2
+messages_per_user = 4
+send_window_ms = [0, 9000]
+[[workload.links]]
+user = 1
+device = 1
+at_ms = 5000
+"#,
+        "late.toml",
+    )
+    .expect("parses");
+    let (r, o) = sim::run_seed(&sc, 2, &RunOptions::default()).expect("runs");
+    assert!(r.passed, "{:?}", r.failures);
+    let linked = o.ledger.devices[&(1, 1)].linked_ms.expect("logged in");
+    assert!(linked >= 5000);
+    let mut o = o;
+    // Taking away one message tapped after the link is a loss; one tapped before is not.
+    let after = o
+        .plan
+        .sends
+        .iter()
+        .enumerate()
+        .find(|(i, s)| s.at_ms > linked && o.ledger.sends[*i].acked.is_some())
+        .map(|(i, _)| o.ledger.sends[i].acked.clone().expect("acked").2)
+        .expect("a send after the link");
+    o.ledger
+        .devices
+        .get_mut(&(1, 1))
+        .expect("d")
+        .shown
+        .remove(&after);
+    assert!(kinds(&o).contains(&ViolationKind::Loss));
+}
