@@ -11,12 +11,15 @@ fn load(rel: &str) -> Scenario {
     Scenario::load(&path).expect("shipped scenario parses")
 }
 
+/// A bug and, if caught, the seed and the kinds found then.
+type Catch = (&'static str, Option<(u64, Vec<ViolationKind>)>);
+
 /// For each bug: the first seed in 1..=100 at which the swarm fails showing `want(bug)`
 /// (any failure when `None`), and the kinds found then.
 fn first_catches(
     bugs: &[&'static str],
     want: &(dyn Fn(&str) -> Option<ViolationKind> + Sync),
-) -> Vec<(&'static str, Option<(u64, Vec<ViolationKind>)>)> {
+) -> Vec<Catch> {
     let sc = load("scenarios/swarm-space.toml");
     let next = std::sync::atomic::AtomicUsize::new(0);
     let out = std::sync::Mutex::new(Vec::new());
