@@ -8,156 +8,19 @@
 //! pending after each reconnect; delivery acks and, after a while, read receipts.
 
 use crate::crypto;
+pub use crate::device::{dev, gateway_order, now_ms, Control, Ctx, EPOCH_MS};
 use crate::ledger::{DeviceKey, Ledger, Shown};
-use crate::plan::{device_name, user_name, Plan, Target};
-use crate::scenario::Scenario;
+use crate::plan::{device_name, user_name, Target};
 use futures_util::{SinkExt, StreamExt};
-use model_server::auth::{mint, Secret};
-use model_server::ids::Millis;
 use model_server::protocol::{DeliveredMessage, ServerFrame, Status};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
-use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
-
-/// Simulated epoch (ms since 1970) at the start of every run.
-pub const EPOCH_MS: u64 = 1_700_000_000_000;
-
-/// Simulated ms since the start of the run.
-pub fn now_ms() -> u64 {
-    turmoil::sim_elapsed()
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// What faults have done to one device; read by its task.
-#[derive(Clone, Debug, Default)]
-pub struct Control {
-    /// App in the background or killed until then: no socket.
-    pub away_until: u64,
-    /// Bumped when the app is killed or backgrounded: the current socket must die.
-    pub generation: u64,
-    /// Reading at most this many frames per second (0: not reading) until `slow_until`.
-    pub slow_rate: Option<u32>,
-    pub slow_until: u64,
-    /// Local clock error, ms.
-    pub skew_ms: i64,
-}
-
-/// Everything the device tasks share (single-threaded: turmoil runs hosts on one thread).
-pub struct Ctx {
-    pub sc: Scenario,
-    pub plan: Plan,
-    pub seed: u64,
-    pub secret: Secret,
-    pub ledger: Rc<RefCell<Ledger>>,
-    pub control: Rc<RefCell<BTreeMap<DeviceKey, Control>>>,
-    /// Sends of each device, by plan index, in time order.
-    pub device_sends: BTreeMap<DeviceKey, Vec<usize>>,
-    /// Conversation id of each send.
-    pub send_conv: Vec<String>,
-    /// Server group id of each planned group.
-    pub group_ids: Vec<String>,
-    pub cmid_index: BTreeMap<String, usize>,
-    /// Where taps have got to, per device (durable: survives kills).
-    pub tapped: RefCell<BTreeMap<DeviceKey, usize>>,
-    /// Media uploads by send index (the phone's own record: survives kills).
-    pub uploads: RefCell<BTreeMap<usize, crate::media::Upload>>,
-    /// (device, send) downloads started.
-    pub downloads: RefCell<std::collections::BTreeSet<(DeviceKey, usize)>>,
-    /// Planned groups whose `grow_at_ms` request has been sent.
-    pub grown: RefCell<std::collections::BTreeSet<usize>>,
-    pub end_ms: u64,
-    /// The simulated disk under the chat service: an ack is checked against it at once.
-    pub disk: crate::disk::SimDisk,
-    /// Conversations each user takes part in at some time of the run (for per-conversation
-    /// sync).
-    pub user_convs: BTreeMap<usize, std::collections::BTreeSet<String>>,
-}
-
-impl Ctx {
-    pub(crate) fn token(&self, u: usize, d: usize) -> String {
-        mint(
-            &self.secret,
-            &user_name(u).as_str().into(),
-            &device_name(d).as_str().into(),
-            Millis(EPOCH_MS + self.end_ms + 86_400_000),
-        )
-    }
-
-    /// Moves sends whose tap time has come into the device's outbox. Offline-first: a tap
-    /// lands in the local queue whether or not there is a connection.
-    fn tap_due(&self, k: DeviceKey, now: u64) -> Vec<usize> {
-        let Some(list) = self.device_sends.get(&k) else {
-            return Vec::new();
-        };
-        let mut tapped = self.tapped.borrow_mut();
-        let pos = tapped.entry(k).or_insert(0);
-        let mut new = Vec::new();
-        while *pos < list.len() && self.plan.sends[list[*pos]].at_ms <= now {
-            new.push(list[*pos]);
-            *pos += 1;
-        }
-        if !new.is_empty() {
-            let mut l = self.ledger.borrow_mut();
-            for &i in &new {
-                l.device(k).outbox.push(i);
-                let s = &self.plan.sends[i];
-                l.sends[i].first_sent_ms.get_or_insert(s.at_ms);
-                l.trace(
-                    now,
-                    dev(k),
-                    "tap",
-                    Some(&self.send_conv[i]),
-                    None,
-                    Some(&s.cmid),
-                    "",
-                );
-            }
-        }
-        new
-    }
-
-    /// The send the user is typing now (the next one not yet tapped, if its typing phase
-    /// has begun) and when its next `typing` notice is due, given the last one sent.
-    fn typing(&self, k: DeviceKey, now: u64, last: Option<u64>) -> Option<(usize, u64)> {
-        let w = &self.sc.workload;
-        if w.typing_ms == 0 {
-            return None;
-        }
-        let list = self.device_sends.get(&k)?;
-        let pos = *self.tapped.borrow().get(&k).unwrap_or(&0);
-        let &i = list.get(pos)?;
-        let at = self.plan.sends[i].at_ms;
-        let start = at.saturating_sub(w.typing_ms);
-        let due = match last {
-            Some(t) if t >= start => t + w.typing_every_ms,
-            _ => start,
-        };
-        (due < at && at > now).then_some((i, due))
-    }
-
-    /// When the device's next tap is due, if any.
-    fn next_tap(&self, k: DeviceKey) -> Option<u64> {
-        let list = self.device_sends.get(&k)?;
-        let pos = *self.tapped.borrow().get(&k).unwrap_or(&0);
-        list.get(pos).map(|&i| self.plan.sends[i].at_ms)
-    }
-
-    pub(crate) fn control(&self, k: DeviceKey) -> Control {
-        self.control.borrow().get(&k).cloned().unwrap_or_default()
-    }
-}
-
-/// `u3/d0`.
-pub fn dev(k: DeviceKey) -> String {
-    format!("{}/{}", user_name(k.0), device_name(k.1))
-}
 
 type Ws = tokio_tungstenite::WebSocketStream<turmoil::net::TcpStream>;
 
@@ -273,26 +136,6 @@ pub async fn run_device(ctx: Rc<Ctx>, k: DeviceKey) {
             tokio::time::sleep(Duration::from_millis(step.max(1))).await;
         }
     }
-}
-
-/// Gateways to try, home region first, starting from this device's own gateway.
-pub(crate) fn gateway_order(ctx: &Ctx, k: DeviceKey) -> Vec<String> {
-    let regions = &ctx.sc.topology.regions;
-    let home = &regions[k.0 % regions.len()];
-    let all = ctx.sc.gateways();
-    let mut home_gws: Vec<String> = all
-        .iter()
-        .filter(|(_, r)| r == home)
-        .map(|(g, _)| g.clone())
-        .collect();
-    let rot = (k.0 * ctx.plan.devices_per_user + k.1) % home_gws.len().max(1);
-    home_gws.rotate_left(rot);
-    home_gws.extend(
-        all.iter()
-            .filter(|(_, r)| r != home)
-            .map(|(g, _)| g.clone()),
-    );
-    home_gws
 }
 
 async fn connect(ctx: &Ctx, k: DeviceKey, gw: &str) -> Result<Ws, String> {

@@ -12,8 +12,10 @@
 pub mod bench;
 pub mod client;
 pub mod crypto;
+pub mod device;
 pub mod disk;
 pub mod invariant;
+pub mod knobs;
 pub mod ledger;
 pub mod media;
 pub mod oracle;

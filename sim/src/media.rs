@@ -7,7 +7,8 @@
 //! exact bytes that were sent. The bytes stand for ciphertext: seeded random, so the server
 //! never sees anything readable.
 
-use crate::client::{dev, now_ms, Ctx};
+pub use crate::device::Upload;
+use crate::device::{dev, gateway_order, now_ms, Ctx};
 use crate::ledger::DeviceKey;
 use crate::plan::user_name;
 use rand::rngs::SmallRng;
@@ -15,17 +16,6 @@ use rand::{RngCore, SeedableRng};
 use std::rc::Rc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// Where one send's upload has got to (kept on the phone: survives an app kill).
-#[derive(Clone, Debug, Default)]
-pub struct Upload {
-    pub media_id: Option<String>,
-    pub chunk_size: u64,
-    pub received: u64,
-    pub done: bool,
-    /// A task is uploading it now.
-    pub running: bool,
-}
 
 /// The file a send carries: `len` seeded random bytes.
 pub fn file_bytes(seed: u64, cmid: &str, len: u64) -> Vec<u8> {
@@ -140,7 +130,7 @@ pub async fn upload(ctx: Rc<Ctx>, k: DeviceKey, i: usize) {
     let size = s.media_bytes;
     let file = file_bytes(ctx.seed, &s.cmid, size);
     let token = ctx.token(k.0, k.1);
-    let gateways = crate::client::gateway_order(&ctx, k);
+    let gateways = gateway_order(&ctx, k);
     let generation = ctx.control(k).generation;
     let mut attempt = 0usize;
     let mut backoff = 500u64;
@@ -308,7 +298,7 @@ pub async fn download(ctx: Rc<Ctx>, k: DeviceKey, i: usize, media_id: String) {
     let s = &ctx.plan.sends[i];
     let conv = ctx.send_conv[i].clone();
     let token = ctx.token(k.0, k.1);
-    let gateways = crate::client::gateway_order(&ctx, k);
+    let gateways = gateway_order(&ctx, k);
     let mut backoff = 500u64;
     for attempt in 0usize.. {
         let now = now_ms();

@@ -8,6 +8,11 @@ use model_server::Limits;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
+/// Default `[topology] tcp_segments`: segments in flight per TCP stream (turmoil's flow
+/// control) and the accept backlog. Small enough that a phone that stops reading pushes
+/// back on the server's writer within a few hundred frames, as a real TCP window would.
+pub const TCP_CAPACITY: usize = 256;
+
 /// A whole scenario.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -79,7 +84,7 @@ impl Default for Topology {
             gateways_per_region: 1,
             client_hosts: 1,
             latency_ms: [1, 20],
-            tcp_segments: crate::world::TCP_CAPACITY,
+            tcp_segments: TCP_CAPACITY,
         }
     }
 }
@@ -298,7 +303,7 @@ pub struct Swarm {
     pub max_fault_ms: Option<u64>,
     /// The design space: when present, each seed also draws the server's limits, the
     /// phones' behaviour, the topology, the workload and mid-run operations, within these
-    /// bounds (knob name -> [min, max]; see `crate::space::KNOBS`).
+    /// bounds (knob name -> [min, max]; see `crate::knobs::KNOBS`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub space: Option<std::collections::BTreeMap<String, [f64; 2]>>,
 }
@@ -609,7 +614,7 @@ impl Scenario {
             }
         }
         if let Some(space) = self.swarm.as_ref().and_then(|s| s.space.as_ref()) {
-            if let Err(e) = crate::space::check_bounds(space) {
+            if let Err(e) = crate::knobs::check_bounds(space) {
                 return Err((None, "space", e));
             }
         }
@@ -779,7 +784,7 @@ mod tests {
     #[test]
     fn tcp_segments_defaults_and_is_bounded() {
         let s = Scenario::parse(MIN, "x.toml").expect("parses");
-        assert_eq!(s.topology.tcp_segments, crate::world::TCP_CAPACITY);
+        assert_eq!(s.topology.tcp_segments, TCP_CAPACITY);
         let bad = format!("{MIN}[topology]\ntcp_segments = 2\n");
         let e = Scenario::parse(&bad, "t.toml").expect_err("too small");
         assert!(e.message.contains("tcp_segments must be 4..=4096"), "{e}");

@@ -19,10 +19,7 @@ use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// Default `[topology] tcp_segments`: segments in flight per TCP stream (turmoil's flow
-/// control) and the accept backlog. Small enough that a phone that stops reading pushes
-/// back on the server's writer within a few hundred frames, as a real TCP window would.
-pub const TCP_CAPACITY: usize = 256;
+pub use crate::scenario::TCP_CAPACITY;
 
 /// Secret the simulated identity service signs tokens with.
 pub const SIM_SECRET: &[u8] = b"chatsim-simulation-secret";
