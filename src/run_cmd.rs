@@ -391,13 +391,23 @@ fn write_shrunk(
         kind.name()
     );
     sc.expect.violations = Vec::new();
+    // Planted bugs given with --bug go into the file: it must fail on its own.
+    for b in bug_flags
+        .split(" --bug ")
+        .map(str::trim)
+        .filter(|b| !b.is_empty())
+    {
+        if !sc.design_flaws.iter().any(|x| x == b) {
+            sc.design_flaws.push(b.to_string());
+        }
+    }
     let body = toml::to_string(&sc).context("encoding the shrunk scenario")?;
     let path = dir.join(format!(
         "shrunk-{}-seed{seed}.toml",
         sc.name.trim_end_matches("-shrunk")
     ));
     let text = format!(
-        "# Shrunk from {} (seed {seed}); still shows a '{}' violation.\n# Replay: chatsim run {}{bug_flags}\n{body}",
+        "# Shrunk from {} (seed {seed}{bug_flags}); still shows a '{}' violation.\n# Replay: chatsim run {}\n{body}",
         original.display(),
         kind.name(),
         path.display()
