@@ -30,6 +30,9 @@ enum End {
     Lost(&'static str),
     /// The app was killed or backgrounded: wait until it is back.
     Away,
+    /// The battery died: the phone is gone without a FIN; its socket is kept, unread and
+    /// unwritten, so the server only notices by its own timeouts.
+    Vanished(Box<Ws>),
     /// The run is over.
     Done,
 }
@@ -42,6 +45,8 @@ pub async fn run_device(ctx: Rc<Ctx>, k: DeviceKey) {
     let mut backoff = cfg.backoff_initial_ms;
     let gateways = gateway_order(&ctx, k);
     let mut attempt = 0usize;
+    // Sockets left behind by battery deaths: held open until the run ends (no FIN).
+    let mut dead_sockets: Vec<Box<Ws>> = Vec::new();
     // Phones do not all open the app in the same millisecond; a device linked during the
     // run first opens it then.
     let start = rng.random_range(0..=ctx.sc.client.start_jitter_ms);
@@ -74,6 +79,19 @@ pub async fn run_device(ctx: Rc<Ctx>, k: DeviceKey) {
                 backoff = cfg.backoff_initial_ms;
                 match session(&ctx, k, ws, &mut rng, ctl.generation).await {
                     End::Done => return,
+                    End::Vanished(ws) => {
+                        ctx.ledger.borrow_mut().trace(
+                            now_ms(),
+                            dev(k),
+                            "battery_dead",
+                            None,
+                            None,
+                            None,
+                            "vanished without closing its socket",
+                        );
+                        dead_sockets.push(ws);
+                        continue;
+                    }
                     End::Away => {
                         ctx.ledger.borrow_mut().trace(
                             now_ms(),
@@ -213,7 +231,12 @@ struct Session {
     status_next_at: u64,
     /// Ids asked for and not known to be answered (asked again after a 429).
     status_asked: std::collections::BTreeSet<String>,
+    /// When to look again for own messages without ✓✓ on this device.
+    next_status_sweep: u64,
 }
+
+/// How often a connected phone asks again for ticks it has not seen.
+const STATUS_SWEEP_MS: u64 = 10_000;
 
 async fn session(
     ctx: &Rc<Ctx>,
@@ -237,6 +260,7 @@ async fn session(
         status_wanted: Default::default(),
         status_next_at: 0,
         status_asked: Default::default(),
+        next_status_sweep: now + STATUS_SWEEP_MS,
     };
     // Sometimes catch up conversation by conversation first, from the last seq shown
     // without a gap (a client that keeps its own per-chat position)...
@@ -302,7 +326,10 @@ async fn session(
         }
         let ctl = ctx.control(k);
         if ctl.generation != generation || ctl.away_until > now {
-            // Killed or backgrounded: the socket just dies, no goodbye.
+            if ctl.silent {
+                return End::Vanished(Box::new(ws));
+            }
+            // Killed or backgrounded: the app closes the socket.
             return End::Away;
         }
         ctx.tap_due(k, now);
@@ -436,6 +463,25 @@ async fn session(
                 return End::Lost(e);
             }
         }
+        // Status answers are droppable: now and then, ask again for own 1:1 messages this
+        // device has not seen delivered.
+        if now >= s.next_status_sweep {
+            s.next_status_sweep = now + STATUS_SWEEP_MS;
+            let l = ctx.ledger.borrow();
+            let seen = l.devices.get(&k);
+            for (i, p) in ctx.plan.sends.iter().enumerate() {
+                if p.user != k.0 || !matches!(p.target, Target::User(_)) {
+                    continue;
+                }
+                let Some(a) = &l.sends[i].acked else { continue };
+                let delivered = seen
+                    .and_then(|d| d.statuses.get(&a.2))
+                    .is_some_and(|v| v.iter().any(|st| *st >= Status::Delivered));
+                if !delivered && a.3 + STATUS_SWEEP_MS <= now {
+                    s.status_wanted.insert(a.2.clone());
+                }
+            }
+        }
         if let Err(e) = send_status_queries(ctx, k, &mut ws, &mut s).await {
             return End::Lost(e);
         }
@@ -544,6 +590,7 @@ fn session_wake_in(ctx: &Ctx, k: DeviceKey, s: &Session, now: u64, slow: bool) -
     if !s.status_wanted.is_empty() {
         next = next.min(s.status_next_at.max(now + 1));
     }
+    next = next.min(s.next_status_sweep.max(now + 1));
     if let Some((_, t)) = ctx.typing(k, now, s.last_typing) {
         next = next.min(t);
     }

@@ -34,6 +34,8 @@ pub struct Control {
     pub slow_until: u64,
     /// Local clock error, ms.
     pub skew_ms: i64,
+    /// The current absence is a battery death: the socket vanishes without a FIN.
+    pub silent: bool,
 }
 
 /// Everything the device tasks share (single-threaded: turmoil runs hosts on one thread).

@@ -251,7 +251,7 @@ fn draw_swarm(
                     f.until_ms = None;
                 }
             }
-            FaultKind::Offline | FaultKind::Kill => f.user = Some(user),
+            FaultKind::Offline | FaultKind::Kill | FaultKind::BatteryDeath => f.user = Some(user),
             FaultKind::SlowConsumer => {
                 f.user = Some(user);
                 f.frames_per_sec = Some(rng.random_range(0..=5));

@@ -247,6 +247,9 @@ pub enum FaultKind {
     Offline,
     /// A user's app is killed (mid-send) and restarted at `until_ms`.
     Kill,
+    /// A user's phone dies (battery) and is back at `until_ms`: it vanishes without closing
+    /// its socket, so the server learns of it only by its own timeouts.
+    BatteryDeath,
     /// A user's device reads `frames_per_sec` frames per second (0: stops) until `until_ms`.
     SlowConsumer,
     /// A whole region's gateways crash; clients move to another region. Back at `until_ms`.
@@ -693,7 +696,7 @@ impl Scenario {
                     Some(h) if self.gateways().iter().any(|(g, _)| g == h) => {}
                     _ => return e("deploy needs host = a gateway (gw-REGION-N)".into()),
                 },
-                Offline | Kill | SlowConsumer => {
+                Offline | Kill | BatteryDeath | SlowConsumer => {
                     if !user_ok(f.user) {
                         return e(format!("needs user = 0..{}", w.users));
                     }

@@ -410,6 +410,7 @@ pub fn run(sc: &Scenario, seed: u64, opts: &RunOptions) -> Result<Outcome, Strin
                 }
                 FaultKind::Offline
                 | FaultKind::Kill
+                | FaultKind::BatteryDeath
                 | FaultKind::SlowConsumer
                 | FaultKind::ClockSkew => {
                     let u = f.user.unwrap_or(0);
@@ -421,9 +422,13 @@ pub fn run(sc: &Scenario, seed: u64, opts: &RunOptions) -> Result<Outcome, Strin
                     for d in devices {
                         let c: &mut Control = ctl.entry((u, d)).or_default();
                         match (f.kind, begin) {
-                            (FaultKind::Offline | FaultKind::Kill, true) => {
+                            (
+                                FaultKind::Offline | FaultKind::Kill | FaultKind::BatteryDeath,
+                                true,
+                            ) => {
                                 c.away_until = f.until_ms.unwrap_or(t);
                                 c.generation += 1;
+                                c.silent = f.kind == FaultKind::BatteryDeath;
                             }
                             (FaultKind::SlowConsumer, true) => {
                                 c.slow_rate = Some(f.frames_per_sec.unwrap_or(0));

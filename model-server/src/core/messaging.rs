@@ -495,6 +495,7 @@ impl<S: KvStore> ChatCore<S> {
     /// the answer reveals nothing about other people's messages.
     pub(super) fn handle_status_query(
         &mut self,
+        conn: ConnId,
         sess: &Session,
         ids: &[MessageId],
         now: Millis,
@@ -550,16 +551,18 @@ impl<S: KvStore> ChatCore<S> {
             } else {
                 ServerFrame::DeliveryAck { payload }
             };
-            self.deliver_to_user(&sess.user, &frame, None, None, now);
+            // Only the asking connection, and droppable: an answer to a device that asks
+            // about many chats must not overflow the queue it is read from (found by the
+            // simulator: with a small queue bound, a user in more chats than the bound was
+            // closed on every reconnect, forever). A device that misses ticks asks again.
+            self.enqueue(conn, &frame, FrameClass::Droppable, None, now);
         }
         // Group counts travel like the periodic ones: droppable, and a newer count for the
         // same message replaces an older one still queued, so counts never go backward.
         for payload in groups {
             let key = format!("grcpt:{}", payload.message_id);
             let frame = ServerFrame::GroupReceipt { payload };
-            for (_, c) in self.reg.user_conns(&sess.user) {
-                self.enqueue(c, &frame, FrameClass::Droppable, Some(key.clone()), now);
-            }
+            self.enqueue(conn, &frame, FrameClass::Droppable, Some(key), now);
         }
         Ok(())
     }

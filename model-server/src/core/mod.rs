@@ -494,7 +494,7 @@ impl<S: KvStore> ChatCore<S> {
                 self.handle_read(&sess, &message_ids, now)
             }
             ClientFrame::StatusQuery { message_ids } => {
-                self.handle_status_query(&sess, &message_ids, now)
+                self.handle_status_query(conn, &sess, &message_ids, now)
             }
             ClientFrame::Sync { payload } => self.handle_sync(conn, &sess, payload, now),
             ClientFrame::GroupCreate { payload } => {
