@@ -141,6 +141,7 @@ pub fn narrate(trace: &[TraceEvent], filter: &Filter) -> Vec<Line> {
             ),
             "connect_failed" => (format!("could not connect ({})", e.detail), "backoff doubles up to a cap, with jitter, so a storm spreads out"),
             "app_away" => ("app in the background / killed: socket gone".into(), "messages for it wait in its inbox; its own taps wait in its outbox"),
+            "battery_dead" => ("battery dead: gone without closing its socket".into(), "no FIN: the server learns it only from missed heartbeats or a full queue; the inbox keeps what it misses"),
             "error" if e.detail.starts_with("503") => (
                 format!("error {}", e.detail),
                 "the resume token lets the phone reconnect and sync instead of replaying its whole history",
@@ -237,6 +238,7 @@ fn fault_why(detail: &str) -> &'static str {
         "regionfailover" => "the region's gateways go dark and the store's primary moves to the surviving region; phones reconnect there",
         "offline" => "the app is in the background: no socket, so messages wait in the inbox and a push wakes the phone",
         "kill" => "the app is killed: its outbox and uploads survive on the phone and resume when it comes back",
+        "batterydeath" => "the phone dies without closing its socket: the server still routes to it until its own timeouts notice",
         "slowconsumer" => "the phone reads slowly: the server's bounded queue for it fills",
         "clockskew" => "the phone's clock is wrong: order comes from the server's seq, never from phone clocks",
         _ => "",
