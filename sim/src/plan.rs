@@ -170,19 +170,6 @@ impl Plan {
     pub fn host_of(&self, sc: &Scenario, u: usize, d: usize) -> usize {
         (u * self.devices_per_user + d) % sc.topology.client_hosts
     }
-
-    /// Users who receive a send (everyone in the conversation but the sender).
-    pub fn recipients(&self, s: &PlannedSend) -> Vec<usize> {
-        match s.target {
-            Target::User(u) => vec![u],
-            Target::Group(g) => self.groups[g]
-                .members
-                .iter()
-                .copied()
-                .filter(|m| *m != s.user)
-                .collect(),
-        }
-    }
 }
 
 /// Random faults within the scenario's bounds (swarm testing: each seed its own mix).

@@ -223,8 +223,6 @@ pub struct Gauges {
     pub outbound_frames: u64,
     pub outbound_bytes: u64,
     pub outbound_max_frames: u64,
-    /// Bytes queued on the fullest connection (by bytes).
-    pub outbound_max_bytes: u64,
 }
 
 /// How often the core sweeps expired messages and uploads.
@@ -355,7 +353,6 @@ impl<S: KvStore> ChatCore<S> {
             g.outbound_frames += c.out.len() as u64;
             g.outbound_bytes += c.out.bytes() as u64;
             g.outbound_max_frames = g.outbound_max_frames.max(c.out.len() as u64);
-            g.outbound_max_bytes = g.outbound_max_bytes.max(c.out.bytes() as u64);
         }
         g
     }
