@@ -141,14 +141,26 @@ fn main() {
 }
 
 fn run() -> Result<()> {
+    let cli = Cli::parse();
+    // Inside the simulator the server's own log is part of the system under test (the
+    // faults it injects log errors by design): keep it off the terminal unless asked.
+    let simulated = matches!(
+        cli.cmd,
+        Cmd::Run(_) | Cmd::Play(_) | Cmd::Bench(BenchCmd::Sim { .. })
+    );
+    let default_filter = if simulated {
+        "info,turmoil=warn,model_server=off"
+    } else {
+        "info,turmoil=warn"
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,turmoil=warn".into()),
+                .unwrap_or_else(|_| default_filter.into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().cmd {
+    match cli.cmd {
         Cmd::Serve(a) => serve(a),
         Cmd::Token(a) => token(a),
         Cmd::Bench(BenchCmd::Load {

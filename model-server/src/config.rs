@@ -127,11 +127,19 @@ pub struct Bugs {
     /// added later get nothing and removed ones keep receiving.
     #[serde(default)]
     pub stale_group_members: bool,
+    /// A message's inbox copies are written in a second commit after the message itself:
+    /// when that commit fails, the retry is deduplicated against a message no inbox holds.
+    #[serde(default)]
+    pub inbox_outside_commit: bool,
+    /// The chat service logs each stored message's content at debug level (a debugging
+    /// aid left on: the server sees only ciphertext, but its log must not carry content).
+    #[serde(default)]
+    pub log_content: bool,
 }
 
 impl Bugs {
     /// Every bug name, as given to `--bug`.
-    pub const NAMES: [&'static str; 11] = [
+    pub const NAMES: [&'static str; 13] = [
         "ack-before-persist",
         "no-dedup",
         "order-by-client-clock",
@@ -143,6 +151,8 @@ impl Bugs {
         "early-delivery-receipt",
         "forget-delivery-acks",
         "stale-group-members",
+        "inbox-outside-commit",
+        "log-content",
     ];
 
     /// Switches on the bug called `name`.
@@ -159,6 +169,8 @@ impl Bugs {
             "early-delivery-receipt" => &mut self.early_delivery_receipt,
             "forget-delivery-acks" => &mut self.forget_delivery_acks,
             "stale-group-members" => &mut self.stale_group_members,
+            "inbox-outside-commit" => &mut self.inbox_outside_commit,
+            "log-content" => &mut self.log_content,
             other => {
                 return Err(format!(
                     "unknown bug '{other}'; known: {}",
@@ -184,6 +196,8 @@ impl Bugs {
             self.early_delivery_receipt,
             self.forget_delivery_acks,
             self.stale_group_members,
+            self.inbox_outside_commit,
+            self.log_content,
         ];
         Self::NAMES
             .iter()

@@ -301,7 +301,8 @@ async fn session(
         return End::Lost(e);
     }
     // Receipts are pushed once: ask for the ticks this device may have missed while its
-    // socket was down (1:1 messages this user sent that it has not seen read).
+    // socket was down (1:1 messages this user sent that it has not seen read, and group
+    // messages whose counts do not yet show every member delivered).
     let unsettled: Vec<String> = {
         let l = ctx.ledger.borrow();
         let seen = l.devices.get(&k);
@@ -309,12 +310,16 @@ async fn session(
             .sends
             .iter()
             .enumerate()
-            .filter(|(_, p)| p.user == k.0 && matches!(p.target, Target::User(_)))
-            .filter_map(|(i, _)| l.sends[i].acked.as_ref().map(|a| a.2.clone()))
-            .filter(|mid| {
-                !seen
-                    .and_then(|d| d.statuses.get(mid))
-                    .is_some_and(|v| v.contains(&Status::Read))
+            .filter(|(_, p)| p.user == k.0)
+            .filter_map(|(i, p)| {
+                let mid = l.sends[i].acked.as_ref()?.2.clone();
+                let open = match p.target {
+                    Target::User(_) => !seen
+                        .and_then(|d| d.statuses.get(&mid))
+                        .is_some_and(|v| v.contains(&Status::Read)),
+                    Target::Group(_) => group_open(seen, &mid),
+                };
+                open.then_some(mid)
             })
             .collect()
     };
@@ -470,13 +475,16 @@ async fn session(
             let l = ctx.ledger.borrow();
             let seen = l.devices.get(&k);
             for (i, p) in ctx.plan.sends.iter().enumerate() {
-                if p.user != k.0 || !matches!(p.target, Target::User(_)) {
+                if p.user != k.0 {
                     continue;
                 }
                 let Some(a) = &l.sends[i].acked else { continue };
-                let delivered = seen
-                    .and_then(|d| d.statuses.get(&a.2))
-                    .is_some_and(|v| v.iter().any(|st| *st >= Status::Delivered));
+                let delivered = match p.target {
+                    Target::User(_) => seen
+                        .and_then(|d| d.statuses.get(&a.2))
+                        .is_some_and(|v| v.iter().any(|st| *st >= Status::Delivered)),
+                    Target::Group(_) => !group_open(seen, &a.2),
+                };
                 if !delivered && a.3 + STATUS_SWEEP_MS <= now {
                     s.status_wanted.insert(a.2.clone());
                 }
@@ -998,6 +1006,16 @@ fn check_receipt(ctx: &Ctx, k: DeviceKey, p: &model_server::protocol::ReceiptPay
 }
 
 /// Group receipt counts never go backward and never exceed what recipients did.
+/// Whether this device has seen no counts for its group message `mid` yet, or counts that
+/// do not yet show every recipient the server counts delivered.
+fn group_open(seen: Option<&crate::ledger::DeviceLog>, mid: &str) -> bool {
+    let Some(d) = seen else { return true };
+    match (d.group_counts.get(mid), d.group_recipients.get(mid)) {
+        (Some(c), Some(n)) => c.0 < *n,
+        _ => true,
+    }
+}
+
 fn check_group_receipt(ctx: &Ctx, k: DeviceKey, p: &model_server::protocol::GroupReceiptPayload) {
     let now = now_ms();
     let mut l = ctx.ledger.borrow_mut();
@@ -1043,8 +1061,9 @@ fn check_group_receipt(ctx: &Ctx, k: DeviceKey, p: &model_server::protocol::Grou
         }
     }
     let (d0, r0) = last.unwrap_or((0, 0));
-    l.device(k)
-        .group_counts
+    let dl = l.device(k);
+    dl.group_recipients.insert(mid.clone(), p.recipients);
+    dl.group_counts
         .insert(mid, (d0.max(p.delivered), r0.max(p.read)));
 }
 

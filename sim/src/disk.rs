@@ -6,11 +6,16 @@
 //! planted bugs make durability (`ack-before-persist`) or cross-region replication
 //! (`async-replication-failover`) lag until the next `flush`, which the chat service's
 //! timer calls: a crash in between loses what the server already acknowledged.
+//!
+//! A `store_errors` fault makes commits fail at random (an I/O error: nothing of the batch
+//! is applied, as with redb's atomic commits), drawn from the seed.
 
 use crate::crypto::PLAINTEXT_MARKER;
 use model_server::ids::{ConversationId, Seq};
 use model_server::store::records::{dec, msg_key, StoredMessage};
 use model_server::store::{KvStore, MemoryStore, Row, StoreError, Table, Write};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
 use std::sync::{Arc, Mutex};
 
 #[derive(Default)]
@@ -31,6 +36,8 @@ pub struct SimDisk {
     pub plaintext_commits: Arc<Mutex<Vec<&'static str>>>,
     ack_before_persist: bool,
     async_replication: bool,
+    /// Injected commit failures: the probability and the seeded draw.
+    errors: Arc<Mutex<(f64, SmallRng)>>,
 }
 
 impl SimDisk {
@@ -44,7 +51,15 @@ impl SimDisk {
             plaintext_commits: Arc::default(),
             ack_before_persist,
             async_replication,
+            errors: Arc::new(Mutex::new((0.0, SmallRng::seed_from_u64(0)))),
         }
+    }
+
+    /// From now on every commit fails with probability `rate` (0 stops it), drawn from
+    /// `seed`.
+    pub fn inject_errors(&self, rate: f64, seed: u64) {
+        *self.errors.lock().unwrap_or_else(|p| p.into_inner()) =
+            (rate, SmallRng::seed_from_u64(seed));
     }
 
     /// Writes what has lagged to the durable copy and the replica (the timer's fsync and
@@ -111,6 +126,15 @@ impl KvStore for SimDisk {
         self.live.scan(table, prefix, from, limit)
     }
     fn commit(&mut self, batch: Vec<Write>) -> Result<(), StoreError> {
+        {
+            let mut e = self.errors.lock().unwrap_or_else(|p| p.into_inner());
+            let rate = e.0.min(1.0);
+            if rate > 0.0 && e.1.random_bool(rate) {
+                return Err(StoreError::Backend(
+                    "injected I/O error (store_errors)".into(),
+                ));
+            }
+        }
         let marker = PLAINTEXT_MARKER.as_bytes();
         let has = |b: &[u8]| b.windows(marker.len()).any(|w| w == marker);
         for w in &batch {
@@ -198,6 +222,19 @@ mod tests {
             lagging.durable_and_replicated("dm:u0:u1", 1, "m2"),
             (false, false)
         );
+    }
+
+    #[test]
+    fn an_injected_error_fails_the_commit_and_applies_nothing() {
+        let mut d = SimDisk::new(false, false);
+        d.inject_errors(1.0, 7);
+        assert!(d.commit(put(b"a")).is_err());
+        assert!(d.get(Table::Meta, b"a").expect("get").is_none());
+        d.crash();
+        assert!(d.get(Table::Meta, b"a").expect("get").is_none());
+        d.inject_errors(0.0, 7);
+        d.commit(put(b"a")).expect("commit once errors stop");
+        assert!(d.get(Table::Meta, b"a").expect("get").is_some());
     }
 
     #[test]

@@ -64,6 +64,8 @@ pub const KNOBS: &[Knob] = &[
     k("sync_after_seq_probability", 0.0, 1.0, 0.0, 1.0, "chance a connection also syncs per conversation after_seq"),
     k("sync_limit", 0.0, 64.0, 0.0, 10000.0, "page size phones ask for (0: none)"),
     k("start_jitter_ms", 0.0, 3000.0, 0.0, 600000.0, "spread of app starts"),
+    // Simulation.
+    k("random_order_probability", 0.5, 0.5, 0.0, 1.0, "chance hosts run in a seeded random order each step"),
 ];
 
 /// Checks `[swarm.space]` bounds: known names, `min <= max`, within the hard limits.

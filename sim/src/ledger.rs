@@ -73,6 +73,8 @@ pub struct DeviceLog {
     pub acks_confirmed: BTreeSet<String>,
     /// Last group receipt counts seen per message: (delivered, read).
     pub group_counts: BTreeMap<String, (u64, u64)>,
+    /// Recipients the server counts for each group message this device got counts for.
+    pub group_recipients: BTreeMap<String, u64>,
 }
 
 /// Per planned send: when it was tapped, acked, delivered and read.

@@ -10,6 +10,7 @@
 //! - `report`: latency and reconnect figures; `shrink`: minimal failing scenarios.
 
 pub mod bench;
+pub mod buggify;
 pub mod client;
 pub mod crypto;
 pub mod device;
@@ -17,6 +18,7 @@ pub mod disk;
 pub mod invariant;
 pub mod knobs;
 pub mod ledger;
+pub mod logcheck;
 pub mod media;
 pub mod oracle;
 pub mod plan;

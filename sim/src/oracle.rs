@@ -574,6 +574,55 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
         }
     }
 
+    // 3c'. Group receipts converge too: once every member shows a message (on some device,
+    // early enough), the sending device's counts say every member has it. Groups whose
+    // membership changes during the run are left out (their recipient count moves).
+    for (i, s) in plan.sends.iter().enumerate() {
+        let (Target::Group(g), Some((conv, _, mid, _))) = (&s.target, &l.sends[i].acked) else {
+            continue;
+        };
+        if plan.membership.iter().any(|c| c.group == *g) {
+            continue;
+        }
+        let members: Vec<usize> = (0..plan.users)
+            .filter(|u| *u != s.user && r.membership(*g, *u) == Membership::Always)
+            .collect();
+        let shows = |u: usize| {
+            (0..plan.devices_per_user).any(|d| {
+                l.devices
+                    .get(&(u, d))
+                    .and_then(|dl| dl.shown.get(mid))
+                    .is_some_and(|x| x.cmid == s.cmid && x.at_ms + RECEIPT_GRACE_MS <= o.end_ms)
+            })
+        };
+        if members.is_empty() || !members.iter().all(|u| shows(*u)) {
+            continue;
+        }
+        let k = (s.user, s.device);
+        let got = l
+            .devices
+            .get(&k)
+            .and_then(|dl| dl.group_counts.get(mid))
+            .map_or(0, |c| c.0);
+        if got < members.len() as u64 {
+            let dev = dkey(k);
+            push(
+                &mut out,
+                Violation {
+                    kind: ViolationKind::Liveness,
+                    conversation: Some(conv.clone()),
+                    device: Some(dev.clone()),
+                    expected: format!(
+                        "group receipt for {mid} counts all {} members delivered: each shows it",
+                        members.len()
+                    ),
+                    seen: format!("delivered {got}"),
+                    context: context(o, Some(conv), Some(&dev)),
+                },
+            );
+        }
+    }
+
     // 4. Receipts never go backward at the sender.
     for (k, dl) in &l.devices {
         for (mid, st) in &dl.statuses {

@@ -210,6 +210,7 @@ fn draw_swarm(
             skew_ms: None,
             fail_rate: None,
             max_ms: None,
+            point: None,
         };
         match kind {
             FaultKind::Partition | FaultKind::Hold => {
@@ -246,6 +247,36 @@ fn draw_swarm(
             FaultKind::ClockSkew => {
                 f.user = Some(user);
                 f.skew_ms = Some(rng.random_range(-3_600_000..=3_600_000));
+                f.until_ms = None;
+            }
+            FaultKind::CrashPoint => {
+                let all = crate::scenario::CrashPoint::ALL;
+                f.point = Some(all[rng.random_range(0..all.len())]);
+                f.until_ms = None;
+            }
+            FaultKind::StoreErrors => {
+                f.fail_rate = Some(f64::from(rng.random_range(5u32..=50)) / 100.0);
+            }
+            FaultKind::Pause | FaultKind::SlowHandler => {
+                // A gateway, or one time in three the whole chat service.
+                f.host = Some(if rng.random_bool(1.0 / 3.0) {
+                    "chat".into()
+                } else {
+                    gw
+                });
+                if kind == FaultKind::SlowHandler {
+                    f.max_ms = Some(rng.random_range(5..=1_000));
+                }
+            }
+            FaultKind::ClockJump => {
+                // Mostly forward (past heartbeat, presence and rate windows, up to half a
+                // day), sometimes back (an NTP step) by up to ten minutes.
+                f.skew_ms = Some(if rng.random_bool(0.7) {
+                    let exp = rng.random_range(3.0..=(12.0f64 * 3_600_000.0).log10());
+                    10f64.powf(exp) as i64
+                } else {
+                    -rng.random_range(1_000..=600_000)
+                });
                 f.until_ms = None;
             }
             FaultKind::RegionFailover => {

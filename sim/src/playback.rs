@@ -241,6 +241,12 @@ fn fault_why(detail: &str) -> &'static str {
         "batterydeath" => "the phone dies without closing its socket: the server still routes to it until its own timeouts notice",
         "slowconsumer" => "the phone reads slowly: the server's bounded queue for it fills",
         "clockskew" => "the phone's clock is wrong: order comes from the server's seq, never from phone clocks",
+        "crashpoint" => "the chat service will crash at an exact point of its work: what was committed stays, what was only queued is lost",
+        "crash_point" => "the chat service crashed at that point: phones resend what was not acked, and dedup answers with the original seq",
+        "storeerrors" => "the store fails commits: nothing of a failed frame is applied, and its connection closes so the phone resends in order",
+        "pause" => "the process is frozen while everyone else's timers run: on waking it finds every deadline passed at once",
+        "slowhandler" => "every frame waits before it is handled: acks come late and phones resend",
+        "clockjump" => "the server's clock steps: timeouts and rate windows must not assume time only moves forward",
         _ => "",
     }
 }

@@ -75,6 +75,10 @@ pub struct Topology {
     /// `tcp_capacity`, also the accept backlog). Small values let a slow phone's
     /// backpressure reach the server's outbound queue sooner.
     pub tcp_segments: usize,
+    /// Run the hosts in an order drawn from the seed at every step (turmoil's random
+    /// host ordering) instead of their fixed order.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub random_order: bool,
 }
 
 impl Default for Topology {
@@ -85,6 +89,7 @@ impl Default for Topology {
             client_hosts: 1,
             latency_ms: [1, 20],
             tcp_segments: TCP_CAPACITY,
+            random_order: false,
         }
     }
 }
@@ -261,6 +266,62 @@ pub enum FaultKind {
     /// Links between `a` and `b` get a latency distribution up to `max_ms` until `until_ms`
     /// (a congested or distant link).
     Latency,
+    /// Armed from `at_ms` (to `until_ms` if given): the chat service crashes at the next
+    /// `point` (`after_commit`, `after_ack`, `mid_fanout`), then restarts at once.
+    CrashPoint,
+    /// Every store commit fails (an I/O error) with probability `fail_rate` until `until_ms`.
+    StoreErrors,
+    /// `host` (a gateway, or `chat`: every gateway and the chat service's timers) is frozen
+    /// until `until_ms`, while its peers' timers run on (a GC or VM pause).
+    Pause,
+    /// `host` (a gateway, or `chat` for all) waits `max_ms` before each frame it handles
+    /// and each batch it writes, until `until_ms`.
+    SlowHandler,
+    /// The chat service's clock steps by `skew_ms` (forward or back) and stays stepped.
+    ClockJump,
+}
+
+impl FaultKind {
+    /// Faults carried out through the server's own fault points (BUGGIFY).
+    pub fn inside_server(self) -> bool {
+        matches!(
+            self,
+            FaultKind::CrashPoint
+                | FaultKind::Pause
+                | FaultKind::SlowHandler
+                | FaultKind::ClockJump
+        )
+    }
+}
+
+/// Where a `crash_point` fault crashes the chat service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CrashPoint {
+    /// After a message is committed, before its ack or any fan-out is written.
+    AfterCommit,
+    /// Right after an ack is written to the sender's socket, before the fan-out is.
+    AfterAck,
+    /// After the first delivery of a message is written, before the rest.
+    MidFanout,
+}
+
+impl CrashPoint {
+    /// The name used in scenarios.
+    pub fn name(self) -> &'static str {
+        match self {
+            CrashPoint::AfterCommit => "after_commit",
+            CrashPoint::AfterAck => "after_ack",
+            CrashPoint::MidFanout => "mid_fanout",
+        }
+    }
+
+    /// Every point, in a fixed order (the swarm draws from it).
+    pub const ALL: [CrashPoint; 3] = [
+        CrashPoint::AfterCommit,
+        CrashPoint::AfterAck,
+        CrashPoint::MidFanout,
+    ];
 }
 
 /// One fault on the timeline.
@@ -293,6 +354,8 @@ pub struct Fault {
     pub fail_rate: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub point: Option<CrashPoint>,
 }
 
 /// Random faults drawn per seed (swarm testing).
@@ -707,6 +770,48 @@ impl Scenario {
                 ClockSkew => {
                     if !user_ok(f.user) || f.skew_ms.is_none() {
                         return e("clock_skew needs user and skew_ms".into());
+                    }
+                }
+                CrashPoint => {
+                    if f.point.is_none() {
+                        return e(
+                            "crash_point needs point = after_commit, after_ack or mid_fanout"
+                                .into(),
+                        );
+                    }
+                }
+                StoreErrors => {
+                    if !f.fail_rate.is_some_and(|r| (0.0..=1.0).contains(&r)) {
+                        return e("store_errors needs fail_rate in 0..=1".into());
+                    }
+                    if f.until_ms.is_none() {
+                        return e("store_errors needs until_ms".into());
+                    }
+                }
+                Pause | SlowHandler => {
+                    match &f.host {
+                        Some(h) if h == "chat" || self.gateways().iter().any(|(g, _)| g == h) => {}
+                        _ => {
+                            return e(format!(
+                                "{:?} needs host = chat or a gateway (gw-REGION-N)",
+                                f.kind
+                            )
+                            .to_lowercase())
+                        }
+                    }
+                    if f.until_ms.is_none() {
+                        return e("needs until_ms (faults must end before the quiet phase)".into());
+                    }
+                    if f.kind == SlowHandler && !f.max_ms.is_some_and(|m| (1..=10_000).contains(&m))
+                    {
+                        return e("slow_handler needs max_ms (the delay) in 1..=10000".into());
+                    }
+                }
+                ClockJump => {
+                    if f.skew_ms.is_none() {
+                        return e(
+                            "clock_jump needs skew_ms (the step, ms; negative steps back)".into(),
+                        );
                     }
                 }
                 RegionFailover => match &f.region {

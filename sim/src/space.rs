@@ -118,7 +118,8 @@ pub fn draw(sc: &Scenario, seed: u64) -> Result<Drawn, String> {
     let devices = d.int("devices_per_user") as usize;
     let mut tcp = d.log_int("tcp_segments", 4) as usize;
     // The accept backlog must hold the devices that may connect to one gateway at once.
-    tcp = tcp.max((users * devices).div_ceil(2 * out.topology.gateways_per_region) + 8);
+    // (All of them may: a failover or a pause sends every phone to one gateway.)
+    tcp = tcp.max(users * devices + 8);
     out.topology.tcp_segments = tcp.min(4096);
     let w = &mut out.workload;
     w.users = users;
@@ -280,6 +281,10 @@ pub fn draw(sc: &Scenario, seed: u64) -> Result<Drawn, String> {
     c.sync_after_seq_probability = d.float("sync_after_seq_probability");
     c.sync_limit = d.int("sync_limit") as usize;
     c.start_jitter_ms = d.int("start_jitter_ms");
+    let order_p = d.float("random_order_probability");
+    out.topology.random_order = d.chance(order_p);
+    d.explain
+        .push(("random_order".into(), out.topology.random_order.to_string()));
     out.server =
         Some(toml::Table::try_from(&limits).map_err(|e| format!("encoding drawn limits: {e}"))?);
     // Knobs that ended up adjusted by others are explained by their final value.

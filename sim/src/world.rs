@@ -58,8 +58,31 @@ enum Action {
     End(usize),
 }
 
-/// Runs `sc` with `seed`.
+/// Runs `sc` with `seed`, checking every line the server logs meanwhile for plaintext.
 pub fn run(sc: &Scenario, seed: u64, opts: &RunOptions) -> Result<Outcome, String> {
+    let logs = crate::logcheck::LogCheck::default();
+    let mut out =
+        tracing::subscriber::with_default(logs.clone(), || run_logged(sc, seed, opts, &logs))?;
+    for what in logs.hits().into_iter().take(5) {
+        out.ledger.breach(
+            crate::invariant::ViolationKind::Plaintext,
+            0,
+            None,
+            None,
+            None,
+            "no plaintext in any line the chat service logs".into(),
+            format!("a {what} log event carried message content (the plaintext marker or a body a phone sent)"),
+        );
+    }
+    Ok(out)
+}
+
+fn run_logged(
+    sc: &Scenario,
+    seed: u64,
+    opts: &RunOptions,
+    logs: &crate::logcheck::LogCheck,
+) -> Result<Outcome, String> {
     let drawn = crate::space::draw(sc, seed)?;
     let sc = &drawn.scenario;
     let _capture = panics::capture();
@@ -92,6 +115,16 @@ pub fn run(sc: &Scenario, seed: u64, opts: &RunOptions) -> Result<Outcome, Strin
         c.enable_event_log();
     });
     hub.watch_queues();
+    let faults = Arc::new(crate::buggify::ServerFaults::new(
+        disk.clone(),
+        limits.clone(),
+        secret.clone(),
+        opts.bugs.clone(),
+    ));
+    if plan.faults.iter().any(|f| f.kind.inside_server()) {
+        // Armed only when the timeline uses them: otherwise the server runs unhooked.
+        hub.arm_faults(faults.clone());
+    }
     // Every phone is linked to its account before the run (but those `[[workload.links]]`
     // link during it): messages wait for all of them.
     for u in 0..plan.users {
@@ -133,6 +166,18 @@ pub fn run(sc: &Scenario, seed: u64, opts: &RunOptions) -> Result<Outcome, Strin
             Target::Group(g) => ConversationId::group(&GroupId(group_ids[g].clone())).0,
         })
         .collect();
+    // Every body the phones will send, so a server log line carrying one is caught.
+    for (i, s) in plan.sends.iter().enumerate() {
+        let sender = user_name(s.user);
+        let pt = crate::crypto::plaintext(&sender, &s.cmid);
+        logs.watch_body(crate::crypto::seal(
+            seed,
+            &send_conv[i],
+            &sender,
+            &s.cmid,
+            &pt,
+        ));
+    }
     // The conversations each user takes part in (at any time of the run).
     let mut user_convs: BTreeMap<usize, std::collections::BTreeSet<String>> = BTreeMap::new();
     for (i, s) in plan.sends.iter().enumerate() {
@@ -197,7 +242,12 @@ pub fn run(sc: &Scenario, seed: u64, opts: &RunOptions) -> Result<Outcome, Strin
         user_convs,
     });
 
-    let mut sim = turmoil::Builder::new()
+    let mut builder = turmoil::Builder::new();
+    if sc.topology.random_order {
+        // Hosts run in an order drawn from the seed at every step.
+        builder.enable_random_order();
+    }
+    let mut sim = builder
         .rng_seed(seed)
         .epoch(std::time::UNIX_EPOCH + Duration::from_millis(EPOCH_MS))
         .simulation_duration(Duration::from_millis(end_ms + 60_000))
@@ -211,13 +261,18 @@ pub fn run(sc: &Scenario, seed: u64, opts: &RunOptions) -> Result<Outcome, Strin
     {
         let hub = hub.clone();
         let disk = disk.clone();
+        let faults = faults.clone();
         sim.host("chat", move || {
             let hub = hub.clone();
             let disk = disk.clone();
+            let faults = faults.clone();
             async move {
                 loop {
                     tokio::time::sleep(Duration::from_millis(250)).await;
-                    let now = Millis(EPOCH_MS + now_ms());
+                    if faults.frozen("chat", now_ms()) {
+                        continue;
+                    }
+                    let now = faults.server_now(now_ms());
                     hub.act(|c| c.tick(now));
                     disk.flush();
                 }
@@ -296,7 +351,7 @@ pub fn run(sc: &Scenario, seed: u64, opts: &RunOptions) -> Result<Outcome, Strin
                 Action::End(i) => (i, false),
             };
             let f = plan.faults[i].clone();
-            let now = Millis(EPOCH_MS + t);
+            let now = faults.server_now(t);
             let label = format!("{:?}{}", f.kind, if begin { "" } else { " ends" }).to_lowercase();
             ctx.ledger.borrow_mut().trace(
                 t,
@@ -408,6 +463,37 @@ pub fn run(sc: &Scenario, seed: u64, opts: &RunOptions) -> Result<Outcome, Strin
                         }
                     }
                 }
+                FaultKind::CrashPoint => {
+                    if begin {
+                        let point = f.point.unwrap_or(crate::scenario::CrashPoint::AfterCommit);
+                        faults.arm_crash(point, f.until_ms.unwrap_or(sc.duration_ms));
+                    }
+                }
+                FaultKind::StoreErrors => {
+                    let rate = if begin {
+                        f.fail_rate.unwrap_or(0.0)
+                    } else {
+                        0.0
+                    };
+                    disk.inject_errors(rate, seed ^ (i as u64).wrapping_mul(0x9e37_79b9));
+                }
+                FaultKind::Pause | FaultKind::SlowHandler => {
+                    if begin {
+                        let delay =
+                            (f.kind == FaultKind::SlowHandler).then(|| f.max_ms.unwrap_or(100));
+                        faults.hold(
+                            f.host.as_deref().unwrap_or("chat"),
+                            t,
+                            f.until_ms.unwrap_or(t),
+                            delay,
+                        );
+                    }
+                }
+                FaultKind::ClockJump => {
+                    if begin {
+                        faults.step_clock(f.skew_ms.unwrap_or(0));
+                    }
+                }
                 FaultKind::Offline
                 | FaultKind::Kill
                 | FaultKind::BatteryDeath
@@ -462,7 +548,23 @@ pub fn run(sc: &Scenario, seed: u64, opts: &RunOptions) -> Result<Outcome, Strin
         }
         {
             let mut l = ctx.ledger.borrow_mut();
-            record_core_events(&hub, &mut l);
+            for (at, point) in faults.take_fired() {
+                l.trace(
+                    at,
+                    "sim",
+                    "fault",
+                    None,
+                    None,
+                    None,
+                    format!(
+                        "crash_point fired at {}: the chat service crashed and restarted",
+                        point.name()
+                    ),
+                );
+            }
+            let mut events = faults.take_events();
+            events.extend(hub.with_core(|c| c.take_events()));
+            record_core_events(events, &mut l);
             l.max_queue = hub.fullest_queue();
             let mut broken = panics::take();
             if hub.poisoned() {
@@ -530,9 +632,9 @@ pub fn run(sc: &Scenario, seed: u64, opts: &RunOptions) -> Result<Outcome, Strin
 }
 
 /// Moves the chat service's playback events into the trace.
-fn record_core_events(hub: &Hub, l: &mut Ledger) {
+fn record_core_events(events: Vec<model_server::core::CoreEvent>, l: &mut Ledger) {
     use model_server::core::CoreEvent;
-    for e in hub.with_core(|c| c.take_events()) {
+    for e in events {
         let t = |at: Millis| at.0.saturating_sub(EPOCH_MS);
         match e {
             CoreEvent::Stored {
@@ -766,6 +868,15 @@ pub fn describe(f: &crate::scenario::Fault) -> String {
     }
     if let Some(s) = f.skew_ms {
         parts.push(format!("skew_ms={s}"));
+    }
+    if let Some(r) = f.fail_rate {
+        parts.push(format!("fail_rate={r}"));
+    }
+    if let Some(m) = f.max_ms {
+        parts.push(format!("max_ms={m}"));
+    }
+    if let Some(p) = f.point {
+        parts.push(format!("point={}", p.name()));
     }
     parts.join(" ")
 }

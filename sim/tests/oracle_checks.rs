@@ -251,6 +251,22 @@ fn an_unacked_send_left_in_an_outbox_is_liveness() {
 }
 
 #[test]
+fn group_counts_that_never_reach_every_member_are_liveness() {
+    let mut o = run();
+    let (i, _, _, mid) = acked(&o, true);
+    let k = (o.plan.sends[i].user, o.plan.sends[i].device);
+    assert!(!kinds(&o).contains(&ViolationKind::Liveness));
+    let counts = o
+        .ledger
+        .devices
+        .get_mut(&k)
+        .and_then(|d| d.group_counts.get_mut(&mid))
+        .expect("the sender saw counts for its group message");
+    counts.0 = 1; // of two other members, both of whom show it
+    assert!(kinds(&o).contains(&ViolationKind::Liveness));
+}
+
+#[test]
 fn shown_before_the_store_is_not_required_of_a_device_linked_later() {
     // A device linked during the run is promised only what was tapped after its login.
     let sc = Scenario::parse(

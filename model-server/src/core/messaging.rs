@@ -214,9 +214,22 @@ impl<S: KvStore> ChatCore<S> {
                 }
             }
         }
+        if self.bugs.log_content {
+            tracing::debug!(conversation = %m.conv, content = ?msg.content, "storing message");
+        }
         // Save before ack: if this commit fails, the client gets an error and no ack.
-        self.db.commit(batch)?;
-        self.stats.messages_stored += 1;
+        if self.bugs.inbox_outside_commit {
+            let (inbox, rest): (Vec<Write>, Vec<Write>) = batch
+                .into_iter()
+                .partition(|w| matches!(w, Write::Put(Table::Inbox, ..)));
+            let batch = rest;
+            self.db.commit(batch)?;
+            self.stats.messages_stored += 1;
+            self.db.commit(inbox)?;
+        } else {
+            self.db.commit(batch)?;
+            self.stats.messages_stored += 1;
+        }
         let gateway = self
             .reg
             .conns

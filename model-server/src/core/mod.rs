@@ -44,6 +44,9 @@ pub enum CloseReason {
     Replaced,
     /// The gateway holding it went down (deploy, crash, region failover).
     GatewayDown,
+    /// A store commit failed while handling one of its frames: frames pipelined behind it
+    /// are not handled, so the client resends its outbox in order after reconnecting.
+    StorageUnavailable,
 }
 
 impl CloseReason {
@@ -55,6 +58,7 @@ impl CloseReason {
             CloseReason::SlowConsumer => 1013,
             CloseReason::Replaced => 1000,
             CloseReason::GatewayDown => 1012,
+            CloseReason::StorageUnavailable => 1011,
         }
     }
 
@@ -67,6 +71,7 @@ impl CloseReason {
             CloseReason::SlowConsumer => "slow consumer",
             CloseReason::Replaced => "replaced by a newer connection",
             CloseReason::GatewayDown => "gateway going away",
+            CloseReason::StorageUnavailable => "storage unavailable",
         }
     }
 }
@@ -265,7 +270,10 @@ impl Reject {
 impl From<StoreError> for Reject {
     fn from(e: StoreError) -> Self {
         tracing::error!(error = %e, "store error");
-        Reject::new(503, "storage unavailable; nothing was stored, retry")
+        Reject::new(
+            503,
+            "storage unavailable; nothing of this frame was stored, reconnect and retry",
+        )
     }
 }
 
@@ -420,6 +428,12 @@ impl<S: KvStore> ChatCore<S> {
                 p.message = format!("{}; closing", p.message);
                 self.send_error(conn, *p, now);
                 self.close(conn, CloseReason::Unauthorized, now);
+            } else if p.code == 503 {
+                // Fail-stop: a later frame of this connection (the next send of the same
+                // outbox) must not be applied before this one is retried (sender FIFO).
+                p.message = format!("{}; closing", p.message);
+                self.send_error(conn, *p, now);
+                self.close(conn, CloseReason::StorageUnavailable, now);
             } else {
                 self.send_error(conn, *p, now);
             }
@@ -566,7 +580,8 @@ impl<S: KvStore> ChatCore<S> {
             self.close(id, why, now);
         }
         self.flush_group_receipts(now);
-        if now.since(self.last_sweep) >= SWEEP_INTERVAL_MS {
+        // A clock stepped back sweeps at once rather than waiting out the step.
+        if now.since(self.last_sweep) >= SWEEP_INTERVAL_MS || now < self.last_sweep {
             self.last_sweep = now;
             if let Err(e) = self.sweep_expired(now) {
                 tracing::error!(error = %e.0.message, "expiry sweep failed; will retry next sweep");
@@ -592,6 +607,16 @@ impl<S: KvStore> ChatCore<S> {
             self.close(id, CloseReason::GatewayDown, now);
         }
         self.take_fx()
+    }
+
+    /// The last connection id this core handed out.
+    pub fn last_conn_id(&self) -> u64 {
+        self.reg.last_id()
+    }
+
+    /// Hands out connection ids above `last` (see `Hub::restart_core`).
+    pub fn continue_conn_ids_after(&mut self, last: u64) {
+        self.reg.continue_after(last);
     }
 
     /// Every gateway: (id, region, up), in order.

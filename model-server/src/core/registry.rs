@@ -53,6 +53,17 @@ impl Registry {
         ConnId(self.next_conn)
     }
 
+    /// The last connection id handed out.
+    pub fn last_id(&self) -> u64 {
+        self.next_conn
+    }
+
+    /// Hands out ids above `last` from now on (a restarted core must never reuse an id a
+    /// connection task of the crashed one may still present).
+    pub fn continue_after(&mut self, last: u64) {
+        self.next_conn = self.next_conn.max(last);
+    }
+
     /// Online connections of `user`, in device order.
     pub fn user_conns(&self, user: &UserId) -> Vec<(DeviceId, ConnId)> {
         self.by_device

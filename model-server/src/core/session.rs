@@ -280,7 +280,9 @@ impl<S: KvStore> ChatCore<S> {
         // Throttle: at most one typing notice per user per conversation per interval.
         let k = (sess.user.clone(), conv.clone());
         if let Some(last) = self.typing_last.get(&k) {
-            if now.since(*last) < self.cfg.typing_min_interval_ms {
+            // A clock stepped back (`now` before `last`) ends the throttle rather than
+            // holding it for the length of the step.
+            if now >= *last && now.since(*last) < self.cfg.typing_min_interval_ms {
                 self.log(|| super::CoreEvent::Typing {
                     at: now,
                     conversation: conv.clone(),

@@ -350,11 +350,25 @@ fn no_message_ack_when_the_store_write_fails() {
     let send = r#"{"type":"message","client_message_id":"c1","payload":{"receiver_id":"bob","content":"eA"}}"#;
 
     store.fail.store(true, Ordering::SeqCst);
-    core.on_text(alice, send, now);
-    let frames = decode(&core.drain(alice, usize::MAX));
-    let e = single_error(frames);
+    let fx = core.on_text(alice, send, now);
+    // The 503 is the last frame before a close (1011): frames pipelined behind the failed
+    // send are not handled, so the phone's retry cannot land behind a later send.
+    let close = fx
+        .close
+        .iter()
+        .find(|c| c.conn == alice)
+        .expect("a store error closes the connection");
+    assert_eq!(close.reason, CloseReason::StorageUnavailable);
+    assert_eq!(close.reason.ws_code(), 1011);
+    let e = single_error(decode(&close.final_frames));
     assert_eq!(e.code, 503);
     assert_eq!(e.client_message_id.as_ref().map(|c| c.as_str()), Some("c1"));
+    let later = r#"{"type":"message","client_message_id":"c2","payload":{"receiver_id":"bob","content":"eQ"}}"#;
+    core.on_text(alice, later, now);
+    assert!(
+        core.drain(alice, usize::MAX).is_empty(),
+        "a frame behind the failed one is not handled"
+    );
     assert!(
         core.drain(bob, usize::MAX).is_empty(),
         "nothing delivered unstored"
@@ -367,6 +381,7 @@ fn no_message_ack_when_the_store_write_fails() {
 
     // Once the store is back, the same client_message_id is a first send, not a duplicate.
     store.fail.store(false, Ordering::SeqCst);
+    let alice = login(&mut core, "alice");
     core.on_text(alice, send, now);
     let ack = single_ack(decode(&core.drain(alice, usize::MAX)));
     assert_eq!(ack.seq, Seq(1));

@@ -5,12 +5,14 @@
 //! runs this same code on turmoil's network (feature `sim`), spawning with `spawn_local`
 //! there to keep task order deterministic.
 
+pub mod faults;
 pub mod http;
 pub mod listener;
 mod metrics;
 mod routes;
 mod ws;
 
+pub use faults::FaultPoints;
 pub use listener::Listener;
 
 use crate::auth::Secret;
@@ -145,6 +147,8 @@ pub struct Hub {
     pushes: std::sync::atomic::AtomicU64,
     watch_queues: std::sync::atomic::AtomicBool,
     fullest: Mutex<(u64, u64)>,
+    /// Fault points the simulator armed (never set in the real server).
+    faults: std::sync::OnceLock<Arc<dyn FaultPoints>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -169,6 +173,7 @@ impl Hub {
             pushes: Default::default(),
             watch_queues: Default::default(),
             fullest: Mutex::new((0, 0)),
+            faults: std::sync::OnceLock::new(),
         })
     }
 
@@ -188,8 +193,14 @@ impl Hub {
     /// volatile state is lost, the store keeps what it committed). Every connection task
     /// is told to close.
     pub fn restart_core(&self, limits: Limits, secret: Secret, store: Box<dyn KvStore>) {
-        let gateways: Vec<_> = lock(&self.core).gateways();
+        let (gateways, last_conn) = {
+            let old = lock(&self.core);
+            (old.gateways(), old.last_conn_id())
+        };
         let mut core = ChatCore::new(limits, secret, store);
+        // A connection task of the old core may still read a frame before it sees its
+        // close: its id must not name a new connection (one user acting as another).
+        core.continue_conn_ids_after(last_conn);
         for (gw, region, up) in gateways {
             core.add_gateway(gw.clone(), region);
             if !up {
@@ -206,6 +217,16 @@ impl Hub {
             });
             sig.notify.notify_one();
         }
+    }
+
+    /// Arms fault points (the simulator's BUGGIFY; once per hub, later calls are ignored).
+    pub fn arm_faults(&self, faults: Arc<dyn FaultPoints>) {
+        let _ = self.faults.set(faults);
+    }
+
+    /// The armed fault points, if any.
+    pub(crate) fn faults(&self) -> Option<&Arc<dyn FaultPoints>> {
+        self.faults.get()
     }
 
     /// True when a call into the core panicked while holding its lock (the simulator
@@ -336,9 +357,13 @@ impl Server {
         &self.hub
     }
 
-    /// Current time on this server's clock.
+    /// Current time on this server's clock (stepped by an armed clock fault).
     pub fn now(&self) -> Millis {
-        self.clock.now()
+        let now = self.clock.now();
+        match self.hub.faults() {
+            Some(f) => Millis(now.0.saturating_add_signed(f.clock_offset_ms())),
+            None => now,
+        }
     }
 
     /// Runs `f` with the core locked.
@@ -468,5 +493,35 @@ pub fn load_or_create_secret(path: &std::path::Path) -> std::io::Result<Secret> 
             Secret::new(hex.into_bytes()).map_err(|e| bad(e.to_string()))
         }
         Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemoryStore;
+
+    #[test]
+    fn a_restarted_core_never_reuses_a_connection_id() {
+        // Found by the simulator's crash points: a connection task of the crashed core
+        // read one more frame with its old id, which the new core had given to another
+        // user's connection.
+        let secret = Secret::new(b"test-secret-test-secret".to_vec()).expect("secret");
+        let hub = Hub::new(
+            Limits::default(),
+            secret.clone(),
+            Box::new(MemoryStore::new()),
+            None,
+        );
+        let gw = GatewayId::from("gw-1");
+        hub.with_core(|c| c.add_gateway(gw.clone(), RegionId::from("r")));
+        let old: Vec<ConnId> = (0..3)
+            .filter_map(|_| hub.with_core(|c| c.connect(&gw, Millis(0))))
+            .collect();
+        hub.restart_core(Limits::default(), secret, Box::new(MemoryStore::new()));
+        let new = hub
+            .with_core(|c| c.connect(&gw, Millis(0)))
+            .expect("gateway still up");
+        assert!(!old.contains(&new), "{new:?} reused one of {old:?}");
     }
 }

@@ -79,6 +79,8 @@ where
     };
     let (mut tx, mut rx) = ws.split();
     let write_timeout = server.cfg.write_timeout;
+    let faults = server.hub.faults();
+    let gateway = &server.cfg.gateway;
     let batch = server.cfg.write_batch;
     // The writer and the reader run side by side in this one task: while a write to a
     // slow reader is blocked, frames from it (heartbeats, acks, sends) are still read.
@@ -101,10 +103,18 @@ where
                     let _ = tokio::time::timeout(write_timeout, send_all).await;
                     return Ending::Closed;
                 }
+                if let Some(d) = faults.and_then(|f| f.hold(gateway)) {
+                    tokio::time::sleep(d).await;
+                }
                 let frames = lock(&server.hub.core).drain(conn, batch);
                 if frames.len() == batch {
                     sig.notify.notify_one(); // more queued: come back after this batch
                 }
+                let written = if faults.is_some() {
+                    frames.clone()
+                } else {
+                    Vec::new()
+                };
                 let send_all = async {
                     for f in frames {
                         tx.feed(Message::text(f)).await?;
@@ -112,7 +122,13 @@ where
                     tx.flush().await
                 };
                 match tokio::time::timeout(write_timeout, send_all).await {
-                    Ok(Ok(())) => {}
+                    Ok(Ok(())) => {
+                        if let Some(f) = faults {
+                            if f.after_write(gateway, &written) {
+                                f.crash(&server.hub);
+                            }
+                        }
+                    }
                     Ok(Err(e)) => {
                         tracing::debug!(%conn, error = %e, "write failed");
                         return Ending::Closed;
@@ -127,10 +143,25 @@ where
         let reader = async {
             loop {
                 let msg = rx.next().await;
+                if let Some(d) = faults.and_then(|f| f.hold(gateway)) {
+                    tokio::time::sleep(d).await;
+                }
                 let now = server.now();
                 let fx = match msg {
                     Some(Ok(Message::Text(t))) => {
-                        lock(&server.hub.core).on_text(conn, t.as_str(), now)
+                        let mut core = lock(&server.hub.core);
+                        let stored = core.stats().messages_stored;
+                        let fx = core.on_text(conn, t.as_str(), now);
+                        let committed = core.stats().messages_stored > stored;
+                        drop(core);
+                        if let Some(f) = faults.filter(|_| committed) {
+                            if f.after_commit(gateway) {
+                                // The ack and the fan-out die with the process.
+                                f.crash(&server.hub);
+                                continue;
+                            }
+                        }
+                        fx
                     }
                     Some(Ok(Message::Binary(_))) => lock(&server.hub.core).on_binary(conn, now),
                     Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
