@@ -45,6 +45,10 @@ pub struct LoadArgs {
     /// Typing notices per second per user, plus presence subscriptions (churn); 0: none.
     #[arg(long, default_value_t = 0.0)]
     pub typing: f64,
+    /// Errors a valid run may have (every error is counted by kind in the report; more than
+    /// this makes the run INVALID and the exit code 1).
+    #[arg(long, default_value_t = 0)]
+    pub max_errors: u64,
     /// Scrape http://HOST:PORT/metrics of the target for server figures.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub scrape_metrics: bool,
@@ -74,6 +78,14 @@ pub fn print_summary(s: &Summary, dir: &std::path::Path) {
         s.acked,
         s.errors
     );
+    if !s.errors_by_kind.is_empty() {
+        let kinds: Vec<String> = s
+            .errors_by_kind
+            .iter()
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect();
+        println!("  errors by kind: {}", kinds.join(", "));
+    }
     println!(
         "  send→deliver p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  (raw p99 {:.2} ms)   send→ack p99 {:.2} ms",
         ms(s.deliver_us.p50),
@@ -144,6 +156,7 @@ pub fn config(a: &LoadArgs) -> Result<LoadConfig> {
         storm_at: a.storm_at.map(Duration::from_secs),
         storm_fraction: a.storm_fraction.clamp(0.0, 1.0),
         typing_per_sec: a.typing.max(0.0),
+        max_errors: a.max_errors,
     })
 }
 
@@ -164,7 +177,8 @@ pub fn load(a: LoadArgs) -> Result<i32> {
         .build()?;
     let s = rt.block_on(loadgen::run(cfg))?;
     print_summary(&s, &dir);
-    let mut code = 0;
+    // An invalid run fails whatever `--fail-if` says: its figures are not the server's.
+    let mut code = i32::from(!s.valid);
     for c in &conds {
         if c.holds(&s) {
             println!(
@@ -277,6 +291,7 @@ pub fn bench_load(users: usize, secs: u64, slo_p99_ms: f64) -> Result<()> {
                 storm_at: None,
                 storm_fraction: 0.0,
                 typing_per_sec: 0.0,
+                max_errors: 0,
             };
             loadgen::run(cfg)
         };

@@ -66,6 +66,11 @@ fn short_load_writes_consistent_reports_and_runs_merge_exactly() {
         assert!(run1.join(f).exists(), "{f} written");
     }
     let s = summary(&run1);
+    assert_eq!(
+        s["valid"], true,
+        "a clean run is valid: {}",
+        s["invalid_reason"]
+    );
     let sent = s["sent"].as_u64().expect("sent");
     let delivered = s["delivered"].as_u64().expect("delivered");
     assert!(sent > 0, "something was sent");
@@ -147,7 +152,8 @@ fn short_load_writes_consistent_reports_and_runs_merge_exactly() {
     );
     assert!(
         out.status.success(),
-        "{}",
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
     let st = summary(&storm);
@@ -163,5 +169,39 @@ fn short_load_writes_consistent_reports_and_runs_merge_exactly() {
         &["--fail-if", "p50_deliver_ms>=0"],
     );
     assert_eq!(out.status.code(), Some(1));
+
+    // A secret that is not the server's: the first token is refused and no run starts
+    // (it used to run with every connection refused and call the run valid).
+    let wrong = dir.path().join("other-secret");
+    std::fs::write(&wrong, "00".repeat(32)).expect("write a wrong secret");
+    let run4 = dir.path().join("run4");
+    let out = Command::new(env!("CARGO_BIN_EXE_chatsim"))
+        .args(["load", "--target", &format!("ws://{}", srv.addr)])
+        .arg("--secret-file")
+        .arg(&wrong)
+        .args(["--users", "4", "--ramp", "1", "--duration", "1", "--out"])
+        .arg(&run4)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run chatsim load");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("refused the first connection"), "{err}");
+    assert!(
+        !run4.join("summary.json").exists(),
+        "no report for a run never started"
+    );
+
+    // A missing secret file is an error naming it, never a fresh secret.
+    let missing = dir.path().join("no-such-dir/secret");
+    let out = Command::new(env!("CARGO_BIN_EXE_chatsim"))
+        .args(["load", "--target", &format!("ws://{}", srv.addr)])
+        .arg("--secret-file")
+        .arg(&missing)
+        .output()
+        .expect("run chatsim load");
+    assert_ne!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("reading secret file"));
+    assert!(!missing.exists(), "no secret was created");
     srv.stop();
 }

@@ -56,6 +56,8 @@ pub struct Shared {
     pub delivered: AtomicU64,
     pub acked: AtomicU64,
     pub errors: AtomicU64,
+    /// Errors by kind (`connect`, `auth`, `send`, `error CODE`), for the report.
+    pub error_kinds: Mutex<std::collections::BTreeMap<String, u64>>,
     /// client_message_id -> in-flight send, until it is acked and every recipient has it.
     pub pending: Mutex<HashMap<String, InFlight>>,
     pub deliver: Mutex<Histogram<u64>>,
@@ -73,6 +75,13 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// Counts one error of `kind`.
+    pub fn error(&self, kind: impl Into<String>) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        let mut k = self.error_kinds.lock().unwrap_or_else(|p| p.into_inner());
+        *k.entry(kind.into()).or_default() += 1;
+    }
+
     /// Fresh state for `cfg`.
     pub fn new(cfg: LoadConfig) -> Self {
         let start = Instant::now();
@@ -87,6 +96,7 @@ impl Shared {
             delivered: AtomicU64::new(0),
             acked: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            error_kinds: Mutex::default(),
             pending: Mutex::new(HashMap::new()),
             deliver: Mutex::new(hist()),
             deliver_raw: Mutex::new(hist()),
@@ -143,8 +153,17 @@ impl Shared {
         self.span().is_some_and(|(_, until)| at >= until)
     }
 
-    /// A send left: remember it until `recipients` devices have it.
-    pub fn on_send(&self, cmid: String, intended: Instant, actual: Instant, recipients: u32) {
+    /// A send left: remember it until `recipients` devices have it. `judge_slip` is false
+    /// for a send the reconnect storm held back (its lateness is the outage's, not the
+    /// generator's).
+    pub fn on_send(
+        &self,
+        cmid: String,
+        intended: Instant,
+        actual: Instant,
+        recipients: u32,
+        judge_slip: bool,
+    ) {
         self.pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -159,7 +178,7 @@ impl Shared {
             );
         self.sent.fetch_add(1, Ordering::Relaxed);
         self.window(intended, |w| w.sent += 1);
-        if self.measuring(intended) {
+        if judge_slip && self.measuring(intended) {
             let slip = actual.saturating_duration_since(intended).as_micros() as u64;
             let _ = self
                 .slip

@@ -50,6 +50,8 @@ pub struct LoadConfig {
     pub typing_per_sec: f64,
     /// `http://HOST:PORT/metrics` to scrape for server figures, if the target has one.
     pub metrics_url: Option<String>,
+    /// Errors a valid run may have (each counted by kind in the report).
+    pub max_errors: u64,
 }
 
 /// Runs a load test and writes its report. Returns the summary.
@@ -88,6 +90,14 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<report::Summary> {
     }
     std::fs::create_dir_all(&cfg.report_dir)?;
     let shared = Arc::new(ledger::Shared::new(cfg.clone()));
+    if let Err(e) = user::probe(&shared).await {
+        anyhow::bail!(
+            "the server refused the first connection, so no run was started: {e}\n\
+             (is --secret-file the secret of the server at {}? `chatsim serve` keeps it in \
+             DATA_DIR/secret)",
+            cfg.target
+        );
+    }
     let server_before = match &cfg.metrics_url {
         Some(u) => report::scrape(u).await.ok(),
         None => None,

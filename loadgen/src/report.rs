@@ -67,6 +67,10 @@ pub struct Summary {
     pub delivered: u64,
     pub acked: u64,
     pub errors: u64,
+    /// Errors by kind: `connect`, `auth` (a refused token), `send`, `error CODE` (an error
+    /// frame from the server).
+    #[serde(default)]
+    pub errors_by_kind: std::collections::BTreeMap<String, u64>,
     pub peak_connections: i64,
     pub sent_per_s: f64,
     pub delivered_per_s: f64,
@@ -78,13 +82,87 @@ pub struct Summary {
     /// How late the open-loop schedule ran, and event-loop lag: the generator's health.
     pub schedule_slip_us: Pct,
     pub event_loop_lag_us: Pct,
-    /// False when the generator, not the server, was the bottleneck.
+    /// False when the figures cannot be trusted: connections failed or fell away, messages
+    /// went missing, errors passed the budget, or the generator was the bottleneck.
     pub valid: bool,
+    /// Every reason the run is invalid, joined with "; " (None when valid).
     pub invalid_reason: Option<String>,
     pub server: Option<ServerFigures>,
     /// Reconnect storm: drop → reconnected, and drop → backlog drained (absent without one).
     pub storm_reconnect_us: Option<Pct>,
     pub storm_catch_up_us: Option<Pct>,
+}
+
+/// What a run's verdict is judged from.
+pub struct Evidence<'a> {
+    /// Device connections asked for.
+    pub users: i64,
+    /// Fewest connections seen in the measured phase.
+    pub lowest_connections: i64,
+    pub sent: u64,
+    pub expected: u64,
+    pub delivered: u64,
+    pub errors: u64,
+    pub max_errors: u64,
+    pub errors_by_kind: &'a std::collections::BTreeMap<String, u64>,
+    pub slip_p99_us: u64,
+    pub lag_p99_us: u64,
+}
+
+/// Every reason a run's figures cannot be trusted; empty when it is valid.
+pub fn verdict(e: &Evidence<'_>) -> Vec<String> {
+    let mut out = Vec::new();
+    let kind = |k: &str| e.errors_by_kind.get(k).copied().unwrap_or(0);
+    let (auth, connect) = (kind("auth"), kind("connect"));
+    if auth + connect > 0 {
+        out.push(format!(
+            "{} connections failed ({auth} refused at auth, {connect} could not connect)",
+            auth + connect
+        ));
+    }
+    if e.lowest_connections < e.users {
+        out.push(format!(
+            "the measured phase had {} of the {} connections asked for",
+            e.lowest_connections.max(0),
+            e.users
+        ));
+    }
+    if e.sent == 0 {
+        out.push("nothing was sent in the measured phase".into());
+    }
+    if e.delivered < e.expected {
+        out.push(format!(
+            "{} of {} deliveries missing after the drain",
+            e.expected - e.delivered,
+            e.expected
+        ));
+    }
+    if e.errors > e.max_errors {
+        let kinds: Vec<String> = e
+            .errors_by_kind
+            .iter()
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect();
+        out.push(format!(
+            "{} errors ({}) over the budget of {} (--max-errors)",
+            e.errors,
+            kinds.join(", "),
+            e.max_errors
+        ));
+    }
+    // The generator was the bottleneck if it could not keep its own schedule.
+    if e.slip_p99_us > 100_000 {
+        out.push(format!(
+            "send schedule slipped by {:.1} ms at p99: the generator was saturated",
+            e.slip_p99_us as f64 / 1000.0
+        ));
+    } else if e.lag_p99_us > 50_000 {
+        out.push(format!(
+            "event loop lagged {:.1} ms at p99: the generator was saturated",
+            e.lag_p99_us as f64 / 1000.0
+        ));
+    }
+    out
 }
 
 /// Raw `/metrics` values of interest.
@@ -160,12 +238,17 @@ pub fn write(
     let mut deliver = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)?;
     let (mut sent, mut delivered, mut acked) = (0u64, 0u64, 0u64);
     let mut peak = 0i64;
+    let mut low = i64::MAX;
     for (_, w) in &measured {
         deliver.add(&w.deliver)?;
         sent += w.sent;
         delivered += w.delivered;
         acked += w.acked;
         peak = peak.max(w.connections);
+        low = low.min(w.connections);
+    }
+    if measured.is_empty() {
+        low = 0;
     }
     let secs = cfg.duration.as_secs_f64().max(1.0);
     // timeseries.csv
@@ -224,25 +307,31 @@ pub fn write(
     };
     let slip = lock(&shared.slip);
     let lag = lock(&shared.lag);
-    // The generator was the bottleneck if it could not keep its own schedule.
-    let invalid_reason = if slip.p99 > 100_000 {
-        Some(format!(
-            "send schedule slipped by {:.1} ms at p99: the generator was saturated",
-            ms(slip.p99)
-        ))
-    } else if lag.p99 > 50_000 {
-        Some(format!(
-            "event loop lagged {:.1} ms at p99: the generator was saturated",
-            ms(lag.p99)
-        ))
-    } else {
-        None
-    };
     let recipients = if cfg.group_size >= 2 {
         cfg.group_size as u64 - 1
     } else {
         1
     };
+    let errors_by_kind = shared
+        .error_kinds
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let errors = shared.errors.load(Ordering::Relaxed);
+    let reasons = verdict(&Evidence {
+        users: cfg.users as i64,
+        // A reconnect storm drops sockets on purpose: judge its peak instead.
+        lowest_connections: if cfg.storm_at.is_some() { peak } else { low },
+        sent,
+        expected: sent * recipients,
+        delivered,
+        errors,
+        max_errors: cfg.max_errors,
+        errors_by_kind: &errors_by_kind,
+        slip_p99_us: slip.p99,
+        lag_p99_us: lag.p99,
+    });
+    let invalid_reason = (!reasons.is_empty()).then(|| reasons.join("; "));
     let server = match (before, mid) {
         (Some(b), Some(m)) if m.connections > 0 => {
             let out = m.messages_out.saturating_sub(b.messages_out).max(1);
@@ -269,7 +358,8 @@ pub fn write(
         expected_deliveries: sent * recipients,
         delivered,
         acked,
-        errors: shared.errors.load(Ordering::Relaxed),
+        errors,
+        errors_by_kind,
         peak_connections: peak,
         sent_per_s: sent as f64 / secs,
         delivered_per_s: delivered as f64 / secs,
@@ -449,4 +539,74 @@ fn html(s: &Summary, windows: &[crate::ledger::Window]) -> String {
         r2 = row("send→deliver (raw)", &s.deliver_raw_us),
         r3 = row("send→ack", &s.ack_us),
     )
+}
+
+#[cfg(test)]
+mod verdict_tests {
+    use super::{verdict, Evidence};
+    use std::collections::BTreeMap;
+
+    fn healthy(kinds: &BTreeMap<String, u64>) -> Evidence<'_> {
+        Evidence {
+            users: 100,
+            lowest_connections: 100,
+            sent: 1000,
+            expected: 1000,
+            delivered: 1000,
+            errors: 0,
+            max_errors: 0,
+            errors_by_kind: kinds,
+            slip_p99_us: 500,
+            lag_p99_us: 500,
+        }
+    }
+
+    #[test]
+    fn a_clean_run_is_valid() {
+        assert!(verdict(&healthy(&BTreeMap::new())).is_empty());
+    }
+
+    #[test]
+    fn refused_tokens_dropped_connections_and_missing_messages_each_invalidate() {
+        // The lies of issue 10: every connection refused; every connection dropped at the
+        // start of the measured phase; 153 messages never delivered.
+        let mut kinds = BTreeMap::new();
+        kinds.insert("auth".to_string(), 4);
+        let e = Evidence {
+            errors: 4,
+            sent: 0,
+            expected: 0,
+            delivered: 0,
+            lowest_connections: 0,
+            ..healthy(&kinds)
+        };
+        let r = verdict(&e).join("; ");
+        assert!(r.contains("4 connections failed (4 refused at auth"), "{r}");
+        assert!(r.contains("had 0 of the 100 connections"), "{r}");
+        assert!(r.contains("nothing was sent"), "{r}");
+        assert!(r.contains("4 errors (auth 4) over the budget of 0"), "{r}");
+        let empty = BTreeMap::new();
+        let lost = Evidence {
+            sent: 6703,
+            expected: 6703,
+            delivered: 6550,
+            ..healthy(&empty)
+        };
+        assert_eq!(
+            verdict(&lost),
+            vec!["153 of 6703 deliveries missing after the drain".to_string()]
+        );
+    }
+
+    #[test]
+    fn errors_within_the_budget_are_allowed() {
+        let mut kinds = BTreeMap::new();
+        kinds.insert("error 429".to_string(), 3);
+        let e = Evidence {
+            errors: 3,
+            max_errors: 5,
+            ..healthy(&kinds)
+        };
+        assert!(verdict(&e).is_empty());
+    }
 }

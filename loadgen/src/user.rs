@@ -47,6 +47,9 @@ struct Device {
     tx: mpsc::UnboundedSender<Seen>,
     /// Set once this device has gone through the reconnect storm.
     stormed: Arc<std::sync::atomic::AtomicBool>,
+    /// When it was back from the storm: sends due before then were held by the outage,
+    /// not by the generator, so they do not count as schedule slip.
+    back_at: Arc<std::sync::Mutex<Option<Instant>>>,
     /// The conversation this device talks in (for typing notices).
     conv: String,
 }
@@ -133,6 +136,27 @@ pub async fn attack(shared: Arc<Shared>) -> anyhow::Result<GooseMetrics> {
     Ok(metrics)
 }
 
+/// The kind of a failed connection: refused at authentication, or not connected at all.
+fn connect_error_kind(e: &str) -> &'static str {
+    if e.starts_with(AUTH_FAILED) || e.starts_with(NO_AUTH_ANSWER) {
+        "auth"
+    } else {
+        "connect"
+    }
+}
+
+const AUTH_FAILED: &str = "auth failed";
+const NO_AUTH_ANSWER: &str = "no auth_success within 10 s";
+
+/// Connects and authenticates one device before the run, so a token the server refuses
+/// (a `--secret-file` that is not the server's) stops the run with that reason.
+pub(crate) async fn probe(shared: &Shared) -> Result<(), String> {
+    let user_id = format!("{}-probe", shared.cfg.run_id);
+    let mut ws = connect_ws(shared, &user_id).await?;
+    let _ = ws.close(None).await;
+    Ok(())
+}
+
 async fn connect_ws(shared: &Shared, user_id: &str) -> Result<Ws, String> {
     let url = format!("{}/ws", shared.cfg.target.trim_end_matches('/'));
     // TCP_NODELAY on the client too (Nagle + delayed ACK add ~40 ms otherwise).
@@ -156,10 +180,11 @@ async fn connect_ws(shared: &Shared, user_id: &str) -> Result<Ws, String> {
         .map_err(|e| e.to_string())?;
     let first = tokio::time::timeout(Duration::from_secs(10), ws.next())
         .await
-        .map_err(|_| "no auth_success within 10 s".to_string())?;
+        .map_err(|_| NO_AUTH_ANSWER.to_string())?;
     match first {
         Some(Ok(Message::Text(t))) if t.as_str().contains("\"auth_success\"") => Ok(ws),
-        other => Err(format!("auth failed: {other:?}")),
+        Some(Ok(Message::Text(t))) => Err(format!("{AUTH_FAILED}: {t}")),
+        other => Err(format!("{AUTH_FAILED}: {other:?}")),
     }
 }
 
@@ -205,7 +230,7 @@ async fn on_start(shared: Arc<Shared>, user: &mut GooseUser) -> TransactionResul
             ws
         }
         Err(e) => {
-            shared.errors.fetch_add(1, Ordering::Relaxed);
+            shared.error(connect_error_kind(&e));
             user.record_custom_request_duration(
                 "WS",
                 "connect",
@@ -287,6 +312,7 @@ async fn on_start(shared: Arc<Shared>, user: &mut GooseUser) -> TransactionResul
         reader: Arc::new(std::sync::Mutex::new(Some(handle))),
         tx,
         stormed: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        back_at: Arc::default(),
         conv,
         index,
         user_id,
@@ -345,7 +371,7 @@ async fn reader(
                 }
             }
             ServerFrame::Error { payload } => {
-                shared.errors.fetch_add(1, Ordering::Relaxed);
+                shared.error(format!("error {}", payload.code));
                 let _ = tx.send(Seen::Error(format!("{} {}", payload.code, payload.message)));
             }
             _ => {}
@@ -424,6 +450,7 @@ async fn send_next(shared: Arc<Shared>, user: &mut GooseUser) -> TransactionResu
             && !dev.stormed.swap(true, Ordering::Relaxed)
         {
             storm_reconnect(&shared, &dev).await?;
+            *dev.back_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         }
     }
     let k = dev.next_k.fetch_add(1, Ordering::Relaxed);
@@ -468,7 +495,12 @@ async fn send_next(shared: Arc<Shared>, user: &mut GooseUser) -> TransactionResu
             .await;
     }
     let actual = Instant::now();
-    shared.on_send(cmid, intended, actual, recipients);
+    let held_by_storm = dev
+        .back_at
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .is_some_and(|b| intended < b);
+    shared.on_send(cmid, intended, actual, recipients, !held_by_storm);
     let r = dev
         .sink
         .lock()
@@ -482,7 +514,7 @@ async fn send_next(shared: Arc<Shared>, user: &mut GooseUser) -> TransactionResu
                 .await?
         }
         Err(e) => {
-            shared.errors.fetch_add(1, Ordering::Relaxed);
+            shared.error("send");
             user.record_custom_request_duration(
                 "WS",
                 "send",
