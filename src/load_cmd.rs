@@ -296,9 +296,8 @@ pub fn bench_load(users: usize, secs: u64, slo_p99_ms: f64) -> Result<()> {
             loadgen::run(cfg)
         };
         let ok = |s: &Summary| {
-            s.valid
-                && s.delivered as f64 >= 0.999 * s.expected_deliveries as f64
-                && s.deliver_us.p99 as f64 / 1000.0 <= slo_p99_ms
+            // Valid: every message delivered, no errors, a healthy generator.
+            s.valid && s.deliver_us.p99 as f64 / 1000.0 <= slo_p99_ms
         };
         let mut best: Option<(f64, Summary)> = None;
         let mut rate = 1.0;
@@ -322,7 +321,7 @@ pub fn bench_load(users: usize, secs: u64, slo_p99_ms: f64) -> Result<()> {
         }
         let Some((max_rate, max_s)) = best else {
             anyhow::bail!(
-                "even {users} msgs/s missed the SLO (p99 <= {slo_p99_ms} ms, 99.9% delivered)"
+                "even {users} msgs/s missed the SLO (p99 <= {slo_p99_ms} ms, every message delivered)"
             );
         };
         let half = max_rate / 2.0;
@@ -334,7 +333,7 @@ pub fn bench_load(users: usize, secs: u64, slo_p99_ms: f64) -> Result<()> {
     let ms = |us: u64| us as f64 / 1000.0;
     println!("\nchatsim bench load: {users} connections (1:1 pairs) on loopback; server = `chatsim serve --memory` child process");
     println!(
-        "max sustained: {:.0} delivered msgs/s with p99 {:.2} ms (doubling search; the next step missed p99 <= {slo_p99_ms} ms, 99.9% delivered, or a healthy generator)",
+        "max sustained: {:.0} delivered msgs/s with p99 {:.2} ms (doubling search; the next step missed p99 <= {slo_p99_ms} ms, every message delivered, or a healthy generator)",
         max_s.delivered_per_s,
         ms(max_s.deliver_us.p99)
     );

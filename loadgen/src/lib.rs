@@ -88,7 +88,22 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<report::Summary> {
             cfg.target
         ),
     }
-    std::fs::create_dir_all(&cfg.report_dir)?;
+    if cfg.group_size >= 2 {
+        anyhow::ensure!(
+            cfg.users % cfg.group_size == 0,
+            "--users {} is not a multiple of --group-size {}: the last group would wait for \
+             members that never connect",
+            cfg.users,
+            cfg.group_size
+        );
+    } else {
+        anyhow::ensure!(
+            cfg.users % 2 == 0,
+            "--users {} is odd: users talk in pairs, so the last one's partner would never \
+             connect",
+            cfg.users
+        );
+    }
     let shared = Arc::new(ledger::Shared::new(cfg.clone()));
     if let Err(e) = user::probe(&shared).await {
         anyhow::bail!(
@@ -98,6 +113,7 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<report::Summary> {
             cfg.target
         );
     }
+    std::fs::create_dir_all(&cfg.report_dir)?;
     let server_before = match &cfg.metrics_url {
         Some(u) => report::scrape(u).await.ok(),
         None => None,

@@ -396,7 +396,13 @@ async fn storm_reconnect(shared: &Arc<Shared>, dev: &Device) -> TransactionResul
     shared.connections.fetch_sub(1, Ordering::Relaxed);
     let backoff = Duration::from_millis((dev.index as u64 * 104_729) % 1000);
     tokio::time::sleep(backoff).await;
-    let ws = connect_ws(shared, &dev.user_id).await.map_err(err)?;
+    let ws = match connect_ws(shared, &dev.user_id).await {
+        Ok(ws) => ws,
+        Err(e) => {
+            shared.error(connect_error_kind(&e));
+            return Err(err(e));
+        }
+    };
     shared.connections.fetch_add(1, Ordering::Relaxed);
     shared.on_reconnect(dropped.elapsed());
     let (mut sink, read) = ws.split();

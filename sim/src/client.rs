@@ -1005,7 +1005,6 @@ fn check_receipt(ctx: &Ctx, k: DeviceKey, p: &model_server::protocol::ReceiptPay
     }
 }
 
-/// Group receipt counts never go backward and never exceed what recipients did.
 /// Whether this device has seen no counts for its group message `mid` yet, or counts that
 /// do not yet show every recipient the server counts delivered.
 fn group_open(seen: Option<&crate::ledger::DeviceLog>, mid: &str) -> bool {
@@ -1016,6 +1015,7 @@ fn group_open(seen: Option<&crate::ledger::DeviceLog>, mid: &str) -> bool {
     }
 }
 
+/// Group receipt counts never go backward and never exceed what recipients did.
 fn check_group_receipt(ctx: &Ctx, k: DeviceKey, p: &model_server::protocol::GroupReceiptPayload) {
     let now = now_ms();
     let mut l = ctx.ledger.borrow_mut();

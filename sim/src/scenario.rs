@@ -302,7 +302,8 @@ pub enum CrashPoint {
     AfterCommit,
     /// Right after an ack is written to the sender's socket, before the fan-out is.
     AfterAck,
-    /// After the first delivery of a message is written, before the rest.
+    /// After a message is committed, at the next delivery frame written (usually its first
+    /// recipient's), before the rest of what is queued.
     MidFanout,
 }
 

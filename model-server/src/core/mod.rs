@@ -272,7 +272,7 @@ impl From<StoreError> for Reject {
         tracing::error!(error = %e, "store error");
         Reject::new(
             503,
-            "storage unavailable; nothing of this frame was stored, reconnect and retry",
+            "storage unavailable (a failed write applies nothing); reconnect and retry",
         )
     }
 }

@@ -2,6 +2,9 @@
 
 use crate::ids::Millis;
 
+/// How far behind `last` a reading must be to count as a clock stepped back.
+const STEP_BACK_MS: u64 = 1_000;
+
 /// A token bucket holding up to `burst` tokens, refilled at `rate_per_sec`.
 #[derive(Clone, Debug)]
 pub struct TokenBucket {
@@ -24,9 +27,12 @@ impl TokenBucket {
         let cap = u64::from(burst.max(1)) * 1000;
         let elapsed = now.since(self.last);
         self.milli_tokens = (self.milli_tokens + elapsed * u64::from(rate_per_sec)).min(cap);
-        // Refill from `now` on even if the clock stepped back: keeping the later `last`
-        // would freeze the bucket (and make every retry_after false) for the whole step.
-        self.last = now;
+        // Refill from `now` on if the clock stepped back (by more than the jitter of tasks
+        // reading the clock before the lock): keeping the later `last` would freeze the
+        // bucket, and make every retry_after false, for the whole step.
+        if now >= self.last || self.last.since(now) > STEP_BACK_MS {
+            self.last = now;
+        }
         if self.milli_tokens >= 1000 {
             self.milli_tokens -= 1000;
             Ok(())

@@ -193,10 +193,10 @@ impl Hub {
     /// volatile state is lost, the store keeps what it committed). Every connection task
     /// is told to close.
     pub fn restart_core(&self, limits: Limits, secret: Secret, store: Box<dyn KvStore>) {
-        let (gateways, last_conn) = {
-            let old = lock(&self.core);
-            (old.gateways(), old.last_conn_id())
-        };
+        // One lock from reading the old core to swapping in the new one: a connect in
+        // between would take an id the new core hands out again.
+        let mut guard = lock(&self.core);
+        let (gateways, last_conn) = (guard.gateways(), guard.last_conn_id());
         let mut core = ChatCore::new(limits, secret, store);
         // A connection task of the old core may still read a frame before it sees its
         // close: its id must not name a new connection (one user acting as another).
@@ -207,7 +207,8 @@ impl Hub {
                 let _ = core.gateway_down(&gw, Millis(0));
             }
         }
-        *lock(&self.core) = core;
+        *guard = core;
+        drop(guard);
         let conns = std::mem::take(&mut *lock(&self.conns));
         for sig in conns.values() {
             *lock(&sig.close) = Some(Close {

@@ -88,6 +88,9 @@ where
         let writer = async {
             loop {
                 sig.notify.notified().await;
+                if let Some(d) = faults.and_then(|f| f.hold(gateway)) {
+                    tokio::time::sleep(d).await;
+                }
                 let close = lock(&sig.close).take();
                 if let Some(close) = close {
                     let send_all = async {
@@ -102,9 +105,6 @@ where
                     };
                     let _ = tokio::time::timeout(write_timeout, send_all).await;
                     return Ending::Closed;
-                }
-                if let Some(d) = faults.and_then(|f| f.hold(gateway)) {
-                    tokio::time::sleep(d).await;
                 }
                 let frames = lock(&server.hub.core).drain(conn, batch);
                 if frames.len() == batch {
