@@ -175,8 +175,16 @@ impl FaultPoints for ServerFaults {
     }
 
     fn crash(&self, hub: &Hub) {
-        lock(&self.events).extend(hub.with_core(|c| c.take_events()));
         self.disk.crash();
+        self.restart(hub);
+    }
+}
+
+impl ServerFaults {
+    /// Replaces the chat core by a fresh one over the disk as it now is (after a crash or
+    /// a failover), keeping the old core's unread events for the trace.
+    pub fn restart(&self, hub: &Hub) {
+        lock(&self.events).extend(hub.with_core(|c| c.take_events()));
         hub.restart_core(
             self.limits.clone(),
             self.secret.clone(),

@@ -10,7 +10,7 @@ use crate::scenario::{FaultKind, Scenario};
 use model_server::auth::Secret;
 use model_server::core::Stats;
 use model_server::ids::{ConversationId, GroupId, Millis, UserId};
-use model_server::runtime::{Clock, Hub, RuntimeConfig, Server, Spawner};
+use model_server::runtime::{Clock, FaultPoints, Hub, RuntimeConfig, Server, Spawner};
 use model_server::store::MemoryStore;
 use model_server::Limits;
 use std::cell::RefCell;
@@ -414,16 +414,7 @@ fn run_logged(
                     let host = f.host.clone().unwrap_or_default();
                     if host == "chat" {
                         if begin {
-                            disk.crash();
-                            hub.restart_core(
-                                limits.clone(),
-                                secret.clone(),
-                                Box::new(disk.clone()),
-                            );
-                            hub.with_core(|c| {
-                                c.set_bugs(opts.bugs.clone());
-                                c.enable_event_log();
-                            });
+                            faults.crash(&hub);
                         }
                     } else if begin {
                         sim.crash(host.as_str());
@@ -451,11 +442,7 @@ fn run_logged(
                     // other region's replica.
                     if begin && sc.topology.regions.first() == Some(&region) {
                         disk.failover();
-                        hub.restart_core(limits.clone(), secret.clone(), Box::new(disk.clone()));
-                        hub.with_core(|c| {
-                            c.set_bugs(opts.bugs.clone());
-                            c.enable_event_log();
-                        });
+                        faults.restart(&hub);
                         for (gw, r) in sc.gateways() {
                             if r == region {
                                 hub.act(|c| c.gateway_down(&gw.as_str().into(), now));
