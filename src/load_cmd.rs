@@ -1,6 +1,6 @@
-//! `chatsim load`, `chatsim report merge` and `chatsim bench load`.
+//! `chatsim load`, `chatsim report merge|compare` and `chatsim bench load`.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use loadgen::fail_if::Condition;
 use loadgen::report::Summary;
 use loadgen::LoadConfig;
@@ -49,6 +49,10 @@ pub struct LoadArgs {
     /// this makes the run INVALID and the exit code 1).
     #[arg(long, default_value_t = 0)]
     pub max_errors: u64,
+    /// Idle phase, in seconds, once every device is connected and before any send: the
+    /// server's memory per connection is read at its end (0 skips it and that figure).
+    #[arg(long, default_value_t = 2)]
+    pub idle: u64,
     /// Scrape http://HOST:PORT/metrics of the target for server figures.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub scrape_metrics: bool,
@@ -59,7 +63,9 @@ fn run_id() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis())
         .unwrap_or(0);
-    format!("r{}", ms % 100_000_000_000)
+    // The process id too: two generators started in the same millisecond must not share
+    // user ids (the server would replace one's sessions with the other's).
+    format!("r{}p{}", ms % 100_000_000_000, std::process::id())
 }
 
 pub fn print_summary(s: &Summary, dir: &std::path::Path) {
@@ -96,9 +102,10 @@ pub fn print_summary(s: &Summary, dir: &std::path::Path) {
     );
     if let Some(f) = &s.server {
         println!(
-            "  server: {} connections, {:.1} KiB/connection, {:.1} CPU µs per delivered message",
-            f.connections, f.kib_per_connection, f.cpu_us_per_delivered
+            "  server: {} connections, {:.1} CPU µs per message sent (measured phase)",
+            f.connections, f.cpu_us_per_delivered
         );
+        println!("  server memory: {}", f.memory_line());
     }
     if let (Some(r), Some(c)) = (&s.storm_reconnect_us, &s.storm_catch_up_us) {
         println!(
@@ -118,7 +125,14 @@ pub fn print_summary(s: &Summary, dir: &std::path::Path) {
         ),
         Some(r) => println!("  INVALID: {r}"),
     }
-    println!("  report: {}/report.html (also timeseries.csv, latency.csv, deliver.hlog, summary.json, goose.html)", dir.display());
+    if s.merge.is_some() {
+        println!(
+            "  report: {}/report.html (also timeseries.csv, latency.csv, summary.json)",
+            dir.display()
+        );
+    } else {
+        println!("  report: {}/report.html (also timeseries.csv, latency.csv, deliver.hlog, histograms.hlog, summary.json; Goose's own counts, whole run included, in goose.md)", dir.display());
+    }
 }
 
 pub fn config(a: &LoadArgs) -> Result<LoadConfig> {
@@ -157,6 +171,7 @@ pub fn config(a: &LoadArgs) -> Result<LoadConfig> {
         storm_fraction: a.storm_fraction.clamp(0.0, 1.0),
         typing_per_sec: a.typing.max(0.0),
         max_errors: a.max_errors,
+        idle: Duration::from_secs(a.idle),
     })
 }
 
@@ -194,24 +209,40 @@ pub fn load(a: LoadArgs) -> Result<i32> {
     Ok(code)
 }
 
-pub fn merge(runs: Vec<PathBuf>, out: PathBuf) -> Result<()> {
-    if runs.is_empty() {
-        bail!("name at least one run directory");
-    }
+pub fn merge(runs: Vec<PathBuf>, out: PathBuf, sequential: bool) -> Result<()> {
     let refs: Vec<&std::path::Path> = runs.iter().map(|p| p.as_path()).collect();
-    let s = loadgen::merge::merge(&refs, &out)?;
-    let ms = |us: u64| us as f64 / 1000.0;
-    println!(
-        "merged {} runs: sent {}, delivered {} ({:.1}/s), send→deliver p50 {:.2} ms p99 {:.2} ms p99.9 {:.2} ms -> {}",
-        runs.len(),
-        s.sent,
-        s.delivered,
-        s.delivered_per_s,
-        ms(s.deliver_us.p50),
-        ms(s.deliver_us.p99),
-        ms(s.deliver_us.p999),
-        out.display()
-    );
+    let s = loadgen::merge::merge(&refs, &out, sequential)?;
+    if let Some(m) = &s.merge {
+        println!(
+            "merged {} {} runs ({}):",
+            m.runs.len(),
+            m.kind,
+            if m.kind == "concurrent" {
+                "rates over the union of their measured windows"
+            } else {
+                "rates over the sum of their measured windows"
+            }
+        );
+        for r in &m.runs {
+            println!(
+                "  {} against {}: measured {} to {}{}",
+                r.run_id,
+                r.target,
+                loadgen::merge::utc(r.from_unix_ms),
+                loadgen::merge::utc(r.until_unix_ms),
+                if r.valid { "" } else { " (INVALID)" }
+            );
+        }
+    }
+    print_summary(&s, &out);
+    Ok(())
+}
+
+pub fn compare(runs: Vec<PathBuf>, out: PathBuf) -> Result<()> {
+    let refs: Vec<&std::path::Path> = runs.iter().map(|p| p.as_path()).collect();
+    let c = loadgen::compare::compare(&refs, &out)?;
+    print!("{}", c.table);
+    println!("  report: {}/compare.html", out.display());
     Ok(())
 }
 
@@ -292,6 +323,7 @@ pub fn bench_load(users: usize, secs: u64, slo_p99_ms: f64) -> Result<()> {
                 storm_fraction: 0.0,
                 typing_per_sec: 0.0,
                 max_errors: 0,
+                idle: Duration::from_secs(2),
             };
             loadgen::run(cfg)
         };
@@ -300,10 +332,15 @@ pub fn bench_load(users: usize, secs: u64, slo_p99_ms: f64) -> Result<()> {
             s.valid && s.deliver_us.p99 as f64 / 1000.0 <= slo_p99_ms
         };
         let mut best: Option<(f64, Summary)> = None;
+        let mut first_memory = None;
         let mut rate = 1.0;
         for step in 0..8 {
             eprintln!("step {step}: {users} users x {rate:.1} msgs/s");
             let s = run(&model.addr, rate, &format!("step{step}"), true).await?;
+            if step == 0 {
+                // Only the first step meets a fresh server: its idle phase is the memory figure.
+                first_memory = s.server.as_ref().map(|f| f.memory_line());
+            }
             eprintln!(
                 "  sent {:.0}/s, delivered {:.0}/s, p99 {:.2} ms, {}",
                 s.sent_per_s,
@@ -327,9 +364,9 @@ pub fn bench_load(users: usize, secs: u64, slo_p99_ms: f64) -> Result<()> {
         let half = max_rate / 2.0;
         let m = run(&model.addr, half, "model-half", true).await?;
         let r = run(&relay.addr, half, "relay-half", false).await?;
-        anyhow::Ok((max_s, m, r))
+        anyhow::Ok((max_s, m, r, first_memory))
     });
-    let (max_s, m, r) = result?;
+    let (max_s, m, r, first_memory) = result?;
     let ms = |us: u64| us as f64 / 1000.0;
     println!("\nchatsim bench load: {users} connections (1:1 pairs) on loopback; server = `chatsim serve --memory` child process");
     println!(
@@ -346,7 +383,8 @@ pub fn bench_load(users: usize, secs: u64, slo_p99_ms: f64) -> Result<()> {
             .map(|f| {
                 (
                     f.connections.to_string(),
-                    format!("{:.1}", f.kib_per_connection),
+                    f.kib_per_connection
+                        .map_or("-".into(), |k| format!("{k:.1}")),
                     format!("{:.0}", f.cpu_us_per_delivered),
                 )
             })
@@ -360,6 +398,10 @@ pub fn bench_load(users: usize, secs: u64, slo_p99_ms: f64) -> Result<()> {
             ms(s.deliver_us.p999)
         );
     }
+    println!(
+        "model memory, fresh server (first step's idle phase): {}",
+        first_memory.unwrap_or_else(|| "no /metrics figures".into())
+    );
     println!(
         "ratio model/relay at the same load: p50 {:.2}x, p99 {:.2}x",
         m.deliver_us.p50 as f64 / r.deliver_us.p50.max(1) as f64,

@@ -51,12 +51,25 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum ReportCmd {
-    /// Merge load runs exactly (HdrHistogram logs) into one report.
+    /// Merge load runs exactly (HdrHistogram logs) into one report. Runs must have loaded
+    /// the server together (overlapping measured windows) unless --sequential.
     Merge {
-        /// Run directories (each with summary.json and deliver.hlog).
-        #[arg(required = true)]
+        /// Run directories (each with summary.json, timeseries.csv and the .hlog files).
+        #[arg(required = true, num_args = 2..)]
         runs: Vec<PathBuf>,
         #[arg(long, default_value = "reports/merged")]
+        out: PathBuf,
+        /// Merge runs taken one after another: rates over the sum of their windows.
+        #[arg(long)]
+        sequential: bool,
+    },
+    /// The figures of several runs side by side, with deltas against the first; a
+    /// terminal table and compare.html.
+    Compare {
+        /// Run directories (or merged reports), the first is the baseline.
+        #[arg(required = true, num_args = 2..)]
+        runs: Vec<PathBuf>,
+        #[arg(long, default_value = "reports/compare")]
         out: PathBuf,
     },
 }
@@ -244,7 +257,12 @@ fn run() -> Result<()> {
             let code = load_cmd::load(a)?;
             std::process::exit(code);
         }
-        Cmd::Report(ReportCmd::Merge { runs, out }) => load_cmd::merge(runs, out),
+        Cmd::Report(ReportCmd::Merge {
+            runs,
+            out,
+            sequential,
+        }) => load_cmd::merge(runs, out, sequential),
+        Cmd::Report(ReportCmd::Compare { runs, out }) => load_cmd::compare(runs, out),
         Cmd::Run(a) => {
             let code = run_cmd::run(a)?;
             std::process::exit(code);

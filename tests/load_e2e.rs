@@ -1,5 +1,7 @@
 //! End-to-end: `chatsim serve` on loopback, a short `chatsim load` with a few hundred
-//! connections, then the report files are checked for consistency; two runs merge exactly.
+//! connections, then the report files are checked for consistency; concurrent runs merge
+//! exactly, sequential and duplicate ones are refused; a reused server gives no memory
+//! figure; a server that goes away makes the run INVALID with its close code.
 
 mod common;
 
@@ -12,30 +14,35 @@ fn load(
     users: &str,
     extra: &[&str],
 ) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_chatsim"))
-        .args([
-            "load",
-            "--target",
-            &format!("ws://{}", srv.addr),
-            "--secret-file",
-        ])
-        .arg(srv.data_dir.join("secret"))
-        .args([
-            "--users",
-            users,
-            "--rate",
-            "2",
-            "--ramp",
-            "2",
-            "--duration",
-            "3",
-            "--out",
-        ])
-        .arg(out)
-        .args(extra)
-        .env("RUST_LOG", "warn")
+    load_cmd(srv, out, users, extra)
         .output()
         .expect("run chatsim load")
+}
+
+fn load_cmd(srv: &ServerProc, out: &std::path::Path, users: &str, extra: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_chatsim"));
+    c.args([
+        "load",
+        "--target",
+        &format!("ws://{}", srv.addr),
+        "--secret-file",
+    ])
+    .arg(srv.data_dir.join("secret"))
+    .args(["--users", users, "--rate", "2", "--ramp", "2", "--out"])
+    .arg(out)
+    .args(extra)
+    .env("RUST_LOG", "warn");
+    if !extra.contains(&"--duration") {
+        c.args(["--duration", "3"]);
+    }
+    c
+}
+
+fn chatsim(args: &[&std::ffi::OsStr]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_chatsim"))
+        .args(args)
+        .output()
+        .expect("run chatsim")
 }
 
 fn summary(dir: &std::path::Path) -> serde_json::Value {
@@ -61,10 +68,13 @@ fn short_load_writes_consistent_reports_and_runs_merge_exactly() {
         "deliver.hlog",
         "report.html",
         "summary.json",
-        "goose.html",
+        "histograms.hlog",
+        "goose.md",
     ] {
         assert!(run1.join(f).exists(), "{f} written");
     }
+    // Goose's HTML report loads its charts from the internet; it is not written.
+    assert!(!run1.join("goose.html").exists());
     let s = summary(&run1);
     assert_eq!(
         s["valid"], true,
@@ -86,6 +96,14 @@ fn short_load_writes_consistent_reports_and_runs_merge_exactly() {
             && p("p999") <= p("max")
     );
     assert_eq!(p("count"), delivered);
+    // A fresh server: memory per connection from the idle phase, baseline before any client.
+    let server = &s["server"];
+    let kib = server["kib_per_connection"]
+        .as_f64()
+        .expect("memory figure");
+    assert!(kib > 0.0, "{server}");
+    assert!(server["baseline_kib"].as_u64() < server["idle_kib"].as_u64());
+    assert_eq!(server["idle_connections"].as_u64(), Some(300));
     // timeseries rows add up to the summary over the measured seconds.
     let from = s["measured_from_s"].as_u64().expect("from");
     let ts = std::fs::read_to_string(run1.join("timeseries.csv")).expect("csv");
@@ -108,31 +126,116 @@ fn short_load_writes_consistent_reports_and_runs_merge_exactly() {
     let html = std::fs::read_to_string(run1.join("report.html")).expect("html");
     assert!(html.contains("<svg") && html.contains("Send→deliver latency per second"));
 
-    // A second generator process; the merge adds the HDR logs, not percentiles.
-    let run2 = dir.path().join("run2");
+    // Two generator processes at once; the merge adds the HDR logs, not percentiles, and
+    // its rates are over the union of the two measured windows.
+    let (run2, run2b) = (dir.path().join("run2"), dir.path().join("run2b"));
+    let mut other = load_cmd(&srv, &run2b, "60", &[]).spawn().expect("spawn");
     let out = load(&srv, &run2, "100", &[]);
+    assert!(other.wait().expect("wait").success());
     assert!(out.status.success());
+    // The server was reused: no memory figure, and the report says why.
+    let s2 = summary(&run2);
+    assert!(
+        s2["server"]["kib_per_connection"].is_null(),
+        "{}",
+        s2["server"]
+    );
+    assert!(s2["server"]["memory_note"]
+        .as_str()
+        .expect("note")
+        .contains("connections before this run"));
     let merged = dir.path().join("merged");
-    let m = Command::new(env!("CARGO_BIN_EXE_chatsim"))
-        .args(["report", "merge"])
-        .arg(&run1)
-        .arg(&run2)
-        .arg("--out")
-        .arg(&merged)
-        .output()
-        .expect("merge");
+    let m = chatsim(&[
+        "report".as_ref(),
+        "merge".as_ref(),
+        run2.as_os_str(),
+        run2b.as_os_str(),
+        "--out".as_ref(),
+        merged.as_os_str(),
+    ]);
     assert!(m.status.success(), "{}", String::from_utf8_lossy(&m.stderr));
     let ms = summary(&merged);
-    let s2 = summary(&run2);
+    let s2b = summary(&run2b);
+    let n = |v: &serde_json::Value, k: &str| v[k].as_u64().expect(k);
+    assert_eq!(ms["merge"]["kind"], "concurrent");
+    assert_eq!(n(&ms, "sent"), n(&s2, "sent") + n(&s2b, "sent"));
     assert_eq!(
-        ms["sent"].as_u64(),
-        Some(sent + s2["sent"].as_u64().expect("sent"))
+        n(&ms["deliver_us"], "count"),
+        n(&s2["deliver_us"], "count") + n(&s2b["deliver_us"], "count")
     );
     assert_eq!(
-        ms["deliver_us"]["count"].as_u64(),
-        Some(p("count") + s2["deliver_us"]["count"].as_u64().expect("count"))
+        n(&ms["ack_us"], "count"),
+        n(&s2["ack_us"], "count") + n(&s2b["ack_us"], "count"),
+        "every histogram is merged, not only send→deliver"
     );
-    assert!(ms["deliver_us"]["max"].as_u64() >= Some(p("max")));
+    let union_s =
+        (n(&ms, "measured_until_unix_ms") - n(&ms, "measured_from_unix_ms")) as f64 / 1000.0;
+    let rate = ms["sent_per_s"].as_f64().expect("rate");
+    assert!(
+        (rate - n(&ms, "sent") as f64 / union_s).abs() < 1e-6,
+        "{rate} over {union_s} s"
+    );
+    let html = std::fs::read_to_string(merged.join("report.html")).expect("merged html");
+    assert!(html.contains("<svg") && html.contains("Merged 2 concurrent runs"));
+
+    // Runs one after another are not concurrent load: refused unless --sequential, and then
+    // the rate is over the sum of the windows (it used to double).
+    let seq = dir.path().join("seq");
+    let m = chatsim(&[
+        "report".as_ref(),
+        "merge".as_ref(),
+        run1.as_os_str(),
+        run2.as_os_str(),
+        "--out".as_ref(),
+        seq.as_os_str(),
+    ]);
+    assert!(!m.status.success());
+    assert!(String::from_utf8_lossy(&m.stderr).contains("--sequential"));
+    let m = chatsim(&[
+        "report".as_ref(),
+        "merge".as_ref(),
+        run1.as_os_str(),
+        run2.as_os_str(),
+        "--sequential".as_ref(),
+        "--out".as_ref(),
+        seq.as_os_str(),
+    ]);
+    assert!(m.status.success(), "{}", String::from_utf8_lossy(&m.stderr));
+    let sq = summary(&seq);
+    assert_eq!(sq["merge"]["kind"], "sequential");
+    let rate = sq["sent_per_s"].as_f64().expect("rate");
+    let want = (sent + n(&s2, "sent")) as f64 / 6.0;
+    assert!((rate - want).abs() < 1e-6, "{rate} vs {want}");
+    // The same run twice is refused.
+    let m = chatsim(&[
+        "report".as_ref(),
+        "merge".as_ref(),
+        run2.as_os_str(),
+        run2.as_os_str(),
+        "--out".as_ref(),
+        seq.as_os_str(),
+    ]);
+    assert!(!m.status.success());
+    assert!(String::from_utf8_lossy(&m.stderr).contains("same run"));
+    // Side by side, with deltas against the first.
+    let cmp = dir.path().join("cmp");
+    let c = chatsim(&[
+        "report".as_ref(),
+        "compare".as_ref(),
+        run1.as_os_str(),
+        run2.as_os_str(),
+        "--out".as_ref(),
+        cmp.as_os_str(),
+    ]);
+    let table = String::from_utf8_lossy(&c.stdout);
+    assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
+    assert!(
+        table.contains("send→deliver p99 ms") && table.contains("%)"),
+        "{table}"
+    );
+    assert!(std::fs::read_to_string(cmp.join("compare.html"))
+        .expect("compare.html")
+        .contains("vs A"));
 
     // A reconnect storm: 30% of the sockets drop at once; every message still arrives
     // (the backlog waits in the inbox and is synced), and the drain time is reported.
@@ -203,5 +306,21 @@ fn short_load_writes_consistent_reports_and_runs_merge_exactly() {
     assert_ne!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stderr).contains("reading secret file"));
     assert!(!missing.exists(), "no secret was created");
+
+    // The server goes away mid-run: every socket it closes is an error counted by its close
+    // code (1012, service restart), and the run is INVALID.
+    let run5 = dir.path().join("run5");
+    let gone = load_cmd(&srv, &run5, "20", &["--duration", "8"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    std::thread::sleep(std::time::Duration::from_secs(6));
     srv.stop();
+    let out = gone.wait_with_output().expect("wait");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("INVALID") && text.contains("close 1012 20"),
+        "{text}"
+    );
 }

@@ -138,9 +138,18 @@ pub fn plan(
     let server = report.server.as_ref().ok_or(
         "the load report has no server figures (run `chatsim load` against a server with /metrics)",
     )?;
-    if report.delivered_per_s <= 0.0 || server.kib_per_connection <= 0.0 {
-        return Err("the load report has no deliveries or no memory figure".into());
+    if report.delivered_per_s <= 0.0 {
+        return Err("the load report has no deliveries".into());
     }
+    let kib_per_connection = match server.kib_per_connection {
+        Some(k) if k > 0.0 => k,
+        _ => {
+            return Err(format!(
+                "the load report has no memory figure ({})",
+                server.memory_line()
+            ))
+        }
+    };
     // Best: the server's own CPU time per delivered message (the generator's share of a
     // shared machine does not count against the server). Otherwise: delivered messages
     // over the cores of the box, an upper bound on the server's CPU cost.
@@ -168,7 +177,7 @@ pub fn plan(
     };
     let usable = m.utilisation;
     let nodes_by_cpu = e.peak_msgs_per_s_high / (per_core * m.cores * usable);
-    let conn_bytes = i.concurrent_connections * server.kib_per_connection * 1024.0;
+    let conn_bytes = i.concurrent_connections * kib_per_connection * 1024.0;
     let nodes_by_memory = conn_bytes / (m.memory_gib * 1024.0 * 1024.0 * 1024.0 * usable);
     let nodes_by_bandwidth = e.bandwidth_bytes_per_s * 8.0 / (m.nic_gbit_per_s * 1e9 * usable);
     let (binding, nodes) = [
@@ -186,7 +195,7 @@ pub fn plan(
         measured_cores,
         delivered_per_core_s: per_core,
         cpu_basis,
-        kib_per_connection: server.kib_per_connection,
+        kib_per_connection,
         p99_deliver_ms: report.deliver_us.p99 as f64 / 1000.0,
         nodes_by_cpu: nodes_by_cpu.ceil(),
         nodes_by_memory: nodes_by_memory.ceil(),
@@ -267,8 +276,9 @@ mod tests {
         r.server = Some(crate::report::ServerFigures {
             connections: 1000,
             resident_kib: 0,
-            kib_per_connection: 13.0,
+            kib_per_connection: Some(13.0),
             cpu_us_per_delivered: 100.0,
+            ..Default::default()
         });
         let p = plan(&e, &i, &r, 2.0, &Machine::default()).expect("plan");
         // Sized by the server's own CPU time: 100 µs per message = 10,000 per core-second.

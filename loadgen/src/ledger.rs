@@ -39,15 +39,31 @@ pub struct Window {
     pub deliver: Histogram<u64>,
 }
 
+/// When each phase of a run starts, fixed when the last user has connected.
+///
+/// `connected` (the next whole second) → idle phase (`cfg.idle`: every socket open, no
+/// sends, the server's memory is read at its end) → `sends_from`: warm-up ([`WARM_UP`],
+/// sent but not measured) → `from`: the measured phase, [from, until) of intended send
+/// times, lasting `cfg.duration`; no send is scheduled after it.
+#[derive(Clone, Copy, Debug)]
+pub struct Phases {
+    pub connected: Instant,
+    pub sends_from: Instant,
+    pub from: Instant,
+    pub until: Instant,
+}
+
+/// Sending before the measured phase, so first-message costs are not measured.
+pub const WARM_UP: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The whole run's shared state.
 pub struct Shared {
     pub cfg: LoadConfig,
     /// Time zero of the run (users start ramping here).
     pub start: Instant,
-    /// The measured phase, [from, until) of intended send times: it starts once every user
-    /// has connected (Goose may take a while to build its users), lasts `duration`, and no
-    /// send is scheduled after it. `None` until then.
-    window_span: Mutex<Option<(Instant, Instant)>>,
+    /// The run's phases once every user has connected (Goose may take a while to build its
+    /// users); `None` until then.
+    phases: Mutex<Option<Phases>>,
     /// Users whose on_start finished (connected or failed).
     pub started: AtomicUsize,
     pub next_user: AtomicUsize,
@@ -86,7 +102,7 @@ impl Shared {
     pub fn new(cfg: LoadConfig) -> Self {
         let start = Instant::now();
         Shared {
-            window_span: Mutex::new(None),
+            phases: Mutex::new(None),
             started: AtomicUsize::new(0),
             cfg,
             start,
@@ -131,20 +147,31 @@ impl Shared {
             .is_some_and(|(from, until)| at >= from && at < until)
     }
 
-    /// The measured phase, once it has started.
+    /// The measured phase, once every user has connected.
     pub fn span(&self) -> Option<(Instant, Instant)> {
-        *self.window_span.lock().unwrap_or_else(|p| p.into_inner())
+        self.phases().map(|p| (p.from, p.until))
     }
 
-    /// A user finished connecting (or failed to); the last one starts the measured phase.
+    /// Every phase, once every user has connected.
+    pub fn phases(&self) -> Option<Phases> {
+        *self.phases.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A user finished connecting (or failed to); the last one fixes the phases.
     pub fn user_started(&self) {
         if self.started.fetch_add(1, Ordering::Relaxed) + 1 == self.cfg.users {
-            // Start on the next whole second of the run, so per-second windows align.
+            // Phases start on whole seconds of the run, so per-second windows align.
             let now = Instant::now();
             let secs = now.saturating_duration_since(self.start).as_secs() + 1;
-            let from = self.start + std::time::Duration::from_secs(secs);
-            *self.window_span.lock().unwrap_or_else(|p| p.into_inner()) =
-                Some((from, from + self.cfg.duration));
+            let connected = self.start + std::time::Duration::from_secs(secs);
+            let sends_from = connected + self.cfg.idle;
+            let from = sends_from + WARM_UP;
+            *self.phases.lock().unwrap_or_else(|p| p.into_inner()) = Some(Phases {
+                connected,
+                sends_from,
+                from,
+                until: from + self.cfg.duration,
+            });
         }
     }
 

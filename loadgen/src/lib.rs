@@ -5,10 +5,12 @@
 //! - `ledger`: the shared latency ledger (HdrHistograms in microseconds, per-second windows).
 //! - `user`: the Goose transactions: connect, open-loop send schedule, reader task.
 //! - `report`: timeseries.csv, latency.csv, the HdrHistogram interval log, report.html,
-//!   summary.json; `merge` combines runs exactly; `fail_if` turns figures into exit codes.
+//!   summary.json; `merge` combines runs exactly; `compare` sets runs side by side;
+//!   `fail_if` turns figures into exit codes.
 //! - `relay`: a bare tokio-tungstenite relay, the baseline the model is compared with.
 
 pub mod capacity;
+pub mod compare;
 pub mod fail_if;
 pub mod ledger;
 pub mod merge;
@@ -52,6 +54,9 @@ pub struct LoadConfig {
     pub metrics_url: Option<String>,
     /// Errors a valid run may have (each counted by kind in the report).
     pub max_errors: u64,
+    /// Idle phase once every device is connected and before any send: the server's memory
+    /// per connection is read at its end. Zero skips it (and that figure).
+    pub idle: Duration,
 }
 
 /// Runs a load test and writes its report. Returns the summary.
@@ -104,6 +109,12 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<report::Summary> {
             cfg.users
         );
     }
+    // The server's baseline is read before this run opens any connection (the probe
+    // included), so memory per connection compares no clients with all of them idle.
+    let baseline = match &cfg.metrics_url {
+        Some(u) => report::scrape(u).await.ok(),
+        None => None,
+    };
     let shared = Arc::new(ledger::Shared::new(cfg.clone()));
     if let Err(e) = user::probe(&shared).await {
         anyhow::bail!(
@@ -114,35 +125,47 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<report::Summary> {
         );
     }
     std::fs::create_dir_all(&cfg.report_dir)?;
-    let server_before = match &cfg.metrics_url {
-        Some(u) => report::scrape(u).await.ok(),
-        None => None,
-    };
-    // Server figures are read late in the measured phase, while every connection is up.
-    let mid = cfg.metrics_url.clone().map(|u| {
+    // Two more reads: at the end of the idle phase (every device connected, nothing sent)
+    // and late in the measured phase (CPU per delivered message between the two).
+    let scrapes = cfg.metrics_url.clone().map(|u| {
         let shared = shared.clone();
-        let late = cfg.duration.mul_f64(0.8);
+        let cfg = cfg.clone();
         let give_up = std::time::Instant::now() + cfg.ramp + Duration::from_secs(300);
         tokio::spawn(async move {
-            // Wait for the measured phase (every user connected), then read late in it.
-            let from = loop {
-                if let Some((from, _)) = shared.span() {
-                    break from;
+            let phases = loop {
+                if let Some(p) = shared.phases() {
+                    break p;
                 }
                 if std::time::Instant::now() > give_up {
-                    return None;
+                    return (None, None);
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             };
-            tokio::time::sleep_until((from + late).into()).await;
-            report::scrape(&u).await.ok()
+            let idle = if cfg.idle > Duration::ZERO {
+                // Near the end of the idle phase, so late connects have settled.
+                let at = phases.sends_from - cfg.idle.mul_f64(0.2);
+                tokio::time::sleep_until(at.into()).await;
+                report::scrape(&u).await.ok()
+            } else {
+                None
+            };
+            tokio::time::sleep_until(phases.from.into()).await;
+            let measured_start = report::scrape(&u).await.ok();
+            tokio::time::sleep_until((phases.from + cfg.duration.mul_f64(0.8)).into()).await;
+            let late = report::scrape(&u).await.ok();
+            (idle, measured_start.zip(late))
         })
     });
     let metrics = user::attack(shared.clone()).await?;
-    let server_after = match mid {
-        Some(h) => h.await.ok().flatten(),
-        None => None,
+    let (idle, measured) = match scrapes {
+        Some(h) => h.await.unwrap_or((None, None)),
+        None => (None, None),
     };
-    let summary = report::write(&shared, &cfg, server_before, server_after, &metrics)?;
+    let scrapes = report::Scrapes {
+        baseline,
+        idle,
+        measured,
+    };
+    let summary = report::write(&shared, &cfg, &scrapes, &metrics)?;
     Ok(summary)
 }

@@ -43,10 +43,102 @@ impl Pct {
 /// Figures scraped from the server's `/metrics`.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ServerFigures {
+    /// Open connections late in the measured phase.
     pub connections: u64,
+    /// Resident memory late in the measured phase.
     pub resident_kib: u64,
-    pub kib_per_connection: f64,
+    /// Resident memory before this run opened any connection.
+    #[serde(default)]
+    pub baseline_kib: Option<u64>,
+    /// Resident memory at the end of the idle phase, and the connections open then.
+    #[serde(default)]
+    pub idle_kib: Option<u64>,
+    #[serde(default)]
+    pub idle_connections: Option<u64>,
+    /// (idle − baseline) / idle connections: what one connected, idle device costs the
+    /// server. `None` when it could not be measured honestly (`memory_note` says why).
+    pub kib_per_connection: Option<f64>,
+    #[serde(default)]
+    pub memory_note: Option<String>,
+    /// Server CPU time per message it sent, over the measured phase (0: unknown).
     pub cpu_us_per_delivered: f64,
+}
+
+impl ServerFigures {
+    /// One line on the server's memory: the figure and its basis, or why there is none.
+    pub fn memory_line(&self) -> String {
+        match (
+            self.kib_per_connection,
+            self.baseline_kib,
+            self.idle_kib,
+            self.idle_connections,
+        ) {
+            (Some(k), Some(b), Some(i), Some(n)) => format!(
+                "{k:.1} KiB per connection (resident {b} KiB before any client, {i} KiB with \
+                 {n} idle connections)"
+            ),
+            _ => format!(
+                "KiB per connection not measured: {}",
+                self.memory_note
+                    .as_deref()
+                    .unwrap_or("no idle-phase figures")
+            ),
+        }
+    }
+}
+
+/// The server's `/metrics` read at the points of a run that its figures compare.
+#[derive(Clone, Debug, Default)]
+pub struct Scrapes {
+    /// Before this run opened any connection.
+    pub baseline: Option<Scrape>,
+    /// At the end of the idle phase.
+    pub idle: Option<Scrape>,
+    /// At the start and late in the measured phase.
+    pub measured: Option<(Scrape, Scrape)>,
+}
+
+/// The server's figures from `s`, for a run of `users` devices with an idle phase of
+/// `idle_s` seconds; `None` when the target has no `/metrics`.
+pub fn server_figures(s: &Scrapes, users: usize, idle_s: u64) -> Option<ServerFigures> {
+    let (start, late) = s.measured.clone()?;
+    let out = late.messages_out.saturating_sub(start.messages_out);
+    let cpu = if out > 0 {
+        late.cpu_us.saturating_sub(start.cpu_us) as f64 / out as f64
+    } else {
+        0.0
+    };
+    let mut f = ServerFigures {
+        connections: late.connections,
+        resident_kib: late.rss_bytes / 1024,
+        baseline_kib: s.baseline.as_ref().map(|b| b.rss_bytes / 1024),
+        idle_kib: s.idle.as_ref().map(|i| i.rss_bytes / 1024),
+        idle_connections: s.idle.as_ref().map(|i| i.connections),
+        kib_per_connection: None,
+        memory_note: None,
+        cpu_us_per_delivered: cpu,
+    };
+    f.memory_note = match (&s.baseline, &s.idle) {
+        _ if idle_s == 0 => Some("--idle 0 skipped the idle phase".into()),
+        (Some(b), _) if b.connections_opened > 0 => Some(format!(
+            "the server had accepted {} connections before this run, and an allocator does \
+             not hand freed memory back, so its growth would understate the cost; start a \
+             fresh server for this figure",
+            b.connections_opened
+        )),
+        (Some(_), Some(i)) if (i.connections as usize) < users => Some(format!(
+            "only {} of {users} devices were connected in the idle phase",
+            i.connections
+        )),
+        (Some(b), Some(i)) => {
+            f.kib_per_connection = Some(
+                i.rss_bytes.saturating_sub(b.rss_bytes) as f64 / 1024.0 / i.connections as f64,
+            );
+            None
+        }
+        _ => Some("/metrics could not be read before the run or in the idle phase".into()),
+    };
+    Some(f)
 }
 
 /// What a run measured.
@@ -91,7 +183,61 @@ pub struct Summary {
     /// Reconnect storm: drop → reconnected, and drop → backlog drained (absent without one).
     pub storm_reconnect_us: Option<Pct>,
     pub storm_catch_up_us: Option<Pct>,
+    /// Wall-clock time (Unix ms) of second 0 of timeseries.csv and deliver.hlog, and of the
+    /// measured phase [from, until): what `report merge` aligns runs by.
+    #[serde(default)]
+    pub start_unix_ms: u64,
+    #[serde(default)]
+    pub measured_from_unix_ms: u64,
+    #[serde(default)]
+    pub measured_until_unix_ms: u64,
+    /// Idle phase (every device connected, nothing sent) before the measured phase, s.
+    #[serde(default)]
+    pub idle_s: u64,
+    /// For a merged report: how the runs were combined, and each run's measured window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merge: Option<MergeInfo>,
 }
+
+/// How a merged report combined its runs.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct MergeInfo {
+    /// `concurrent`: every measured window shares an instant, rates are over their union;
+    /// `sequential`: they do not, rates are over the sum of the windows.
+    pub kind: String,
+    pub runs: Vec<RunWindow>,
+}
+
+/// One merged run's measured window.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct RunWindow {
+    pub run_id: String,
+    pub target: String,
+    pub from_unix_ms: u64,
+    pub until_unix_ms: u64,
+    pub valid: bool,
+}
+
+/// One second of a report's charts and timeseries.csv.
+#[derive(Clone, Debug, Default)]
+pub struct Row {
+    pub connections: i64,
+    pub sent: u64,
+    pub delivered: u64,
+    pub acked: u64,
+    pub deliver: Pct,
+}
+
+/// Histograms written whole to `histograms.hlog` (one tagged interval each over the
+/// measured phase), so `report merge` adds every one of them exactly.
+pub const TAGGED: [&str; 6] = [
+    "deliver_raw",
+    "ack",
+    "schedule_slip",
+    "event_loop_lag",
+    "storm_reconnect",
+    "storm_catch_up",
+];
 
 /// What a run's verdict is judged from.
 pub struct Evidence<'a> {
@@ -172,6 +318,8 @@ pub struct Scrape {
     pub rss_bytes: u64,
     pub cpu_us: u64,
     pub messages_out: u64,
+    /// Connections the server has accepted since it started.
+    pub connections_opened: u64,
 }
 
 /// Reads `http://HOST:PORT/metrics` (loopback) with a bare HTTP/1.1 request.
@@ -206,6 +354,7 @@ pub async fn scrape(url: &str) -> anyhow::Result<Scrape> {
         rss_bytes: get("chatsim_process_resident_bytes"),
         cpu_us: get("chatsim_process_cpu_microseconds_total"),
         messages_out: get("chatsim_messages_out_total"),
+        connections_opened: get("chatsim_connections_opened_total"),
     })
 }
 
@@ -217,8 +366,7 @@ fn ms(us: u64) -> f64 {
 pub fn write(
     shared: &Shared,
     cfg: &LoadConfig,
-    before: Option<Scrape>,
-    mid: Option<Scrape>,
+    scrapes: &Scrapes,
     _goose: &goose::metrics::GooseMetrics,
 ) -> anyhow::Result<Summary> {
     let dir = &cfg.report_dir;
@@ -251,39 +399,26 @@ pub fn write(
         low = 0;
     }
     let secs = cfg.duration.as_secs_f64().max(1.0);
-    // timeseries.csv
-    let mut ts = csv::Writer::from_path(dir.join("timeseries.csv"))?;
-    // Rows are seconds of intended send time; delivered/acked/percentiles describe the
-    // messages sent in that second.
-    ts.write_record([
-        "second",
-        "connections",
-        "sent",
-        "delivered",
-        "acked",
-        "p50_deliver_ms",
-        "p99_deliver_ms",
-        "p999_deliver_ms",
-    ])?;
-    for (i, w) in windows.iter().enumerate() {
-        let p = Pct::of(&w.deliver);
-        ts.write_record([
-            i.to_string(),
-            w.connections.to_string(),
-            w.sent.to_string(),
-            w.delivered.to_string(),
-            w.acked.to_string(),
-            format!("{:.3}", ms(p.p50)),
-            format!("{:.3}", ms(p.p99)),
-            format!("{:.3}", ms(p.p999)),
-        ])?;
-    }
-    ts.flush()?;
+    let rows: Vec<Row> = windows
+        .iter()
+        .map(|w| Row {
+            connections: w.connections,
+            sent: w.sent,
+            delivered: w.delivered,
+            acked: w.acked,
+            deliver: Pct::of(&w.deliver),
+        })
+        .collect();
+    write_timeseries(dir, &rows)?;
     // deliver.hlog: one interval per measured second.
+    let start = std::time::SystemTime::now() - shared.start.elapsed();
+    let start_unix_ms = start
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
     {
         let mut f = std::fs::File::create(dir.join("deliver.hlog"))?;
         let mut ser = V2DeflateSerializer::new();
-        let start = std::time::SystemTime::now() - shared.start.elapsed();
         let mut log = IntervalLogWriterBuilder::new()
             .add_comment(&format!(
                 "chatsim load run {} against {} (send→deliver, µs)",
@@ -305,6 +440,37 @@ pub fn write(
     let lock = |m: &std::sync::Mutex<Histogram<u64>>| {
         Pct::of(&m.lock().unwrap_or_else(|p| p.into_inner()))
     };
+    // histograms.hlog: every other histogram, whole, one tagged interval each.
+    {
+        let whole = [
+            &shared.deliver_raw,
+            &shared.ack,
+            &shared.slip,
+            &shared.lag,
+            &shared.storm_reconnect,
+            &shared.storm_catch_up,
+        ];
+        let mut f = std::fs::File::create(dir.join("histograms.hlog"))?;
+        let mut ser = V2DeflateSerializer::new();
+        let mut log = IntervalLogWriterBuilder::new()
+            .add_comment(&format!(
+                "chatsim load run {}: whole-run histograms by tag (µs)",
+                cfg.run_id
+            ))
+            .with_start_time(start)
+            .with_base_time(start)
+            .begin_log_with(&mut f, &mut ser)?;
+        for (tag, h) in TAGGED.iter().zip(whole) {
+            let h = h.lock().unwrap_or_else(|p| p.into_inner());
+            log.write_histogram(
+                &h,
+                Duration::from_secs(from_s as u64),
+                cfg.duration,
+                hdrhistogram::serialization::interval_log::Tag::new(tag),
+            )
+            .map_err(|e| anyhow::anyhow!("writing histograms.hlog: {e}"))?;
+        }
+    }
     let slip = lock(&shared.slip);
     let lag = lock(&shared.lag);
     let recipients = if cfg.group_size >= 2 {
@@ -332,20 +498,7 @@ pub fn write(
         lag_p99_us: lag.p99,
     });
     let invalid_reason = (!reasons.is_empty()).then(|| reasons.join("; "));
-    let server = match (before, mid) {
-        (Some(b), Some(m)) if m.connections > 0 => {
-            let out = m.messages_out.saturating_sub(b.messages_out).max(1);
-            Some(ServerFigures {
-                connections: m.connections,
-                resident_kib: m.rss_bytes / 1024,
-                kib_per_connection: (m.rss_bytes.saturating_sub(b.rss_bytes)) as f64
-                    / 1024.0
-                    / m.connections as f64,
-                cpu_us_per_delivered: (m.cpu_us.saturating_sub(b.cpu_us)) as f64 / out as f64,
-            })
-        }
-        _ => None,
-    };
+    let server = server_figures(scrapes, cfg.users, cfg.idle.as_secs());
     let summary = Summary {
         run_id: cfg.run_id.clone(),
         target: cfg.target.clone(),
@@ -373,14 +526,51 @@ pub fn write(
         server,
         storm_reconnect_us: cfg.storm_at.map(|_| lock(&shared.storm_reconnect)),
         storm_catch_up_us: cfg.storm_at.map(|_| lock(&shared.storm_catch_up)),
+        start_unix_ms,
+        measured_from_unix_ms: start_unix_ms + from_s as u64 * 1000,
+        measured_until_unix_ms: start_unix_ms
+            + from_s as u64 * 1000
+            + cfg.duration.as_millis() as u64,
+        idle_s: cfg.idle.as_secs(),
+        merge: None,
     };
     write_latency_csv(dir, &summary)?;
     std::fs::write(
         dir.join("summary.json"),
         serde_json::to_string_pretty(&summary)?,
     )?;
-    std::fs::write(dir.join("report.html"), html(&summary, &windows))?;
+    std::fs::write(dir.join("report.html"), html(&summary, &rows))?;
     Ok(summary)
+}
+
+/// `timeseries.csv`: one row per second of the run. Rows are seconds of intended send
+/// time; delivered/acked/percentiles describe the messages sent in that second.
+pub fn write_timeseries(dir: &std::path::Path, rows: &[Row]) -> anyhow::Result<()> {
+    let mut ts = csv::Writer::from_path(dir.join("timeseries.csv"))?;
+    ts.write_record([
+        "second",
+        "connections",
+        "sent",
+        "delivered",
+        "acked",
+        "p50_deliver_ms",
+        "p99_deliver_ms",
+        "p999_deliver_ms",
+    ])?;
+    for (i, r) in rows.iter().enumerate() {
+        ts.write_record([
+            i.to_string(),
+            r.connections.to_string(),
+            r.sent.to_string(),
+            r.delivered.to_string(),
+            r.acked.to_string(),
+            format!("{:.3}", ms(r.deliver.p50)),
+            format!("{:.3}", ms(r.deliver.p99)),
+            format!("{:.3}", ms(r.deliver.p999)),
+        ])?;
+    }
+    ts.flush()?;
+    Ok(())
 }
 
 /// `latency.csv`: the percentile table.
@@ -445,8 +635,9 @@ fn chart(title: &str, unit: &str, series: &[(&str, &str, Vec<f64>)]) -> String {
     out
 }
 
-fn html(s: &Summary, windows: &[crate::ledger::Window]) -> String {
-    let pcts: Vec<Pct> = windows.iter().map(|w| Pct::of(&w.deliver)).collect();
+/// report.html: the summary, the percentile table and per-second charts of `rows`.
+pub fn html(s: &Summary, windows: &[Row]) -> String {
+    let pcts: Vec<Pct> = windows.iter().map(|w| w.deliver.clone()).collect();
     let lat = chart(
         "Send→deliver latency per second",
         "ms",
@@ -511,16 +702,43 @@ fn html(s: &Summary, windows: &[crate::ledger::Window]) -> String {
         None => "<p class=\"ok\">Valid run: the generator kept its schedule.</p>".to_string(),
         Some(r) => format!("<p class=\"bad\">INVALID run: {r}</p>"),
     };
+    let merged = match &s.merge {
+        Some(m) => {
+            let mut li = String::new();
+            for r in &m.runs {
+                let _ = write!(
+                    li,
+                    "<li><code>{}</code> against <code>{}</code>: measured {} to {}{}</li>",
+                    r.run_id,
+                    r.target,
+                    crate::merge::utc(r.from_unix_ms),
+                    crate::merge::utc(r.until_unix_ms),
+                    if r.valid { "" } else { " (INVALID)" }
+                );
+            }
+            format!(
+                "<p>Merged {} {} runs ({}); charts are by wall-clock second from the earliest start.</p><ul>{li}</ul>",
+                m.runs.len(),
+                m.kind,
+                if m.kind == "concurrent" {
+                    "rates over the union of their measured windows"
+                } else {
+                    "rates over the sum of their measured windows"
+                }
+            )
+        }
+        None => "<p>Goose's own report, <code>goose.md</code>, counts the whole run (ramp, idle phase, warm-up and drain); the figures here count only the measured phase.</p>".to_string(),
+    };
     let server = s
         .server
         .as_ref()
-        .map(|f| format!("<p>Server: {} connections, {} KiB resident, {:.1} KiB per connection, {:.1} CPU µs per delivered message.</p>", f.connections, f.resident_kib, f.kib_per_connection, f.cpu_us_per_delivered))
+        .map(|f| format!("<p>Server: {} connections, {} KiB resident late in the measured phase, {:.1} CPU µs per message sent (measured phase). Memory: {}.</p>", f.connections, f.resident_kib, f.cpu_us_per_delivered, f.memory_line()))
         .unwrap_or_default();
     format!(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>chatsim load report {id}</title>\
 <style>body{{font-family:sans-serif;max-width:780px;margin:2em auto;color:#222}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}figcaption{{font-weight:bold;margin-top:1em}}.bad{{color:#b00;font-weight:bold}}.ok{{color:#060}}</style></head><body>\
 <h1>chatsim load report</h1><p>Run <code>{id}</code> against <code>{target}</code>: {users} users, {rate} msgs/s each, {secs:.0} s measured.</p>{validity}\
-<p>Sent {sent} ({sps:.1}/s), delivered {delivered} of {expected} expected ({dps:.1}/s), acked {acked}, errors {errors}.</p>{server}{storm}\
+<p>Sent {sent} ({sps:.1}/s), delivered {delivered} of {expected} expected ({dps:.1}/s), acked {acked}, errors {errors}{kinds}.</p>{merged}{server}{storm}\
 <table><tr><th>measure</th><th>count</th><th>p50 ms</th><th>p90 ms</th><th>p99 ms</th><th>p99.9 ms</th><th>max ms</th></tr>{r1}{r2}{r3}</table>\
 {lat}{thr}{conns}<p>Send→deliver is measured from the intended (scheduled) send time; \"raw\" from the actual send.</p></body></html>",
         id = s.run_id,
@@ -535,6 +753,18 @@ fn html(s: &Summary, windows: &[crate::ledger::Window]) -> String {
         dps = s.delivered_per_s,
         acked = s.acked,
         errors = s.errors,
+        kinds = if s.errors_by_kind.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " ({})",
+                s.errors_by_kind
+                    .iter()
+                    .map(|(k, n)| format!("{k} {n}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        },
         r1 = row("send→deliver", &s.deliver_us),
         r2 = row("send→deliver (raw)", &s.deliver_raw_us),
         r3 = row("send→ack", &s.ack_us),

@@ -36,8 +36,9 @@ struct Device {
     index: usize,
     user_id: String,
     sink: Arc<Mutex<Sink>>,
-    /// Intended time of send number 0; send k is due at `first + k / rate`.
-    first: Instant,
+    /// Set when this end closes the socket on purpose (the end of the run), so the reader
+    /// does not count the server's answering close as an unexpected one.
+    closing: Arc<std::sync::atomic::AtomicBool>,
     next_k: Arc<AtomicU64>,
     seen: Arc<Mutex<mpsc::UnboundedReceiver<Seen>>>,
     /// Where this user's messages go, and to how many devices.
@@ -60,6 +61,11 @@ enum Target {
     Group(String, u32),
 }
 
+/// Goose's own report. Markdown, because its HTML report loads its chart library from
+/// the internet and is blank offline. Its counts cover the whole run (ramp, idle phase,
+/// warm-up and drain), ours only the measured phase.
+pub const GOOSE_REPORT: &str = "goose.md";
+
 /// Time after the last scheduled send for in-flight messages to arrive.
 pub const GRACE: Duration = Duration::from_secs(2);
 
@@ -74,7 +80,10 @@ pub async fn attack(shared: Arc<Shared>) -> anyhow::Result<GooseMetrics> {
     let hatch = (cfg.users as f64 / ramp_s).max(1.0);
     // Goose ramps users up at `hatch`, then keeps them for RunTime: the measured phase
     // (which starts when the last user is connected) plus a grace period with no sends.
-    let run_time = (cfg.duration + GRACE + GRACE).as_secs().max(1);
+    let run_time = (cfg.idle + crate::ledger::WARM_UP + cfg.duration + GRACE + GRACE)
+        .as_secs()
+        .max(1)
+        + 1;
     let s1 = shared.clone();
     let connect: TransactionFunction = Arc::new(move |user| {
         let s = s1.clone();
@@ -128,7 +137,7 @@ pub async fn attack(shared: Arc<Shared>) -> anyhow::Result<GooseMetrics> {
             .set_default(GooseDefault::NoPrintMetrics, true)?
             .set_default(
                 GooseDefault::ReportFile,
-                cfg.report_dir.join("goose.html").to_string_lossy().as_ref(),
+                cfg.report_dir.join(GOOSE_REPORT).to_string_lossy().as_ref(),
             )?
             .execute()
             .await?;
@@ -307,7 +316,15 @@ async fn on_start(shared: Arc<Shared>, user: &mut GooseUser) -> TransactionResul
         .map_err(|e| err(e.to_string()))?;
     let sink = Arc::new(Mutex::new(sink));
     let (tx, rx) = mpsc::unbounded_channel();
-    let handle = tokio::spawn(reader(shared.clone(), read, sink.clone(), tx.clone(), None));
+    let closing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let handle = tokio::spawn(reader(
+        shared.clone(),
+        read,
+        sink.clone(),
+        tx.clone(),
+        None,
+        closing.clone(),
+    ));
     user.set_session_data(Device {
         reader: Arc::new(std::sync::Mutex::new(Some(handle))),
         tx,
@@ -317,7 +334,7 @@ async fn on_start(shared: Arc<Shared>, user: &mut GooseUser) -> TransactionResul
         index,
         user_id,
         sink,
-        first: Instant::now(),
+        closing,
         next_k: Arc::new(AtomicU64::new(0)),
         seen: Arc::new(Mutex::new(rx)),
         target,
@@ -332,10 +349,20 @@ async fn reader(
     sink: Arc<Mutex<Sink>>,
     tx: mpsc::UnboundedSender<Seen>,
     dropped_at: Option<Instant>,
+    closing: Arc<std::sync::atomic::AtomicBool>,
 ) {
     let mut caught_up = dropped_at.is_none();
-    while let Some(Ok(m)) = read.next().await {
-        let Message::Text(t) = m else { continue };
+    let ended = loop {
+        let m = match read.next().await {
+            Some(Ok(m)) => m,
+            Some(Err(_)) => break Some("socket error".to_string()),
+            None => break None,
+        };
+        let t = match m {
+            Message::Text(t) => t,
+            Message::Close(c) => break Some(close_kind(c.as_ref())),
+            _ => continue,
+        };
         let now = Instant::now();
         let Ok(f) = serde_json::from_str::<ServerFrame>(t.as_str()) else {
             continue;
@@ -376,8 +403,23 @@ async fn reader(
             }
             _ => {}
         }
+    };
+    // A socket the server closed, or that broke, while this end still wanted it, is an
+    // error of the run: counted by its close code.
+    if !closing.load(Ordering::Relaxed) {
+        let kind = ended.unwrap_or_else(|| "closed without a close frame".into());
+        let _ = tx.send(Seen::Error(kind.clone()));
+        shared.error(kind);
     }
     shared.connections.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// The error kind of a close the server sent: `close CODE` (RFC 6455 §7.4).
+fn close_kind(c: Option<&tokio_tungstenite::tungstenite::protocol::CloseFrame>) -> String {
+    match c {
+        Some(f) => format!("close {}", u16::from(f.code)),
+        None => "close without a code".into(),
+    }
 }
 
 /// The reconnect storm: drop this device's socket without a goodbye, back off with jitter
@@ -416,6 +458,7 @@ async fn storm_reconnect(shared: &Arc<Shared>, dev: &Device) -> TransactionResul
         dev.sink.clone(),
         dev.tx.clone(),
         Some(dropped),
+        dev.closing.clone(),
     ));
     *dev.reader.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
     Ok(())
@@ -459,10 +502,18 @@ async fn send_next(shared: Arc<Shared>, user: &mut GooseUser) -> TransactionResu
             *dev.back_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         }
     }
-    let k = dev.next_k.fetch_add(1, Ordering::Relaxed);
+    // Nothing is sent until every device is connected and the idle phase is over.
+    let Some(phases) = shared.phases() else {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        return Ok(());
+    };
     let interval = Duration::from_secs_f64(1.0 / shared.cfg.rate_per_user);
-    // Open loop: send k is due at a fixed time whatever happened to send k-1.
-    let intended = dev.first + interval.mul_f64(k as f64);
+    // Open loop: send k is due at a fixed time whatever happened to send k-1. Devices are
+    // spread over one interval (golden-ratio offsets), so sends do not come in lockstep.
+    let offset = (dev.index as f64 * 0.618_033_988_75).fract();
+    let first = phases.sends_from + interval.mul_f64(offset);
+    let k = dev.next_k.fetch_add(1, Ordering::Relaxed);
+    let intended = first + interval.mul_f64(k as f64);
     if shared.finished(intended) {
         // The measured phase is over: idle until Goose stops the user.
         tokio::time::sleep(GRACE).await;
@@ -588,6 +639,7 @@ async fn on_stop(shared: Arc<Shared>, user: &mut GooseUser) -> TransactionResult
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     if let Some(dev) = user.get_session_data::<Device>().cloned() {
+        dev.closing.store(true, Ordering::Relaxed);
         let _ = dev.sink.lock().await.close().await;
     }
     Ok(())
