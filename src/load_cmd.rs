@@ -9,15 +9,39 @@ use std::time::Duration;
 
 #[derive(clap::Args)]
 pub struct LoadArgs {
-    /// Server to load (loopback only): ws://127.0.0.1:8080
-    #[arg(long, default_value = "ws://127.0.0.1:8080")]
-    pub target: String,
-    /// File with the server's token secret (`chatsim serve` writes DATA_DIR/secret).
-    #[arg(long, default_value = "chatsim-data/secret")]
-    pub secret_file: PathBuf,
-    /// Virtual users (one device connection each).
+    /// Server to load (loopback only): ws://127.0.0.1:8080. Repeat it with --processes to
+    /// spread the shards over several servers (shard i loads target i mod T).
+    #[arg(long = "target", default_value = "ws://127.0.0.1:8080")]
+    pub targets: Vec<String>,
+    /// File with the server's token secret (`chatsim serve` writes DATA_DIR/secret). One
+    /// for every target, or one per --target in the same order.
+    #[arg(long = "secret-file", default_value = "chatsim-data/secret")]
+    pub secret_files: Vec<PathBuf>,
+    /// Virtual users that send (one device connection each, a Goose user each).
     #[arg(long, default_value_t = 200)]
     pub users: usize,
+    /// Idle devices besides the senders: connections that authenticate, heartbeat and
+    /// read, as most real chat sockets do (a few KiB of generator memory each).
+    #[arg(long, default_value_t = 0)]
+    pub idle_devices: usize,
+    /// Generator processes: this process starts them (each with --shard i/N, its own
+    /// 127.0.0.x source address, a shared start time) and merges their reports.
+    #[arg(long, default_value_t = 1)]
+    pub processes: usize,
+    /// Run only shard I of N of the load (users in whole conversations, idle devices),
+    /// e.g. on one of N machines; pair with --start-at and --run-id.
+    #[arg(long, value_name = "I/N")]
+    pub shard: Option<String>,
+    /// Start at this Unix time in ms (shards on several machines start together).
+    #[arg(long, value_name = "UNIX_MS")]
+    pub start_at: Option<u64>,
+    /// Run id, in every user id (default: from the clock and the process id); shards add
+    /// `-sI`. Letters, digits, `_` and `-`, at most 24.
+    #[arg(long)]
+    pub run_id: Option<String>,
+    /// Source address of every connection (a loopback address, e.g. 127.0.0.2).
+    #[arg(long)]
+    pub source_ip: Option<std::net::IpAddr>,
     /// Messages per second per user (open loop).
     #[arg(long, default_value_t = 1.0)]
     pub rate: f64,
@@ -58,7 +82,7 @@ pub struct LoadArgs {
     pub scrape_metrics: bool,
 }
 
-fn run_id() -> String {
+pub fn run_id() -> String {
     let ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis())
@@ -71,9 +95,31 @@ fn run_id() -> String {
 pub fn print_summary(s: &Summary, dir: &std::path::Path) {
     let ms = |us: u64| us as f64 / 1000.0;
     println!(
-        "run {} against {}: {} users, {:.0} s measured",
-        s.run_id, s.target, s.users, s.measured_s
+        "run {} against {}: {} users sending{}, {:.0} s measured",
+        s.run_id,
+        s.target,
+        s.users,
+        if s.idle_devices > 0 {
+            format!(" + {} idle devices", s.idle_devices)
+        } else {
+            String::new()
+        },
+        s.measured_s
     );
+    if s.idle_devices > 0 {
+        let g = &s.generator;
+        println!(
+            "  generator: {} of {} idle devices connected, {}",
+            g.idle_devices_connected,
+            s.idle_devices,
+            match (g.kib_per_idle_device, g.rss_before_fleet_kib, g.rss_with_fleet_kib) {
+                (Some(k), Some(b), Some(a)) => format!(
+                    "{k:.1} KiB of generator memory per idle device (resident {b} KiB before the fleet, {a} KiB with it)"
+                ),
+                _ => "generator memory per idle device not measured".into(),
+            }
+        );
+    }
     println!(
         "  sent {} ({:.1}/s), delivered {} of {} ({:.1}/s), acked {}, errors {}",
         s.sent,
@@ -135,28 +181,61 @@ pub fn print_summary(s: &Summary, dir: &std::path::Path) {
     }
 }
 
-pub fn config(a: &LoadArgs) -> Result<LoadConfig> {
-    let raw = std::fs::read_to_string(&a.secret_file).with_context(|| {
+/// Reads a server's token secret.
+pub fn read_secret(path: &std::path::Path) -> Result<model_server::auth::Secret> {
+    let raw = std::fs::read_to_string(path).with_context(|| {
         format!(
             "reading secret file {} (the server's DATA_DIR/secret)",
-            a.secret_file.display()
+            path.display()
         )
     })?;
-    let secret = model_server::auth::Secret::new(raw.trim().as_bytes().to_vec())
-        .map_err(|e| anyhow::anyhow!("{}: {e}", a.secret_file.display()))?;
-    let id = run_id();
+    model_server::auth::Secret::new(raw.trim().as_bytes().to_vec())
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+pub fn config(a: &LoadArgs) -> Result<LoadConfig> {
+    anyhow::ensure!(
+        a.targets.len() == 1 && a.secret_files.len() == 1,
+        "several --target or --secret-file need --processes N (one generator process per shard)"
+    );
+    let target = a.targets[0].clone();
+    let secret = read_secret(&a.secret_files[0])?;
+    let id = match &a.run_id {
+        Some(r) => {
+            anyhow::ensure!(
+                !r.is_empty()
+                    && r.len() <= 24
+                    && r.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'),
+                "--run-id {r:?}: use 1-24 letters, digits, `_` or `-`"
+            );
+            r.clone()
+        }
+        None => run_id(),
+    };
     let metrics_url = a
         .scrape_metrics
         .then(|| {
-            a.target
+            target
                 .strip_prefix("ws://")
                 .map(|h| format!("http://{}/metrics", h.trim_end_matches('/')))
         })
         .flatten();
+    let (users, idle_devices, id) = match &a.shard {
+        None => (a.users, a.idle_devices, id),
+        Some(sh) => {
+            let (i, n) = crate::shard_cmd::parse_shard(sh)?;
+            let block = if a.group_size >= 2 { a.group_size } else { 2 };
+            let (u, d) = crate::shard_cmd::share(a.users, block, a.idle_devices, i, n);
+            (u, d, format!("{id}-s{i}"))
+        }
+    };
     Ok(LoadConfig {
-        target: a.target.clone(),
+        target,
+        idle_devices,
+        source_ip: a.source_ip,
         secret,
-        users: a.users,
+        users,
         group_size: a.group_size,
         rate_per_user: a.rate,
         ramp: Duration::from_secs(a.ramp),
@@ -181,7 +260,13 @@ pub fn load(a: LoadArgs) -> Result<i32> {
         .iter()
         .map(|c| Condition::parse(c).map_err(anyhow::Error::msg))
         .collect::<Result<_>>()?;
+    if a.processes > 1 {
+        return crate::shard_cmd::coordinate(&a, &conds);
+    }
     let cfg = config(&a)?;
+    if let Some(at) = a.start_at {
+        crate::shard_cmd::wait_until(at)?;
+    }
     let dir = cfg.report_dir.clone();
     eprintln!(
         "loading {} with {} users at {}/s each for {}+{} s...",
@@ -192,21 +277,26 @@ pub fn load(a: LoadArgs) -> Result<i32> {
         .build()?;
     let s = rt.block_on(loadgen::run(cfg))?;
     print_summary(&s, &dir);
+    Ok(verdict_code(&s, &conds))
+}
+
+/// Exit code of a finished run: 1 when it is invalid or a `--fail-if` holds.
+pub fn verdict_code(s: &Summary, conds: &[Condition]) -> i32 {
     // An invalid run fails whatever `--fail-if` says: its figures are not the server's.
     let mut code = i32::from(!s.valid);
-    for c in &conds {
-        if c.holds(&s) {
+    for c in conds {
+        if c.holds(s) {
             println!(
                 "  FAIL: {} {} {} (actual {:.3})",
                 c.metric,
                 c.op,
                 c.value,
-                c.actual(&s)
+                c.actual(s)
             );
             code = 1;
         }
     }
-    Ok(code)
+    code
 }
 
 pub fn merge(runs: Vec<PathBuf>, out: PathBuf, sequential: bool) -> Result<()> {
@@ -214,11 +304,12 @@ pub fn merge(runs: Vec<PathBuf>, out: PathBuf, sequential: bool) -> Result<()> {
     let s = loadgen::merge::merge(&refs, &out, sequential)?;
     if let Some(m) = &s.merge {
         println!(
-            "merged {} {} runs ({}):",
+            "merged {} {} runs, overlapping for {:.1} s ({}):",
             m.runs.len(),
             m.kind,
+            m.overlap_s,
             if m.kind == "concurrent" {
-                "rates over the union of their measured windows"
+                "each run's rate over its own measured window, added"
             } else {
                 "rates over the sum of their measured windows"
             }
@@ -324,6 +415,8 @@ pub fn bench_load(users: usize, secs: u64, slo_p99_ms: f64) -> Result<()> {
                 typing_per_sec: 0.0,
                 max_errors: 0,
                 idle: Duration::from_secs(2),
+                idle_devices: 0,
+                source_ip: None,
             };
             loadgen::run(cfg)
         };

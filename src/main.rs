@@ -5,6 +5,7 @@ mod capacity_cmd;
 mod load_cmd;
 mod play_cmd;
 mod run_cmd;
+mod shard_cmd;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};

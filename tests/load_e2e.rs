@@ -127,10 +127,12 @@ fn short_load_writes_consistent_reports_and_runs_merge_exactly() {
     assert!(html.contains("<svg") && html.contains("Send→deliver latency per second"));
 
     // Two generator processes at once; the merge adds the HDR logs, not percentiles, and
-    // its rates are over the union of the two measured windows.
+    // its rate is the sum of the two runs' rates.
     let (run2, run2b) = (dir.path().join("run2"), dir.path().join("run2b"));
-    let mut other = load_cmd(&srv, &run2b, "60", &[]).spawn().expect("spawn");
-    let out = load(&srv, &run2, "100", &[]);
+    let mut other = load_cmd(&srv, &run2b, "60", &["--duration", "6"])
+        .spawn()
+        .expect("spawn");
+    let out = load(&srv, &run2, "100", &["--duration", "6"]);
     assert!(other.wait().expect("wait").success());
     assert!(out.status.success());
     // The server was reused: no memory figure, and the report says why.
@@ -168,13 +170,15 @@ fn short_load_writes_consistent_reports_and_runs_merge_exactly() {
         n(&s2["ack_us"], "count") + n(&s2b["ack_us"], "count"),
         "every histogram is merged, not only send→deliver"
     );
-    let union_s =
-        (n(&ms, "measured_until_unix_ms") - n(&ms, "measured_from_unix_ms")) as f64 / 1000.0;
-    let rate = ms["sent_per_s"].as_f64().expect("rate");
+    let rate = |v: &serde_json::Value| v["sent_per_s"].as_f64().expect("rate");
     assert!(
-        (rate - n(&ms, "sent") as f64 / union_s).abs() < 1e-6,
-        "{rate} over {union_s} s"
+        (rate(&ms) - rate(&s2) - rate(&s2b)).abs() < 1e-6,
+        "{} = {} + {}",
+        rate(&ms),
+        rate(&s2),
+        rate(&s2b)
     );
+    assert!(ms["merge"]["overlap_s"].as_f64().expect("overlap") >= 3.0);
     let html = std::fs::read_to_string(merged.join("report.html")).expect("merged html");
     assert!(html.contains("<svg") && html.contains("Merged 2 concurrent runs"));
 
@@ -204,7 +208,7 @@ fn short_load_writes_consistent_reports_and_runs_merge_exactly() {
     let sq = summary(&seq);
     assert_eq!(sq["merge"]["kind"], "sequential");
     let rate = sq["sent_per_s"].as_f64().expect("rate");
-    let want = (sent + n(&s2, "sent")) as f64 / 6.0;
+    let want = (sent + n(&s2, "sent")) as f64 / 9.0;
     assert!((rate - want).abs() < 1e-6, "{rate} vs {want}");
     // The same run twice is refused.
     let m = chatsim(&[
@@ -323,4 +327,61 @@ fn short_load_writes_consistent_reports_and_runs_merge_exactly() {
         text.contains("INVALID") && text.contains("close 1012 20"),
         "{text}"
     );
+}
+
+#[test]
+fn sharded_load_over_two_servers_with_an_idle_fleet_merges_its_shards() {
+    // Two servers sharing one secret; three generator processes (shard i loads server
+    // i mod 2 from 127.0.0.(2+i)); 600 idle devices besides 60 senders.
+    let dir = tempfile::tempdir().expect("tmp");
+    let secret = dir.path().join("secret");
+    let s = secret.to_str().expect("utf-8 path");
+    let a = ServerProc::start(&dir.path().join("a"), &["--memory", "--secret-file", s]);
+    let b = ServerProc::start(&dir.path().join("b"), &["--memory", "--secret-file", s]);
+    let out = dir.path().join("run");
+    let r = Command::new(env!("CARGO_BIN_EXE_chatsim"))
+        .args(["load", "--target", &format!("ws://{}", a.addr)])
+        .args(["--target", &format!("ws://{}", b.addr)])
+        .arg("--secret-file")
+        .arg(&secret)
+        .args(["--processes", "3", "--users", "60", "--idle-devices", "600"])
+        .args(["--rate", "2", "--ramp", "2", "--duration", "4", "--out"])
+        .arg(&out)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run chatsim load");
+    let text = String::from_utf8_lossy(&r.stdout);
+    assert!(
+        r.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    let m = summary(&out);
+    assert_eq!(m["valid"], true, "{}", m["invalid_reason"]);
+    assert_eq!(m["merge"]["kind"], "concurrent");
+    assert_eq!(m["users"].as_u64(), Some(60));
+    assert_eq!(m["idle_devices"].as_u64(), Some(600));
+    assert_eq!(m["generator"]["idle_devices_connected"].as_u64(), Some(600));
+    let kib = m["generator"]["kib_per_idle_device"]
+        .as_f64()
+        .expect("generator memory per idle device");
+    assert!(kib > 0.0 && kib < 64.0, "{kib} KiB per idle device");
+    let mut sent = 0;
+    for i in 0..3 {
+        let s = summary(&out.join(format!("shard-{i}")));
+        assert!(s["run_id"]
+            .as_str()
+            .expect("id")
+            .ends_with(&format!("-s{i}")));
+        sent += s["sent"].as_u64().expect("sent");
+    }
+    assert_eq!(m["sent"].as_u64(), Some(sent));
+    assert_eq!(
+        m["delivered"].as_u64(),
+        Some(sent),
+        "every message delivered"
+    );
+    assert!(text.contains("3 generator processes, merged"), "{text}");
+    a.stop();
+    b.stop();
 }

@@ -12,6 +12,7 @@
 pub mod capacity;
 pub mod compare;
 pub mod fail_if;
+pub mod fleet;
 pub mod ledger;
 pub mod merge;
 pub mod relay;
@@ -57,6 +58,11 @@ pub struct LoadConfig {
     /// Idle phase once every device is connected and before any send: the server's memory
     /// per connection is read at its end. Zero skips it (and that figure).
     pub idle: Duration,
+    /// Connections that only authenticate, heartbeat and read (most of a real chat
+    /// system's sockets), opened before the senders; not Goose users.
+    pub idle_devices: usize,
+    /// Source address for every connection (e.g. 127.0.0.2), when not the default.
+    pub source_ip: Option<std::net::IpAddr>,
 }
 
 /// Runs a load test and writes its report. Returns the summary.
@@ -156,7 +162,23 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<report::Summary> {
             (idle, measured_start.zip(late))
         })
     });
+    let fleet = if cfg.idle_devices > 0 {
+        eprintln!("  opening {} idle devices...", cfg.idle_devices);
+        Some(fleet::open(shared.clone()).await)
+    } else {
+        None
+    };
     let metrics = user::attack(shared.clone()).await?;
+    let generator = report::GeneratorFigures {
+        rss_end_kib: fleet::rss_kib(),
+        idle_devices_connected: fleet.as_ref().map_or(0, |f| f.connected),
+        rss_before_fleet_kib: fleet.as_ref().and_then(|f| f.rss_before_kib),
+        rss_with_fleet_kib: fleet.as_ref().and_then(|f| f.rss_after_kib),
+        kib_per_idle_device: fleet.as_ref().and_then(|f| f.kib_per_device()),
+    };
+    if let Some(f) = fleet {
+        f.close().await;
+    }
     let (idle, measured) = match scrapes {
         Some(h) => h.await.unwrap_or((None, None)),
         None => (None, None),
@@ -166,6 +188,6 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<report::Summary> {
         idle,
         measured,
     };
-    let summary = report::write(&shared, &cfg, &scrapes, &metrics)?;
+    let summary = report::write(&shared, &cfg, &scrapes, &generator, &metrics)?;
     Ok(summary)
 }

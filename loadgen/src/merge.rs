@@ -2,10 +2,11 @@
 //! machines exactly: it adds their HdrHistogram logs (never averages percentiles), sums
 //! their counts second by second of wall-clock time, and writes a full report.
 //!
-//! Runs are merged only when that means something: concurrent runs (every measured window
-//! shares an instant) give rates over the union of their windows; runs taken one after
-//! another are refused unless `sequential` is asked for, and then rates are over the sum
-//! of their windows, each window listed. The same run twice is refused.
+//! Runs are merged only when that means something: concurrent runs (their measured
+//! windows share at least half of the shortest) give the sum of their rates, each over its
+//! own window; runs taken one after another are refused unless `sequential` is asked for,
+//! and then rates are over the sum of their windows, each window listed. The same run
+//! twice is refused.
 
 use crate::report::{MergeInfo, Pct, Row, RunWindow, ServerFigures, Summary, TAGGED};
 use base64::Engine;
@@ -131,7 +132,9 @@ fn merge_servers(runs: &[Run]) -> Option<ServerFigures> {
     for r in runs {
         let Some(f) = &r.s.server else { continue };
         let e = by_target.entry(r.s.target.as_str()).or_insert((f, 0));
-        if f.connections > e.0.connections {
+        // Prefer a run with a memory figure, then the one that saw the most connections.
+        let key = |f: &ServerFigures| (f.kib_per_connection.is_some(), f.connections);
+        if key(f) > key(e.0) {
             e.0 = f;
         }
         e.1 += r.s.delivered;
@@ -184,6 +187,18 @@ pub fn merge(runs: &[&Path], out: &Path, sequential: bool) -> anyhow::Result<Sum
         runs.len() >= 2,
         "name at least two run directories to merge"
     );
+    merge_with(runs, out, sequential, &[])
+}
+
+/// [`merge`], with reasons the merged run is invalid beyond its runs' own (a shard that
+/// wrote no report); one run is allowed.
+pub fn merge_with(
+    runs: &[&Path],
+    out: &Path,
+    sequential: bool,
+    extra_invalid: &[String],
+) -> anyhow::Result<Summary> {
+    anyhow::ensure!(!runs.is_empty(), "name at least one run directory");
     let runs: Vec<Run> = runs.iter().map(|d| read_run(d)).collect::<Result<_, _>>()?;
     for (i, a) in runs.iter().enumerate() {
         for b in &runs[..i] {
@@ -196,15 +211,33 @@ pub fn merge(runs: &[&Path], out: &Path, sequential: bool) -> anyhow::Result<Sum
             );
         }
     }
-    let latest_from = runs.iter().map(|r| r.s.measured_from_unix_ms).max();
-    let earliest_until = runs.iter().map(|r| r.s.measured_until_unix_ms).min();
-    let concurrent = latest_from < earliest_until;
+    let latest_from = runs
+        .iter()
+        .map(|r| r.s.measured_from_unix_ms)
+        .max()
+        .unwrap_or(0);
+    let earliest_until = runs
+        .iter()
+        .map(|r| r.s.measured_until_unix_ms)
+        .min()
+        .unwrap_or(0);
+    let shortest = runs
+        .iter()
+        .map(|r| r.s.measured_until_unix_ms - r.s.measured_from_unix_ms)
+        .min()
+        .unwrap_or(0);
+    // Concurrent: the windows share at least half of the shortest one.
+    let overlap_ms = earliest_until.saturating_sub(latest_from);
+    let concurrent = overlap_ms > 0 && overlap_ms * 2 >= shortest;
     if !concurrent && !sequential {
         let windows: Vec<String> = runs.iter().map(window_line).collect();
         anyhow::bail!(
-            "these runs' measured windows do not all overlap, so they did not load the server \
-             together and adding their rates would be false:\n  {}\npass --sequential to merge \
-             them as sequential runs (rates over the sum of their windows)",
+            "these runs' measured windows overlap for {:.1} s, less than half of the shortest \
+             ({:.1} s), so they did not load the server together and adding their rates would \
+             be false:\n  {}\npass --sequential to merge them as sequential runs (rates over \
+             the sum of their windows)",
+            overlap_ms as f64 / 1000.0,
+            shortest as f64 / 1000.0,
             windows.join("\n  ")
         );
     }
@@ -254,8 +287,12 @@ pub fn merge(runs: &[&Path], out: &Path, sequential: bool) -> anyhow::Result<Sum
         ..Summary::default()
     };
     let mut targets: Vec<&str> = Vec::new();
-    let mut reasons = Vec::new();
+    let mut reasons: Vec<String> = extra_invalid.to_vec();
+    if !reasons.is_empty() {
+        m.valid = false;
+    }
     let mut rate_sum = 0.0;
+    let (mut fleet_before, mut fleet_after, mut fleet_ok) = (Some(0u64), Some(0u64), 0usize);
     for r in &runs {
         let o = offset(r);
         for (i, (c, sent, d, a)) in r.rows.iter().enumerate() {
@@ -290,6 +327,15 @@ pub fn merge(runs: &[&Path], out: &Path, sequential: bool) -> anyhow::Result<Sum
         }
         m.peak_connections += r.s.peak_connections;
         m.idle_s = m.idle_s.max(r.s.idle_s);
+        m.idle_devices += r.s.idle_devices;
+        let g = &r.s.generator;
+        fleet_ok += g.idle_devices_connected;
+        if r.s.idle_devices > 0 {
+            fleet_before = fleet_before.zip(g.rss_before_fleet_kib).map(|(a, b)| a + b);
+            fleet_after = fleet_after.zip(g.rss_with_fleet_kib).map(|(a, b)| a + b);
+        }
+        m.generator.rss_end_kib =
+            Some(m.generator.rss_end_kib.unwrap_or(0) + g.rss_end_kib.unwrap_or(0));
         rate_sum += r.s.rate_per_user * r.s.users as f64;
         m.valid &= r.s.valid;
         if let Some(why) = &r.s.invalid_reason {
@@ -307,8 +353,14 @@ pub fn merge(runs: &[&Path], out: &Path, sequential: bool) -> anyhow::Result<Sum
     };
     m.rate_per_user = rate_sum / m.users.max(1) as f64;
     m.target = targets.join(" ");
-    m.sent_per_s = m.sent as f64 / secs;
-    m.delivered_per_s = m.delivered as f64 / secs;
+    if concurrent {
+        // Each run's rate over its own window, added: the load they offered together.
+        m.sent_per_s = runs.iter().map(|r| r.s.sent_per_s).sum();
+        m.delivered_per_s = runs.iter().map(|r| r.s.delivered_per_s).sum();
+    } else {
+        m.sent_per_s = m.sent as f64 / secs;
+        m.delivered_per_s = m.delivered as f64 / secs;
+    }
     m.deliver_us = Pct::of(&deliver);
     m.deliver_raw_us = Pct::of(&tagged["deliver_raw"]);
     m.ack_us = Pct::of(&tagged["ack"]);
@@ -319,8 +371,18 @@ pub fn merge(runs: &[&Path], out: &Path, sequential: bool) -> anyhow::Result<Sum
         m.storm_catch_up_us = Some(Pct::of(&tagged["storm_catch_up"]));
     }
     m.invalid_reason = (!reasons.is_empty()).then(|| reasons.join("; "));
+    m.generator.idle_devices_connected = fleet_ok;
+    if m.idle_devices > 0 {
+        m.generator.rss_before_fleet_kib = fleet_before;
+        m.generator.rss_with_fleet_kib = fleet_after;
+        m.generator.kib_per_idle_device = fleet_before
+            .zip(fleet_after)
+            .filter(|_| fleet_ok > 0)
+            .map(|(b, a)| a.saturating_sub(b) as f64 / fleet_ok as f64);
+    }
     m.server = merge_servers(&runs);
     m.merge = Some(MergeInfo {
+        overlap_s: overlap_ms as f64 / 1000.0,
         kind: if concurrent {
             "concurrent"
         } else {

@@ -194,17 +194,40 @@ pub struct Summary {
     /// Idle phase (every device connected, nothing sent) before the measured phase, s.
     #[serde(default)]
     pub idle_s: u64,
+    /// Idle devices asked for (`--idle-devices`), besides the `users` that send.
+    #[serde(default)]
+    pub idle_devices: usize,
+    #[serde(default)]
+    pub generator: GeneratorFigures,
     /// For a merged report: how the runs were combined, and each run's measured window.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub merge: Option<MergeInfo>,
 }
 
+/// What the generator itself cost, from its own resident memory.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct GeneratorFigures {
+    /// Idle devices (`--idle-devices`) that connected.
+    pub idle_devices_connected: usize,
+    /// Resident memory before the idle fleet opened and with all of it connected, KiB.
+    pub rss_before_fleet_kib: Option<u64>,
+    pub rss_with_fleet_kib: Option<u64>,
+    /// (with − before) / connected idle devices.
+    pub kib_per_idle_device: Option<f64>,
+    /// Resident memory at the end of the run (Goose users included), KiB.
+    pub rss_end_kib: Option<u64>,
+}
+
 /// How a merged report combined its runs.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct MergeInfo {
-    /// `concurrent`: every measured window shares an instant, rates are over their union;
-    /// `sequential`: they do not, rates are over the sum of the windows.
+    /// `concurrent`: the measured windows share at least half of the shortest, rates are
+    /// the sum of each run's; `sequential`: they do not, rates are over the sum of the
+    /// windows.
     pub kind: String,
+    /// Seconds during which every run was in its measured phase.
+    #[serde(default)]
+    pub overlap_s: f64,
     pub runs: Vec<RunWindow>,
 }
 
@@ -367,6 +390,7 @@ pub fn write(
     shared: &Shared,
     cfg: &LoadConfig,
     scrapes: &Scrapes,
+    generator: &GeneratorFigures,
     _goose: &goose::metrics::GooseMetrics,
 ) -> anyhow::Result<Summary> {
     let dir = &cfg.report_dir;
@@ -485,7 +509,7 @@ pub fn write(
         .clone();
     let errors = shared.errors.load(Ordering::Relaxed);
     let reasons = verdict(&Evidence {
-        users: cfg.users as i64,
+        users: (cfg.users + cfg.idle_devices) as i64,
         // A reconnect storm drops sockets on purpose: judge its peak instead.
         lowest_connections: if cfg.storm_at.is_some() { peak } else { low },
         sent,
@@ -498,7 +522,7 @@ pub fn write(
         lag_p99_us: lag.p99,
     });
     let invalid_reason = (!reasons.is_empty()).then(|| reasons.join("; "));
-    let server = server_figures(scrapes, cfg.users, cfg.idle.as_secs());
+    let server = server_figures(scrapes, cfg.users + cfg.idle_devices, cfg.idle.as_secs());
     let summary = Summary {
         run_id: cfg.run_id.clone(),
         target: cfg.target.clone(),
@@ -532,6 +556,8 @@ pub fn write(
             + from_s as u64 * 1000
             + cfg.duration.as_millis() as u64,
         idle_s: cfg.idle.as_secs(),
+        idle_devices: cfg.idle_devices,
+        generator: generator.clone(),
         merge: None,
     };
     write_latency_csv(dir, &summary)?;
@@ -721,7 +747,7 @@ pub fn html(s: &Summary, windows: &[Row]) -> String {
                 m.runs.len(),
                 m.kind,
                 if m.kind == "concurrent" {
-                    "rates over the union of their measured windows"
+                    "each run's rate over its own measured window, added"
                 } else {
                     "rates over the sum of their measured windows"
                 }

@@ -146,7 +146,7 @@ pub async fn attack(shared: Arc<Shared>) -> anyhow::Result<GooseMetrics> {
 }
 
 /// The kind of a failed connection: refused at authentication, or not connected at all.
-fn connect_error_kind(e: &str) -> &'static str {
+pub(crate) fn connect_error_kind(e: &str) -> &'static str {
     if e.starts_with(AUTH_FAILED) || e.starts_with(NO_AUTH_ANSWER) {
         "auth"
     } else {
@@ -166,12 +166,61 @@ pub(crate) async fn probe(shared: &Shared) -> Result<(), String> {
     Ok(())
 }
 
-async fn connect_ws(shared: &Shared, user_id: &str) -> Result<Ws, String> {
-    let url = format!("{}/ws", shared.cfg.target.trim_end_matches('/'));
-    // TCP_NODELAY on the client too (Nagle + delayed ACK add ~40 ms otherwise).
-    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url, None, true)
+/// WebSocket buffers of one generator connection: tungstenite's defaults (128 KiB read
+/// buffer allocated up front) would cost far more than the device itself. Frames here are
+/// small; a bigger one only grows the buffer while it is read.
+fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+        .max_write_buffer_size(1 << 20)
+}
+
+/// Opens a TCP connection to `hostport`, from `source` when given (so one machine can hold
+/// more connections than one source address has ephemeral ports).
+async fn tcp(hostport: &str, source: Option<std::net::IpAddr>) -> Result<TcpStream, String> {
+    let addr = tokio::net::lookup_host(hostport)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())?
+        .next()
+        .ok_or_else(|| format!("{hostport}: no address"))?;
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(|e| e.to_string())?;
+    if let Some(ip) = source {
+        sock.bind(std::net::SocketAddr::new(ip, 0))
+            .map_err(|e| format!("binding source address {ip}: {e}"))?;
+    }
+    // TCP_NODELAY on the client too (Nagle + delayed ACK add ~40 ms otherwise).
+    sock.set_nodelay(true).map_err(|e| e.to_string())?;
+    sock.connect(addr).await.map_err(|e| e.to_string())
+}
+
+/// Connects device `device_id` of `user_id` and authenticates it.
+pub(crate) async fn connect_ws(shared: &Shared, user_id: &str) -> Result<Ws, String> {
+    connect_device(shared, user_id, "load").await
+}
+
+/// Connects and authenticates one device; returns the socket after `auth_success`.
+pub(crate) async fn connect_device(
+    shared: &Shared,
+    user_id: &str,
+    device_id: &str,
+) -> Result<Ws, String> {
+    let base = shared.cfg.target.trim_end_matches('/');
+    let hostport = base.trim_start_matches("ws://");
+    let url = format!("{base}/ws");
+    let stream = tcp(hostport, shared.cfg.source_ip).await?;
+    let (mut ws, _) = tokio_tungstenite::client_async_with_config(
+        url,
+        MaybeTlsStream::Plain(stream),
+        Some(ws_config()),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -179,11 +228,10 @@ async fn connect_ws(shared: &Shared, user_id: &str) -> Result<Ws, String> {
     let token = mint(
         &shared.cfg.secret,
         &user_id.into(),
-        &"load".into(),
+        &device_id.into(),
         Millis(now_ms + 24 * 3_600_000),
     );
-    let auth =
-        json!({"type":"auth","payload":{"user_id":user_id,"device_id":"load","auth_token":token}});
+    let auth = json!({"type":"auth","payload":{"user_id":user_id,"device_id":device_id,"auth_token":token}});
     ws.send(Message::text(auth.to_string()))
         .await
         .map_err(|e| e.to_string())?;
