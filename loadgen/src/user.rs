@@ -191,12 +191,36 @@ async fn tcp(hostport: &str, source: Option<std::net::IpAddr>) -> Result<TcpStre
     }
     .map_err(|e| e.to_string())?;
     if let Some(ip) = source {
-        sock.bind(std::net::SocketAddr::new(ip, 0))
-            .map_err(|e| format!("binding source address {ip}: {e}"))?;
+        bind_source(&sock, ip)?;
     }
     // TCP_NODELAY on the client too (Nagle + delayed ACK add ~40 ms otherwise).
     sock.set_nodelay(true).map_err(|e| e.to_string())?;
     sock.connect(addr).await.map_err(|e| e.to_string())
+}
+
+/// Source ports handed out for `--source-ip`, in [`PORTS_FROM`, `PORTS_UNTIL`).
+static NEXT_PORT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+const PORTS_FROM: u32 = 20_000;
+const PORTS_UNTIL: u32 = 61_000;
+
+/// Binds `sock` to `ip` on an explicit port. bind(ip, 0) makes Linux search every bound
+/// port for a free one: with tens of thousands of connections open that took all of both
+/// cores. An explicit port is one lookup; a port in use is skipped.
+fn bind_source(sock: &tokio::net::TcpSocket, ip: std::net::IpAddr) -> Result<(), String> {
+    let mut last = None;
+    for _ in 0..64 {
+        let k = NEXT_PORT.fetch_add(1, Ordering::Relaxed);
+        let port = PORTS_FROM + k % (PORTS_UNTIL - PORTS_FROM);
+        match sock.bind(std::net::SocketAddr::new(ip, port as u16)) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => last = Some(e),
+            Err(e) => return Err(format!("binding source address {ip}: {e}")),
+        }
+    }
+    Err(format!(
+        "binding source address {ip}: no free port found ({})",
+        last.map(|e| e.to_string()).unwrap_or_default()
+    ))
 }
 
 /// Connects device `device_id` of `user_id` and authenticates it.
