@@ -234,6 +234,7 @@ pub fn config(a: &LoadArgs) -> Result<LoadConfig> {
         target,
         idle_devices,
         source_ip: a.source_ip,
+        fail_if: a.fail_if.clone(),
         secret,
         users,
         group_size: a.group_size,
@@ -417,6 +418,7 @@ pub fn bench_load(users: usize, secs: u64, slo_p99_ms: f64) -> Result<()> {
                 idle: Duration::from_secs(2),
                 idle_devices: 0,
                 source_ip: None,
+                fail_if: Vec::new(),
             };
             loadgen::run(cfg)
         };

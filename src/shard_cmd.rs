@@ -210,7 +210,7 @@ pub fn coordinate(a: &LoadArgs, conds: &[Condition]) -> Result<i32> {
         bail!("no shard wrote a report:\n  {}", missing.join("\n  "));
     }
     let refs: Vec<&std::path::Path> = dirs.iter().map(|d| d.as_path()).collect();
-    let s = loadgen::merge::merge_with(&refs, &out, false, &missing)?;
+    let s = loadgen::merge::merge_with(&refs, &out, false, &missing, &a.fail_if)?;
     println!("{n} generator processes, merged:");
     print_summary(&s, &out);
     Ok(verdict_code(&s, conds))

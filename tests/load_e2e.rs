@@ -124,7 +124,7 @@ fn short_load_writes_consistent_reports_and_runs_merge_exactly() {
         .sum();
     assert_eq!(measured_sent, sent);
     let html = std::fs::read_to_string(run1.join("report.html")).expect("html");
-    assert!(html.contains("<svg") && html.contains("Send→deliver latency per second"));
+    assert!(html.contains("<svg") && html.contains("Send→deliver latency, by second"));
 
     // Two generator processes at once; the merge adds the HDR logs, not percentiles, and
     // its rate is the sum of the two runs' rates.

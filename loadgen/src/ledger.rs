@@ -37,6 +37,10 @@ pub struct Window {
     pub acked: u64,
     pub connections: i64,
     pub deliver: Histogram<u64>,
+    /// Send→ack of the messages sent in this second.
+    pub ack: Histogram<u64>,
+    /// Errors that happened in this second (by when they happened, not by send time).
+    pub errors: u64,
 }
 
 /// When each phase of a run starts, fixed when the last user has connected.
@@ -86,6 +90,8 @@ pub struct Shared {
     /// Reconnect storm: time from drop to reconnected, and from drop to backlog drained, µs.
     pub storm_reconnect: Mutex<Histogram<u64>>,
     pub storm_catch_up: Mutex<Histogram<u64>>,
+    /// The server's `/metrics`, scraped about once a second: (second of the run, values).
+    pub server_samples: Mutex<Vec<(usize, crate::report::Scrape)>>,
     /// Group workload: first member's index -> server group id.
     pub groups: Mutex<HashMap<usize, String>>,
 }
@@ -94,6 +100,7 @@ impl Shared {
     /// Counts one error of `kind`.
     pub fn error(&self, kind: impl Into<String>) {
         self.errors.fetch_add(1, Ordering::Relaxed);
+        self.window(Instant::now(), |w| w.errors += 1);
         let mut k = self.error_kinds.lock().unwrap_or_else(|p| p.into_inner());
         *k.entry(kind.into()).or_default() += 1;
     }
@@ -121,6 +128,7 @@ impl Shared {
             lag: Mutex::new(hist()),
             windows: Mutex::new(Vec::new()),
             groups: Mutex::new(HashMap::new()),
+            server_samples: Mutex::default(),
             storm_reconnect: Mutex::new(hist()),
             storm_catch_up: Mutex::new(hist()),
         }
@@ -136,6 +144,8 @@ impl Shared {
                 acked: 0,
                 connections: self.connections.load(Ordering::Relaxed),
                 deliver: hist(),
+                ack: hist(),
+                errors: 0,
             });
         }
         f(&mut w[sec])
@@ -231,8 +241,11 @@ impl Shared {
             i
         };
         self.acked.fetch_add(1, Ordering::Relaxed);
-        self.window(intended, |w| w.acked += 1);
         let d = now.saturating_duration_since(intended);
+        self.window(intended, |w| {
+            w.acked += 1;
+            let _ = w.ack.record((d.as_micros() as u64).clamp(1, MAX_US));
+        });
         if self.measuring(intended) {
             let _ = self
                 .ack

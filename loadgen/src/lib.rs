@@ -10,6 +10,7 @@
 //! - `relay`: a bare tokio-tungstenite relay, the baseline the model is compared with.
 
 pub mod capacity;
+pub mod charts;
 pub mod compare;
 pub mod fail_if;
 pub mod fleet;
@@ -63,6 +64,8 @@ pub struct LoadConfig {
     pub idle_devices: usize,
     /// Source address for every connection (e.g. 127.0.0.2), when not the default.
     pub source_ip: Option<std::net::IpAddr>,
+    /// `--fail-if` conditions, judged in the report (the caller sets the exit code).
+    pub fail_if: Vec<String>,
 }
 
 /// Runs a load test and writes its report. Returns the summary.
@@ -168,7 +171,29 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<report::Summary> {
     } else {
         None
     };
+    // The server's figures every second, for report.html's server charts.
+    let sampler = cfg.metrics_url.clone().map(|u| {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            // Bounded: the attack ends long before a day of samples.
+            for _ in 0..86_400 {
+                tick.tick().await;
+                if let Ok(sc) = report::scrape(&u).await {
+                    let sec = shared.start.elapsed().as_secs() as usize;
+                    shared
+                        .server_samples
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push((sec, sc));
+                }
+            }
+        })
+    });
     let metrics = user::attack(shared.clone()).await?;
+    if let Some(h) = sampler {
+        h.abort();
+    }
     let generator = report::GeneratorFigures {
         rss_end_kib: fleet::rss_kib(),
         idle_devices_connected: fleet.as_ref().map_or(0, |f| f.connected),

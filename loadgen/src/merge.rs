@@ -61,8 +61,11 @@ struct Run {
     s: Summary,
     /// timeseries.csv rows: (connections, sent, delivered, acked).
     rows: Vec<(i64, u64, u64, u64)>,
-    /// deliver.hlog by second of the run.
+    /// deliver.hlog by second of the run: send→deliver, and send→ack (tagged `ack`).
     deliver: Vec<(u64, Histogram<u64>)>,
+    ack: Vec<(u64, Histogram<u64>)>,
+    /// Errors per second (timeseries.csv's `errors`, absent in older reports).
+    errors: Vec<u64>,
     tagged: BTreeMap<String, Histogram<u64>>,
 }
 
@@ -84,7 +87,12 @@ fn read_run(dir: &Path) -> anyhow::Result<Run> {
     let ts = dir.join("timeseries.csv");
     let mut rdr =
         csv::Reader::from_path(&ts).map_err(|e| anyhow::anyhow!("{}: {e}", ts.display()))?;
+    let errors_col = rdr
+        .headers()
+        .ok()
+        .and_then(|h| h.iter().position(|c| c == "errors"));
     let mut rows = Vec::new();
+    let mut errors = Vec::new();
     for (i, rec) in rdr.records().enumerate() {
         let rec = rec.map_err(|e| anyhow::anyhow!("{}: {e}", ts.display()))?;
         let f = |k: usize| -> anyhow::Result<i64> {
@@ -97,11 +105,19 @@ fn read_run(dir: &Path) -> anyhow::Result<Run> {
             })
         };
         rows.push((f(1)?, f(2)? as u64, f(3)? as u64, f(4)? as u64));
+        errors.push(match errors_col {
+            Some(k) => f(k)? as u64,
+            None => 0,
+        });
     }
-    let deliver = intervals(&dir.join("deliver.hlog"))?
-        .into_iter()
-        .map(|(_, t, h)| (t, h))
-        .collect();
+    let (mut deliver, mut ack) = (Vec::new(), Vec::new());
+    for (tag, t, h) in intervals(&dir.join("deliver.hlog"))? {
+        match tag.as_deref() {
+            None => deliver.push((t, h)),
+            Some("ack") => ack.push((t, h)),
+            Some(_) => {}
+        }
+    }
     let hp = dir.join("histograms.hlog");
     anyhow::ensure!(
         hp.exists(),
@@ -120,6 +136,8 @@ fn read_run(dir: &Path) -> anyhow::Result<Run> {
         s,
         rows,
         deliver,
+        ack,
+        errors,
         tagged,
     })
 }
@@ -187,16 +205,18 @@ pub fn merge(runs: &[&Path], out: &Path, sequential: bool) -> anyhow::Result<Sum
         runs.len() >= 2,
         "name at least two run directories to merge"
     );
-    merge_with(runs, out, sequential, &[])
+    merge_with(runs, out, sequential, &[], &[])
 }
 
 /// [`merge`], with reasons the merged run is invalid beyond its runs' own (a shard that
-/// wrote no report); one run is allowed.
+/// wrote no report) and `--fail-if` conditions to judge on the merged figures; one run is
+/// allowed.
 pub fn merge_with(
     runs: &[&Path],
     out: &Path,
     sequential: bool,
     extra_invalid: &[String],
+    fail_if: &[String],
 ) -> anyhow::Result<Summary> {
     anyhow::ensure!(!runs.is_empty(), "name at least one run directory");
     let runs: Vec<Run> = runs.iter().map(|d| read_run(d)).collect::<Result<_, _>>()?;
@@ -267,6 +287,7 @@ pub fn merge_with(
         .unwrap_or(0);
     let mut rows = vec![Row::default(); len];
     let mut per_second: Vec<Histogram<u64>> = (0..len).map(|_| hist()).collect::<Result<_, _>>()?;
+    let mut ack_second: Vec<Histogram<u64>> = (0..len).map(|_| hist()).collect::<Result<_, _>>()?;
     let mut deliver = hist()?;
     let mut tagged: BTreeMap<&str, Histogram<u64>> = BTreeMap::new();
     for t in TAGGED {
@@ -308,6 +329,14 @@ pub fn merge_with(
                 ps.add(h)?;
             }
         }
+        for (t, h) in &r.ack {
+            if let Some(ps) = ack_second.get_mut(o + *t as usize) {
+                ps.add(h)?;
+            }
+        }
+        for (i, e) in r.errors.iter().enumerate() {
+            rows[o + i].errors += e;
+        }
         for (tag, h) in &r.tagged {
             if let Some(into) = tagged.get_mut(tag.as_str()) {
                 into.add(h)?;
@@ -342,9 +371,16 @@ pub fn merge_with(
             reasons.push(format!("{}: {why}", r.s.run_id));
         }
     }
-    for (row, h) in rows.iter_mut().zip(&per_second) {
+    for ((row, h), a) in rows.iter_mut().zip(&per_second).zip(&ack_second) {
         row.deliver = Pct::of(h);
+        row.ack = Pct::of(a);
     }
+    m.deliver_distribution_us = crate::report::distribution(&deliver);
+    let first = &runs[0].s;
+    m.ramp_s = first.ramp_s;
+    m.storm_at_s = first.storm_at_s;
+    m.typing_per_s = first.typing_per_s;
+    m.max_errors = runs.iter().map(|r| r.s.max_errors).sum();
     let group_sizes: Vec<usize> = runs.iter().map(|r| r.s.group_size).collect();
     m.group_size = if group_sizes.iter().all(|g| *g == group_sizes[0]) {
         group_sizes[0]
@@ -400,6 +436,7 @@ pub fn merge_with(
             })
             .collect(),
     });
+    m.fail_if = crate::report::judge_fail_if(&m, fail_if);
     std::fs::create_dir_all(out).map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
     crate::report::write_latency_csv(out, &m)?;
     crate::report::write_timeseries(out, &rows)?;

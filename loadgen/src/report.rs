@@ -1,6 +1,7 @@
-//! The report of one run, in `reports/RUN/`: `timeseries.csv` (per second), `latency.csv`
-//! (percentiles), `deliver.hlog` (HdrHistogram interval log, the exact data `merge` adds
-//! up), `summary.json`, and `report.html`, a self-contained page with SVG charts.
+//! The report of one run, in `reports/RUN/`: `timeseries.csv` (per second, server figures
+//! included), `latency.csv` (percentiles), `deliver.hlog` (HdrHistogram interval log per
+//! second: untagged send→deliver, tagged `ack`), `histograms.hlog` (the rest, whole),
+//! `summary.json`, and `report.html`, a self-contained page with SVG charts (`charts`).
 
 use crate::ledger::Shared;
 use crate::LoadConfig;
@@ -197,11 +198,48 @@ pub struct Summary {
     /// Idle devices asked for (`--idle-devices`), besides the `users` that send.
     #[serde(default)]
     pub idle_devices: usize,
+    /// Settings not given above: ramp, reconnect storm, typing, error budget.
+    #[serde(default)]
+    pub ramp_s: u64,
+    #[serde(default)]
+    pub storm_at_s: Option<u64>,
+    #[serde(default)]
+    pub typing_per_s: f64,
+    #[serde(default)]
+    pub max_errors: u64,
+    /// Each `--fail-if` condition and its outcome on this run.
+    #[serde(default)]
+    pub fail_if: Vec<FailIfOutcome>,
+    /// Send→deliver `(quantile, µs)` over the measured phase, for the distribution plot.
+    #[serde(default)]
+    pub deliver_distribution_us: Vec<(f64, u64)>,
     #[serde(default)]
     pub generator: GeneratorFigures,
     /// For a merged report: how the runs were combined, and each run's measured window.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub merge: Option<MergeInfo>,
+}
+
+/// One `--fail-if` condition judged on a run.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct FailIfOutcome {
+    pub condition: String,
+    pub actual: f64,
+    /// True when the condition holds, which fails the run.
+    pub holds: bool,
+}
+
+/// Judges `conditions` (already parsed once by the caller) on `s`.
+pub fn judge_fail_if(s: &Summary, conditions: &[String]) -> Vec<FailIfOutcome> {
+    conditions
+        .iter()
+        .filter_map(|c| crate::fail_if::Condition::parse(c).ok().map(|p| (c, p)))
+        .map(|(c, p)| FailIfOutcome {
+            condition: c.clone(),
+            actual: p.actual(s),
+            holds: p.holds(s),
+        })
+        .collect()
 }
 
 /// What the generator itself cost, from its own resident memory.
@@ -249,6 +287,39 @@ pub struct Row {
     pub delivered: u64,
     pub acked: u64,
     pub deliver: Pct,
+    pub ack: Pct,
+    pub errors: u64,
+    /// The server's `/metrics` in this second, when scraped.
+    pub server: Option<ServerSecond>,
+}
+
+/// The server in one second of the run, from `/metrics` scraped every second.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ServerSecond {
+    /// CPU time used in this second, as a share of one core (100 = one core busy).
+    pub cpu_pct: f64,
+    pub rss_kib: u64,
+    pub queue_frames: u64,
+    pub connections: u64,
+}
+
+/// Per-second server rows from scrapes taken about once a second: `(second, scrape)`.
+pub fn server_seconds(samples: &[(usize, Scrape)], len: usize) -> Vec<Option<ServerSecond>> {
+    let mut out = vec![None; len];
+    for pair in samples.windows(2) {
+        let ((s0, a), (s1, b)) = (&pair[0], &pair[1]);
+        if *s1 <= *s0 || *s1 >= len {
+            continue;
+        }
+        let secs = (*s1 - *s0) as f64;
+        out[*s1] = Some(ServerSecond {
+            cpu_pct: b.cpu_us.saturating_sub(a.cpu_us) as f64 / 1e6 / secs * 100.0,
+            rss_kib: b.rss_bytes / 1024,
+            queue_frames: b.queue_frames,
+            connections: b.connections,
+        });
+    }
+    out
 }
 
 /// Histograms written whole to `histograms.hlog` (one tagged interval each over the
@@ -343,6 +414,8 @@ pub struct Scrape {
     pub messages_out: u64,
     /// Connections the server has accepted since it started.
     pub connections_opened: u64,
+    /// Frames waiting in every outbound queue.
+    pub queue_frames: u64,
 }
 
 /// Reads `http://HOST:PORT/metrics` (loopback) with a bare HTTP/1.1 request.
@@ -378,6 +451,7 @@ pub async fn scrape(url: &str) -> anyhow::Result<Scrape> {
         cpu_us: get("chatsim_process_cpu_microseconds_total"),
         messages_out: get("chatsim_messages_out_total"),
         connections_opened: get("chatsim_connections_opened_total"),
+        queue_frames: get("chatsim_outbound_queue_frames"),
     })
 }
 
@@ -423,14 +497,24 @@ pub fn write(
         low = 0;
     }
     let secs = cfg.duration.as_secs_f64().max(1.0);
+    let samples = shared
+        .server_samples
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let per_second = server_seconds(&samples, windows.len());
     let rows: Vec<Row> = windows
         .iter()
-        .map(|w| Row {
+        .zip(per_second)
+        .map(|(w, server)| Row {
             connections: w.connections,
             sent: w.sent,
             delivered: w.delivered,
             acked: w.acked,
             deliver: Pct::of(&w.deliver),
+            ack: Pct::of(&w.ack),
+            errors: w.errors,
+            server,
         })
         .collect();
     write_timeseries(dir, &rows)?;
@@ -457,6 +541,14 @@ pub fn write(
                 Duration::from_secs(*i as u64),
                 Duration::from_secs(1),
                 None,
+            )
+            .map_err(|e| anyhow::anyhow!("writing deliver.hlog: {e}"))?;
+            // The same second's send→ack, tagged, for merged per-second ack charts.
+            log.write_histogram(
+                &w.ack,
+                Duration::from_secs(*i as u64),
+                Duration::from_secs(1),
+                hdrhistogram::serialization::interval_log::Tag::new("ack"),
             )
             .map_err(|e| anyhow::anyhow!("writing deliver.hlog: {e}"))?;
         }
@@ -559,7 +651,15 @@ pub fn write(
         idle_devices: cfg.idle_devices,
         generator: generator.clone(),
         merge: None,
+        ramp_s: cfg.ramp.as_secs(),
+        storm_at_s: cfg.storm_at.map(|d| d.as_secs()),
+        typing_per_s: cfg.typing_per_sec,
+        max_errors: cfg.max_errors,
+        fail_if: Vec::new(),
+        deliver_distribution_us: distribution(&deliver),
     };
+    let mut summary = summary;
+    summary.fail_if = judge_fail_if(&summary, &cfg.fail_if);
     write_latency_csv(dir, &summary)?;
     std::fs::write(
         dir.join("summary.json"),
@@ -582,8 +682,14 @@ pub fn write_timeseries(dir: &std::path::Path, rows: &[Row]) -> anyhow::Result<(
         "p50_deliver_ms",
         "p99_deliver_ms",
         "p999_deliver_ms",
+        "p99_ack_ms",
+        "errors",
+        "server_cpu_pct",
+        "server_rss_kib",
+        "server_queue_frames",
     ])?;
     for (i, r) in rows.iter().enumerate() {
+        let sv = |f: &dyn Fn(&ServerSecond) -> String| r.server.as_ref().map(f).unwrap_or_default();
         ts.write_record([
             i.to_string(),
             r.connections.to_string(),
@@ -593,6 +699,11 @@ pub fn write_timeseries(dir: &std::path::Path, rows: &[Row]) -> anyhow::Result<(
             format!("{:.3}", ms(r.deliver.p50)),
             format!("{:.3}", ms(r.deliver.p99)),
             format!("{:.3}", ms(r.deliver.p999)),
+            format!("{:.3}", ms(r.ack.p99)),
+            r.errors.to_string(),
+            sv(&|s| format!("{:.1}", s.cpu_pct)),
+            sv(&|s| s.rss_kib.to_string()),
+            sv(&|s| s.queue_frames.to_string()),
         ])?;
     }
     ts.flush()?;
@@ -624,84 +735,136 @@ pub fn write_latency_csv(dir: &std::path::Path, s: &Summary) -> anyhow::Result<(
     Ok(())
 }
 
-/// An SVG line chart of `series` (name, colour, points) over seconds.
-fn chart(title: &str, unit: &str, series: &[(&str, &str, Vec<f64>)]) -> String {
-    let (w, h, pad) = (720.0, 220.0, 40.0);
-    let n = series.iter().map(|s| s.2.len()).max().unwrap_or(0).max(2);
-    let max = series
-        .iter()
-        .flat_map(|s| s.2.iter().copied())
-        .fold(0.0f64, f64::max)
-        .max(1e-9);
-    let mut out = format!(
-        "<figure><figcaption>{title}</figcaption><svg viewBox=\"0 0 {w} {h}\" width=\"{w}\" height=\"{h}\" role=\"img\" aria-label=\"{title}\">\
-         <line x1=\"{pad}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"#888\"/><line x1=\"{pad}\" y1=\"10\" x2=\"{pad}\" y2=\"{}\" stroke=\"#888\"/>\
-         <text x=\"2\" y=\"16\" font-size=\"11\">{max:.1} {unit}</text><text x=\"{pad}\" y=\"{}\" font-size=\"11\">0 s</text><text x=\"{}\" y=\"{}\" font-size=\"11\">{} s</text>",
-        h - pad, w - 10.0, h - pad, h - pad, h - pad + 14.0, w - 40.0, h - pad + 14.0, n - 1
-    );
-    for (i, (name, colour, pts)) in series.iter().enumerate() {
-        let mut path = String::new();
-        for (x, y) in pts.iter().enumerate() {
-            let px = pad + (w - pad - 10.0) * x as f64 / (n - 1) as f64;
-            let py = (h - pad) - (h - pad - 10.0) * (y / max);
-            let _ = write!(
-                path,
-                "{}{px:.1},{py:.1}",
-                if path.is_empty() { "" } else { " " }
-            );
-        }
-        let _ = write!(
-            out,
-            "<polyline fill=\"none\" stroke=\"{colour}\" stroke-width=\"1.5\" points=\"{path}\"/><text x=\"{}\" y=\"{}\" font-size=\"11\" fill=\"{colour}\">{name}</text>",
-            w - 160.0,
-            20.0 + 14.0 * i as f64
-        );
-    }
-    out.push_str("</svg></figure>");
-    out
-}
-
-/// report.html: the summary, the percentile table and per-second charts of `rows`.
-pub fn html(s: &Summary, windows: &[Row]) -> String {
-    let pcts: Vec<Pct> = windows.iter().map(|w| w.deliver.clone()).collect();
-    let lat = chart(
-        "Send→deliver latency per second",
-        "ms",
-        &[
-            ("p50", "#1b7837", pcts.iter().map(|p| ms(p.p50)).collect()),
-            ("p99", "#d95f02", pcts.iter().map(|p| ms(p.p99)).collect()),
-            (
-                "p99.9",
-                "#7570b3",
-                pcts.iter().map(|p| ms(p.p999)).collect(),
-            ),
-        ],
-    );
-    let thr = chart(
-        "Throughput per second",
-        "msgs/s",
-        &[
-            (
-                "sent",
-                "#1f78b4",
-                windows.iter().map(|w| w.sent as f64).collect(),
-            ),
-            (
-                "delivered",
-                "#33a02c",
-                windows.iter().map(|w| w.delivered as f64).collect(),
-            ),
-        ],
-    );
-    let conns = chart(
-        "Connections",
-        "conns",
-        &[(
+/// report.html: the verdict, the settings, the percentile table and per-second charts of
+/// `rows` (a self-contained page: inline SVG, no script, no network).
+pub fn html(s: &Summary, rows: &[Row]) -> String {
+    use crate::charts::{distribution_chart, line_chart, Frame, Series};
+    let from = s.measured_from_s as usize;
+    let frame = Frame {
+        measured: Some((from, from + s.measured_s.round() as usize)),
+        markers: s
+            .storm_at_s
+            .map(|t| vec![(t as usize, "reconnect storm".to_string())])
+            .unwrap_or_default(),
+    };
+    let col = |f: &dyn Fn(&Row) -> Option<f64>| rows.iter().map(f).collect::<Vec<_>>();
+    // Seconds with no message sent have no latency: leave a gap rather than draw zero.
+    let lat = |f: fn(&Pct) -> u64, ack: bool| {
+        col(&move |r: &Row| {
+            let p = if ack { &r.ack } else { &r.deliver };
+            (p.count > 0).then(|| ms(f(p)))
+        })
+    };
+    let mut charts = vec![
+        line_chart(
+            "Send→deliver latency, by second of intended send",
+            "ms",
+            &[
+                Series {
+                    name: "p50",
+                    colour: "#1b7837",
+                    points: lat(|p| p.p50, false),
+                },
+                Series {
+                    name: "p99",
+                    colour: "#d95f02",
+                    points: lat(|p| p.p99, false),
+                },
+                Series {
+                    name: "p99.9",
+                    colour: "#7570b3",
+                    points: lat(|p| p.p999, false),
+                },
+            ],
+            &frame,
+        ),
+        line_chart(
+            "Send→ack latency (the server's commit), p99 by second of intended send",
+            "ms",
+            &[Series {
+                name: "ack p99",
+                colour: "#e7298a",
+                points: lat(|p| p.p99, true),
+            }],
+            &frame,
+        ),
+        line_chart(
+            "Throughput",
+            "msgs/s",
+            &[
+                Series {
+                    name: "sent",
+                    colour: "#1f78b4",
+                    points: col(&|r: &Row| Some(r.sent as f64)),
+                },
+                Series {
+                    name: "delivered",
+                    colour: "#33a02c",
+                    points: col(&|r: &Row| Some(r.delivered as f64)),
+                },
+            ],
+            &frame,
+        ),
+        line_chart(
+            "Errors per second (when they happened)",
+            "errors/s",
+            &[Series {
+                name: "errors",
+                colour: "#b00",
+                points: col(&|r: &Row| Some(r.errors as f64)),
+            }],
+            &frame,
+        ),
+        line_chart(
+            "Connections open (generator side)",
             "connections",
-            "#444",
-            windows.iter().map(|w| w.connections as f64).collect(),
-        )],
-    );
+            &[Series {
+                name: "connections",
+                colour: "#444",
+                points: col(&|r: &Row| Some(r.connections as f64)),
+            }],
+            &frame,
+        ),
+    ];
+    if rows.iter().any(|r| r.server.is_some()) {
+        let sv = |f: fn(&ServerSecond) -> f64| col(&move |r: &Row| r.server.as_ref().map(f));
+        charts.push(line_chart(
+            "Server CPU (/metrics every second)",
+            "% of one core",
+            &[Series {
+                name: "CPU",
+                colour: "#a6761d",
+                points: sv(|s| s.cpu_pct),
+            }],
+            &frame,
+        ));
+        charts.push(line_chart(
+            "Server resident memory",
+            "MiB",
+            &[Series {
+                name: "RSS",
+                colour: "#666",
+                points: sv(|s| s.rss_kib as f64 / 1024.0),
+            }],
+            &frame,
+        ));
+        charts.push(line_chart(
+            "Server outbound queues",
+            "frames waiting",
+            &[Series {
+                name: "queued",
+                colour: "#1f78b4",
+                points: sv(|s| s.queue_frames as f64),
+            }],
+            &frame,
+        ));
+    }
+    if !s.deliver_distribution_us.is_empty() {
+        charts.push(distribution_chart(
+            "Send→deliver percentile distribution (measured phase, HdrHistogram)",
+            &s.deliver_distribution_us,
+        ));
+    }
     let row = |name: &str, p: &Pct| {
         format!(
             "<tr><td>{name}</td><td>{}</td><td>{:.3}</td><td>{:.3}</td><td>{:.3}</td><td>{:.3}</td><td>{:.3}</td></tr>",
@@ -725,9 +888,23 @@ pub fn html(s: &Summary, windows: &[Row]) -> String {
         _ => String::new(),
     };
     let validity = match &s.invalid_reason {
-        None => "<p class=\"ok\">Valid run: the generator kept its schedule.</p>".to_string(),
-        Some(r) => format!("<p class=\"bad\">INVALID run: {r}</p>"),
+        None => "<p class=\"ok\">Valid run: every connection held, every message delivered, errors within the budget, and the generator kept its schedule.</p>".to_string(),
+        Some(r) => format!("<p class=\"bad\">INVALID run: {}</p>", esc(r)),
     };
+    let mut fail_if = String::new();
+    for f in &s.fail_if {
+        let _ = write!(
+            fail_if,
+            "<li class=\"{}\"><code>--fail-if '{}'</code>: actual {:.3}, {}</li>",
+            if f.holds { "bad" } else { "ok" },
+            esc(&f.condition),
+            f.actual,
+            if f.holds { "FAILS the run" } else { "passes" }
+        );
+    }
+    if !fail_if.is_empty() {
+        fail_if = format!("<ul>{fail_if}</ul>");
+    }
     let merged = match &s.merge {
         Some(m) => {
             let mut li = String::new();
@@ -735,17 +912,18 @@ pub fn html(s: &Summary, windows: &[Row]) -> String {
                 let _ = write!(
                     li,
                     "<li><code>{}</code> against <code>{}</code>: measured {} to {}{}</li>",
-                    r.run_id,
-                    r.target,
+                    esc(&r.run_id),
+                    esc(&r.target),
                     crate::merge::utc(r.from_unix_ms),
                     crate::merge::utc(r.until_unix_ms),
                     if r.valid { "" } else { " (INVALID)" }
                 );
             }
             format!(
-                "<p>Merged {} {} runs ({}); charts are by wall-clock second from the earliest start.</p><ul>{li}</ul>",
+                "<p>Merged {} {} runs, overlapping for {:.1} s ({}); charts are by wall-clock second from the earliest start; the server's per-second charts are in each run's own report.</p><ul>{li}</ul>",
                 m.runs.len(),
                 m.kind,
+                m.overlap_s,
                 if m.kind == "concurrent" {
                     "each run's rate over its own measured window, added"
                 } else {
@@ -758,20 +936,56 @@ pub fn html(s: &Summary, windows: &[Row]) -> String {
     let server = s
         .server
         .as_ref()
-        .map(|f| format!("<p>Server: {} connections, {} KiB resident late in the measured phase, {:.1} CPU µs per message sent (measured phase). Memory: {}.</p>", f.connections, f.resident_kib, f.cpu_us_per_delivered, f.memory_line()))
+        .map(|f| format!("<p>Server: {} connections, {} KiB resident late in the measured phase, {:.1} CPU µs per message sent (measured phase). Memory: {}.</p>", f.connections, f.resident_kib, f.cpu_us_per_delivered, esc(&f.memory_line())))
         .unwrap_or_default();
+    let settings = format!(
+        "<p>Settings: {} senders{} at {} msgs/s each, {}; ramp {} s, idle phase {} s, 1 s warm-up, {:.0} s measured{}{}; error budget {}.</p>",
+        s.users,
+        if s.idle_devices > 0 {
+            format!(" and {} idle devices", s.idle_devices)
+        } else {
+            String::new()
+        },
+        s.rate_per_user,
+        if s.group_size >= 2 {
+            format!("groups of {}", s.group_size)
+        } else {
+            "1:1 pairs".into()
+        },
+        s.ramp_s,
+        s.idle_s,
+        s.measured_s,
+        s.storm_at_s
+            .map(|t| format!(", reconnect storm at {t} s"))
+            .unwrap_or_default(),
+        if s.typing_per_s > 0.0 {
+            format!(", {} typing notices/s each", s.typing_per_s)
+        } else {
+            String::new()
+        },
+        s.max_errors
+    );
+    let kinds = if s.errors_by_kind.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " ({})",
+            s.errors_by_kind
+                .iter()
+                .map(|(k, n)| format!("{} {n}", esc(k)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
     format!(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>chatsim load report {id}</title>\
-<style>body{{font-family:sans-serif;max-width:780px;margin:2em auto;color:#222}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}figcaption{{font-weight:bold;margin-top:1em}}.bad{{color:#b00;font-weight:bold}}.ok{{color:#060}}</style></head><body>\
-<h1>chatsim load report</h1><p>Run <code>{id}</code> against <code>{target}</code>: {users} users, {rate} msgs/s each, {secs:.0} s measured.</p>{validity}\
+<style>body{{font-family:sans-serif;max-width:800px;margin:2em auto;color:#222}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}figcaption{{font-weight:bold;margin-top:1em}}.bad{{color:#b00;font-weight:bold}}.ok{{color:#060}}</style></head><body>\
+<h1>chatsim load report</h1><p>Run <code>{id}</code> against <code>{target}</code>.</p>{validity}{fail_if}{settings}\
 <p>Sent {sent} ({sps:.1}/s), delivered {delivered} of {expected} expected ({dps:.1}/s), acked {acked}, errors {errors}{kinds}.</p>{merged}{server}{storm}\
 <table><tr><th>measure</th><th>count</th><th>p50 ms</th><th>p90 ms</th><th>p99 ms</th><th>p99.9 ms</th><th>max ms</th></tr>{r1}{r2}{r3}</table>\
-{lat}{thr}{conns}<p>Send→deliver is measured from the intended (scheduled) send time; \"raw\" from the actual send.</p></body></html>",
-        id = s.run_id,
-        target = s.target,
-        users = s.users,
-        rate = s.rate_per_user,
-        secs = s.measured_s,
+{charts}<p>Send→deliver is measured from the intended (scheduled) send time; \"raw\" from the actual send. Grey: seconds outside the measured phase (ramp, idle phase, warm-up; drain), left out of each chart's scale.</p></body></html>",
+        id = esc(&s.run_id),
+        target = esc(&s.target),
         sent = s.sent,
         sps = s.sent_per_s,
         delivered = s.delivered,
@@ -779,22 +993,33 @@ pub fn html(s: &Summary, windows: &[Row]) -> String {
         dps = s.delivered_per_s,
         acked = s.acked,
         errors = s.errors,
-        kinds = if s.errors_by_kind.is_empty() {
-            String::new()
-        } else {
-            format!(
-                " ({})",
-                s.errors_by_kind
-                    .iter()
-                    .map(|(k, n)| format!("{k} {n}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        },
         r1 = row("send→deliver", &s.deliver_us),
         r2 = row("send→deliver (raw)", &s.deliver_raw_us),
         r3 = row("send→ack", &s.ack_us),
+        charts = charts.join(""),
     )
+}
+
+/// HTML-escapes text from a run (ids, reasons).
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// `(quantile, µs)` points of `h` for the percentile-distribution plot.
+pub fn distribution(h: &Histogram<u64>) -> Vec<(f64, u64)> {
+    if h.is_empty() {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    // Quantiles evenly spaced on the log scale of 1/(1-q), up to five nines.
+    for k in 0..=50 {
+        let q = 1.0 - 10f64.powf(-(k as f64) / 10.0);
+        out.push((q, h.value_at_quantile(q)));
+    }
+    out.push((0.99999, h.max()));
+    out
 }
 
 #[cfg(test)]

@@ -184,32 +184,60 @@ async fn tcp(hostport: &str, source: Option<std::net::IpAddr>) -> Result<TcpStre
         .map_err(|e| e.to_string())?
         .next()
         .ok_or_else(|| format!("{hostport}: no address"))?;
-    let sock = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()
-    } else {
-        tokio::net::TcpSocket::new_v6()
+    // A source port can be taken for this destination (a connection of an earlier run
+    // still in TIME_WAIT): then the next port is tried, a bounded number of times.
+    let mut tries = 0;
+    loop {
+        let sock = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        }
+        .map_err(|e| e.to_string())?;
+        if let Some(ip) = source {
+            bind_source(&sock, ip)?;
+        }
+        // TCP_NODELAY on the client too (Nagle + delayed ACK add ~40 ms otherwise).
+        sock.set_nodelay(true).map_err(|e| e.to_string())?;
+        match sock.connect(addr).await {
+            Ok(s) => return Ok(s),
+            Err(e)
+                if source.is_some()
+                    && e.kind() == std::io::ErrorKind::AddrNotAvailable
+                    && tries < 16 =>
+            {
+                tries += 1;
+            }
+            Err(e) => return Err(e.to_string()),
+        }
     }
-    .map_err(|e| e.to_string())?;
-    if let Some(ip) = source {
-        bind_source(&sock, ip)?;
-    }
-    // TCP_NODELAY on the client too (Nagle + delayed ACK add ~40 ms otherwise).
-    sock.set_nodelay(true).map_err(|e| e.to_string())?;
-    sock.connect(addr).await.map_err(|e| e.to_string())
 }
 
 /// Source ports handed out for `--source-ip`, in [`PORTS_FROM`, `PORTS_UNTIL`).
 static NEXT_PORT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+static PORT_OFFSET: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
 const PORTS_FROM: u32 = 20_000;
 const PORTS_UNTIL: u32 = 61_000;
 
 /// Binds `sock` to `ip` on an explicit port. bind(ip, 0) makes Linux search every bound
 /// port for a free one: with tens of thousands of connections open that took all of both
 /// cores. An explicit port is one lookup; a port in use is skipped.
+/// SO_REUSEADDR lets a port whose last connection is in TIME_WAIT be bound again (connect
+/// still refuses a 4-tuple in use); each process starts at its own offset in the range.
 fn bind_source(sock: &tokio::net::TcpSocket, ip: std::net::IpAddr) -> Result<(), String> {
+    let _ = sock.set_reuseaddr(true);
+    let offset = *PORT_OFFSET.get_or_init(|| {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        (std::process::id().wrapping_mul(7919) ^ t) % (PORTS_UNTIL - PORTS_FROM)
+    });
     let mut last = None;
     for _ in 0..64 {
-        let k = NEXT_PORT.fetch_add(1, Ordering::Relaxed);
+        let k = NEXT_PORT
+            .fetch_add(1, Ordering::Relaxed)
+            .wrapping_add(offset);
         let port = PORTS_FROM + k % (PORTS_UNTIL - PORTS_FROM);
         match sock.bind(std::net::SocketAddr::new(ip, port as u16)) {
             Ok(()) => return Ok(()),

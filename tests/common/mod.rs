@@ -2,6 +2,8 @@
 //! port, mint tokens from its secret, and talk to it with real WebSocket clients.
 #![allow(dead_code)]
 
+pub mod browser;
+
 use futures_util::{SinkExt, StreamExt};
 use model_server::auth::{mint, Secret};
 use model_server::ids::Millis;
