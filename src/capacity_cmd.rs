@@ -2,7 +2,7 @@
 //! report.
 
 use anyhow::{Context, Result};
-use loadgen::capacity::{estimate, plan, si, Inputs, Machine};
+use planner::{estimate, plan, si, Inputs, Machine};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -129,15 +129,29 @@ pub fn capacity(a: CapacityArgs) -> Result<()> {
         let m = &cfg.machine;
         rows.push((
             format!(
-                "nodes for the peak ({} cores, {} GiB, {} Gbit/s at {:.0}%)",
+                "nodes for the peak ({} cores, {} GiB, {} Gbit/s, {} write IOPS at {:.0}%; {} writes per message)",
                 m.cores,
                 m.memory_gib,
                 m.nic_gbit_per_s,
-                m.utilisation * 100.0
+                si(m.storage_iops, "").trim_end(),
+                m.utilisation * 100.0,
+                cfg.inputs.writes_per_message
             ),
             format!(
-                "cpu {:.0}, memory {:.0}, bandwidth {:.0} -> {:.0} nodes; {} binds first",
-                p.nodes_by_cpu, p.nodes_by_memory, p.nodes_by_bandwidth, p.nodes, p.binding
+                "cpu {:.0}, memory {:.0}, bandwidth {:.0}, storage IOPS {:.0} -> {:.0} nodes; {} binds first",
+                p.nodes_by_cpu,
+                p.nodes_by_memory,
+                p.nodes_by_bandwidth,
+                p.nodes_by_storage_iops,
+                p.nodes,
+                p.binding
+            ),
+        ));
+        rows.push((
+            format!("with N+1 headroom in each of {} regions", p.regions),
+            format!(
+                "{:.0} per region x {} = {:.0} nodes",
+                p.nodes_per_region, p.regions, p.nodes_with_headroom
             ),
         ));
     }

@@ -9,7 +9,6 @@
 //!   `fail_if` turns figures into exit codes.
 //! - `relay`: a bare tokio-tungstenite relay, the baseline the model is compared with.
 
-pub mod capacity;
 pub mod charts;
 pub mod compare;
 pub mod fail_if;

@@ -1,9 +1,11 @@
-//! The capacity planner: the seeds' back-of-envelope numbers from inputs, and how many
-//! machines a target needs given figures measured by a load run.
+//! The capacity planner (`chatsim capacity`): the seeds' back-of-envelope numbers from
+//! inputs, and how many machines a target needs given figures measured by a load run (it
+//! reads load reports; it is not part of the load generator). Nodes are sized by CPU,
+//! memory, bandwidth and storage IOPS, then given N+1 headroom in every region.
 //!
 //! Units are decimal (1 KB = 1,000 bytes, 1 TB = 10^12 bytes), as in seed 001.
 
-use crate::report::Summary;
+use loadgen::report::Summary;
 use serde::{Deserialize, Serialize};
 
 /// Inputs, with seed 001's figures as defaults.
@@ -28,6 +30,12 @@ pub struct Inputs {
     pub concurrent_connections: f64,
     /// Average bandwidth per connection, bytes/s (seed 001: 10 KB/s).
     pub bytes_per_connection_per_s: f64,
+    /// Regions the fleet is spread over (seed 001: "regions of connection servers");
+    /// each gets one spare node (N+1).
+    pub regions: f64,
+    /// Storage writes per message: the message log append, the recipient's inbox entry,
+    /// and its delete once delivered (seed 001: inbox written before the ack).
+    pub writes_per_message: f64,
 }
 
 impl Default for Inputs {
@@ -45,6 +53,8 @@ impl Default for Inputs {
             history_days: 365.0,
             concurrent_connections: 50e6,
             bytes_per_connection_per_s: 10_000.0,
+            regions: 3.0,
+            writes_per_message: 3.0,
         }
     }
 }
@@ -88,6 +98,8 @@ pub struct Machine {
     pub cores: f64,
     pub memory_gib: f64,
     pub nic_gbit_per_s: f64,
+    /// Sustained random-write IOPS of one node's storage (a data-centre NVMe drive).
+    pub storage_iops: f64,
     /// Fraction of each resource to plan to use (headroom).
     pub utilisation: f64,
 }
@@ -98,6 +110,7 @@ impl Default for Machine {
             cores: 32.0,
             memory_gib: 128.0,
             nic_gbit_per_s: 25.0,
+            storage_iops: 100_000.0,
             utilisation: 0.6,
         }
     }
@@ -117,8 +130,14 @@ pub struct Plan {
     pub nodes_by_cpu: f64,
     pub nodes_by_memory: f64,
     pub nodes_by_bandwidth: f64,
+    pub nodes_by_storage_iops: f64,
+    /// The most any resource needs.
     pub nodes: f64,
     pub binding: String,
+    /// `nodes` spread over the regions, plus one spare in each (N+1).
+    pub regions: f64,
+    pub nodes_per_region: f64,
+    pub nodes_with_headroom: f64,
 }
 
 /// Sizes the fleet for `e`'s high peak from a load report measured on `measured_cores`.
@@ -180,16 +199,28 @@ pub fn plan(
     let conn_bytes = i.concurrent_connections * kib_per_connection * 1024.0;
     let nodes_by_memory = conn_bytes / (m.memory_gib * 1024.0 * 1024.0 * 1024.0 * usable);
     let nodes_by_bandwidth = e.bandwidth_bytes_per_s * 8.0 / (m.nic_gbit_per_s * 1e9 * usable);
+    let nodes_by_storage_iops =
+        e.peak_msgs_per_s_high * i.writes_per_message / (m.storage_iops * usable);
     let (binding, nodes) = [
         ("cpu", nodes_by_cpu),
         ("memory", nodes_by_memory),
         ("bandwidth", nodes_by_bandwidth),
+        ("storage IOPS", nodes_by_storage_iops),
     ]
     .into_iter()
     .fold(
         ("cpu", 0.0f64),
         |acc, (n, v)| if v > acc.1 { (n, v) } else { acc },
     );
+    if !(i.regions >= 1.0 && i.regions.fract() == 0.0) {
+        return Err(format!(
+            "regions must be a whole number >= 1, not {}",
+            i.regions
+        ));
+    }
+    let regions = i.regions;
+    // N+1 in every region: each region carries its share, plus one spare node.
+    let nodes_per_region = (nodes.ceil() / regions).ceil() + 1.0;
     Ok(Plan {
         measured_delivered_per_s: report.delivered_per_s,
         measured_cores,
@@ -200,8 +231,12 @@ pub fn plan(
         nodes_by_cpu: nodes_by_cpu.ceil(),
         nodes_by_memory: nodes_by_memory.ceil(),
         nodes_by_bandwidth: nodes_by_bandwidth.ceil(),
+        nodes_by_storage_iops: nodes_by_storage_iops.ceil(),
         nodes: nodes.ceil(),
         binding: binding.to_string(),
+        regions,
+        nodes_per_region,
+        nodes_with_headroom: nodes_per_region * regions,
     })
 }
 
@@ -273,7 +308,7 @@ mod tests {
             delivered_per_s: 3_000.0,
             ..Summary::default()
         };
-        r.server = Some(crate::report::ServerFigures {
+        r.server = Some(loadgen::report::ServerFigures {
             connections: 1000,
             resident_kib: 0,
             kib_per_connection: Some(13.0),
@@ -292,6 +327,21 @@ mod tests {
         // 500 GB/s at peak needs ~267 25-Gbit NICs at 60%; CPU needs ~4 nodes.
         assert_eq!(p.binding, "bandwidth");
         assert_eq!(p.nodes, p.nodes_by_bandwidth);
+        // N+1 in each of 3 regions: 267 / 3 = 89 per region, plus a spare: 90 x 3.
+        assert_eq!((p.nodes_per_region, p.nodes_with_headroom), (90.0, 270.0));
+        // Slow disks: 579k msgs/s x 3 writes over 10k IOPS at 60% = 290 nodes bind first.
+        let slow = Machine {
+            storage_iops: 10_000.0,
+            ..Machine::default()
+        };
+        let p = plan(&e, &i, &r, 2.0, &slow).expect("plan");
+        assert_eq!(p.binding, "storage IOPS");
+        assert_eq!(p.nodes_by_storage_iops, 290.0);
+        let bad = Inputs {
+            regions: 0.0,
+            ..Inputs::default()
+        };
+        assert!(plan(&e, &bad, &r, 2.0, &Machine::default()).is_err());
         // Without a server CPU figure: delivered over the measured cores.
         r.server.as_mut().expect("server").cpu_us_per_delivered = 0.0;
         let p = plan(&e, &i, &r, 2.0, &Machine::default()).expect("plan");
