@@ -338,6 +338,28 @@ pub fn compare(runs: Vec<PathBuf>, out: PathBuf) -> Result<()> {
     Ok(())
 }
 
+/// Cores for `bench load`: the server on the last core, the generator (this process, and
+/// the threads it starts from now on) on the others, with `taskset`; or why not.
+fn pinning() -> std::result::Result<(String, String), String> {
+    let n = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    if n < 2 {
+        return Err(format!("{n} core: nothing to pin apart"));
+    }
+    let (server, generator) = (format!("{}", n - 1), format!("0-{}", n - 2));
+    let ok = std::process::Command::new("taskset")
+        .args(["-a", "-p", "-c", &generator, &std::process::id().to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .map_err(|e| format!("taskset not available: {e}"))?;
+    if !ok.success() {
+        return Err("taskset could not pin this process".into());
+    }
+    Ok((server, generator))
+}
+
 /// A `chatsim serve` child process on an ephemeral loopback port.
 struct Child {
     proc: std::process::Child,
@@ -345,9 +367,19 @@ struct Child {
 }
 
 impl Child {
-    fn start(args: &[&str]) -> Result<Child> {
+    /// Starts `chatsim ARGS`, on the cores `pin` names when given (`taskset -c`).
+    fn start(args: &[&str], pin: Option<&str>) -> Result<Child> {
         use std::io::BufRead;
-        let mut proc = std::process::Command::new(std::env::current_exe()?)
+        let exe = std::env::current_exe()?;
+        let mut cmd = match pin {
+            Some(cores) => {
+                let mut c = std::process::Command::new("taskset");
+                c.args(["-c", cores]).arg(&exe);
+                c
+            }
+            None => std::process::Command::new(&exe),
+        };
+        let mut proc = cmd
             .args(args)
             .env("RUST_LOG", "warn")
             .stdout(std::process::Stdio::piped())
@@ -383,15 +415,29 @@ impl Drop for Child {
 pub fn bench_load(users: usize, secs: u64, slo_p99_ms: f64) -> Result<()> {
     let data = std::env::temp_dir().join(format!("chatsim-bench-{}", run_id()));
     let data_s = data.to_string_lossy().to_string();
-    let model = Child::start(&[
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--memory",
-        "--data-dir",
-        &data_s,
-    ])?;
-    let relay = Child::start(&["serve", "--baseline", "relay", "--listen", "127.0.0.1:0"])?;
+    let pins = pinning();
+    match &pins {
+        Ok((server, generator)) => eprintln!(
+            "pinned with taskset: server on core {server}, generator on core(s) {generator}"
+        ),
+        Err(why) => eprintln!("not pinned ({why}): server and generator share every core"),
+    }
+    let server_pin = pins.as_ref().ok().map(|(s, _)| s.as_str());
+    let model = Child::start(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--memory",
+            "--data-dir",
+            &data_s,
+        ],
+        server_pin,
+    )?;
+    let relay = Child::start(
+        &["serve", "--baseline", "relay", "--listen", "127.0.0.1:0"],
+        server_pin,
+    )?;
     let raw = std::fs::read_to_string(data.join("secret")).context("reading the child's secret")?;
     let secret = model_server::auth::Secret::new(raw.trim().as_bytes().to_vec())
         .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -427,6 +473,7 @@ pub fn bench_load(users: usize, secs: u64, slo_p99_ms: f64) -> Result<()> {
             s.valid && s.deliver_us.p99 as f64 / 1000.0 <= slo_p99_ms
         };
         let mut best: Option<(f64, Summary)> = None;
+        let mut stopped_by = None;
         let mut first_memory = None;
         let mut rate = 1.0;
         for step in 0..8 {
@@ -446,6 +493,12 @@ pub fn bench_load(users: usize, secs: u64, slo_p99_ms: f64) -> Result<()> {
                     .unwrap_or_else(|| "generator healthy".into())
             );
             if !ok(&s) {
+                stopped_by = Some(s.invalid_reason.clone().unwrap_or_else(|| {
+                    format!(
+                        "p99 {:.2} ms is past the {slo_p99_ms} ms SLO",
+                        s.deliver_us.p99 as f64 / 1000.0
+                    )
+                }));
                 break;
             }
             best = Some((rate, s));
@@ -459,16 +512,40 @@ pub fn bench_load(users: usize, secs: u64, slo_p99_ms: f64) -> Result<()> {
         let half = max_rate / 2.0;
         let m = run(&model.addr, half, "model-half", true).await?;
         let r = run(&relay.addr, half, "relay-half", false).await?;
-        anyhow::Ok((max_s, m, r, first_memory))
+        anyhow::Ok((max_s, m, r, first_memory, stopped_by))
     });
-    let (max_s, m, r, first_memory) = result?;
+    let (max_s, m, r, first_memory, stopped_by) = result?;
     let ms = |us: u64| us as f64 / 1000.0;
     println!("\nchatsim bench load: {users} connections (1:1 pairs) on loopback; server = `chatsim serve --memory` child process");
     println!(
-        "max sustained: {:.0} delivered msgs/s with p99 {:.2} ms (doubling search; the next step missed p99 <= {slo_p99_ms} ms, every message delivered, or a healthy generator)",
+        "max sustained: {:.0} delivered msgs/s with p99 {:.2} ms (doubling search; the next step stopped it: {})",
         max_s.delivered_per_s,
-        ms(max_s.deliver_us.p99)
+        ms(max_s.deliver_us.p99),
+        stopped_by.as_deref().unwrap_or("the search reached its last step")
     );
+    match &pins {
+        Ok((server, _)) => {
+            let cores = server.split(',').count() as f64;
+            println!(
+                "per server core at the p99 <= {slo_p99_ms} ms SLO: {:.0} delivered msgs/s (server pinned to {} core{}){}",
+                max_s.delivered_per_s / cores,
+                cores,
+                if cores == 1.0 { "" } else { "s" },
+                max_s
+                    .server
+                    .as_ref()
+                    .filter(|f| f.cpu_us_per_delivered > 0.0)
+                    .map(|f| format!("; its own CPU time: {:.0} µs per message", f.cpu_us_per_delivered))
+                    .unwrap_or_default()
+            );
+            if stopped_by.as_deref().is_some_and(|w| w.contains("generator")) {
+                println!("  (the generator's core saturated first: the server's maximum is higher than this)");
+            }
+        }
+        Err(why) => println!(
+            "per server core: not measured ({why}; server and generator shared the cores)"
+        ),
+    }
     println!("| target | sent msgs/s | delivered msgs/s | p50 ms | p99 ms | p99.9 ms | connections | KiB/conn | CPU µs/msg |");
     println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for (name, s) in [("model, half of max", &m), ("bare relay, same load", &r)] {
