@@ -39,6 +39,11 @@ pub struct LoadArgs {
     /// `-sI`. Letters, digits, `_` and `-`, at most 24.
     #[arg(long)]
     pub run_id: Option<String>,
+    /// Sweep a setting, one run per point, into one latency-throughput report:
+    /// `rate=500..16000` (total offered msgs/s, doubling), `rate=500,2000`, or
+    /// `group-size=0,4,16`.
+    #[arg(long, value_name = "KNOB=A..B")]
+    pub sweep: Option<String>,
     /// Source address of every connection (a loopback address, e.g. 127.0.0.2).
     #[arg(long)]
     pub source_ip: Option<std::net::IpAddr>,
@@ -106,6 +111,14 @@ pub fn print_summary(s: &Summary, dir: &std::path::Path) {
         },
         s.measured_s
     );
+    if let Some(m) = &s.merge {
+        println!(
+            "  ({} {} runs; measured seconds are the union of their windows, which overlap for {:.1} s)",
+            m.runs.len(),
+            m.kind,
+            m.overlap_s
+        );
+    }
     if s.idle_devices > 0 {
         let g = &s.generator;
         println!(
@@ -261,6 +274,9 @@ pub fn load(a: LoadArgs) -> Result<i32> {
         .iter()
         .map(|c| Condition::parse(c).map_err(anyhow::Error::msg))
         .collect::<Result<_>>()?;
+    if let Some(spec) = &a.sweep {
+        return crate::sweep_cmd::sweep(&a, spec);
+    }
     if a.processes > 1 {
         return crate::shard_cmd::coordinate(&a, &conds);
     }
@@ -347,9 +363,20 @@ fn pinning() -> std::result::Result<(String, String), String> {
     if n < 2 {
         return Err(format!("{n} core: nothing to pin apart"));
     }
-    let (server, generator) = (format!("{}", n - 1), format!("0-{}", n - 2));
+    let server = format!("{}", n - 1);
+    let generator = if n == 2 {
+        "0".to_string()
+    } else {
+        format!("0-{}", n - 2)
+    };
     let ok = std::process::Command::new("taskset")
-        .args(["-a", "-p", "-c", &generator, &std::process::id().to_string()])
+        .args([
+            "-a",
+            "-p",
+            "-c",
+            &generator,
+            &std::process::id().to_string(),
+        ])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .status()
@@ -538,13 +565,16 @@ pub fn bench_load(users: usize, secs: u64, slo_p99_ms: f64) -> Result<()> {
                     .map(|f| format!("; its own CPU time: {:.0} µs per message", f.cpu_us_per_delivered))
                     .unwrap_or_default()
             );
-            if stopped_by.as_deref().is_some_and(|w| w.contains("generator")) {
+            if stopped_by
+                .as_deref()
+                .is_some_and(|w| w.contains("generator"))
+            {
                 println!("  (the generator's core saturated first: the server's maximum is higher than this)");
             }
         }
-        Err(why) => println!(
-            "per server core: not measured ({why}; server and generator shared the cores)"
-        ),
+        Err(why) => {
+            println!("per server core: not measured ({why}; server and generator shared the cores)")
+        }
     }
     println!("| target | sent msgs/s | delivered msgs/s | p50 ms | p99 ms | p99.9 ms | connections | KiB/conn | CPU µs/msg |");
     println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");

@@ -6,6 +6,7 @@ mod load_cmd;
 mod play_cmd;
 mod run_cmd;
 mod shard_cmd;
+mod sweep_cmd;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};

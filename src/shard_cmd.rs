@@ -84,6 +84,18 @@ pub fn coordinate(a: &LoadArgs, conds: &[Condition]) -> Result<i32> {
         crate::load_cmd::read_secret(f)?;
     }
     let block = if a.group_size >= 2 { a.group_size } else { 2 };
+    if a.users % block != 0 {
+        bail!(
+            "--users {} is not a multiple of {block} (senders talk in {}): the last \
+             conversation would wait for members that never connect",
+            a.users,
+            if block == 2 {
+                "pairs".to_string()
+            } else {
+                format!("groups of {block}")
+            }
+        );
+    }
     let limit = open_file_limit().unwrap_or(1024);
     for i in 0..n {
         let (u, d) = share(a.users, block, a.idle_devices, i, n);
@@ -210,7 +222,9 @@ pub fn coordinate(a: &LoadArgs, conds: &[Condition]) -> Result<i32> {
         bail!("no shard wrote a report:\n  {}", missing.join("\n  "));
     }
     let refs: Vec<&std::path::Path> = dirs.iter().map(|d| d.as_path()).collect();
-    let s = loadgen::merge::merge_with(&refs, &out, false, &missing, &a.fail_if)?;
+    let s =
+        loadgen::merge::merge_with(&refs, &out, false, &missing, &a.fail_if, Some(a.max_errors))
+            .context("merging the shards' reports (the shards did not run together)")?;
     println!("{n} generator processes, merged:");
     print_summary(&s, &out);
     Ok(verdict_code(&s, conds))

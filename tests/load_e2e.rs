@@ -385,3 +385,43 @@ fn sharded_load_over_two_servers_with_an_idle_fleet_merges_its_shards() {
     a.stop();
     b.stop();
 }
+
+#[test]
+fn a_rate_sweep_writes_one_curve_with_its_knee() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let srv = ServerProc::start(&dir.path().join("data"), &["--memory"]);
+    let out = dir.path().join("sweep");
+    let r = load_cmd(
+        &srv,
+        &out,
+        "20",
+        &["--sweep", "rate=20,40", "--duration", "2"],
+    )
+    .output()
+    .expect("run chatsim load --sweep");
+    let text = String::from_utf8_lossy(&r.stdout);
+    assert!(
+        r.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    let s: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("sweep.json")).expect("sweep.json"))
+            .expect("json");
+    let points = s["points"].as_array().expect("points");
+    assert_eq!(points.len(), 2);
+    // 20 and 40 msgs/s offered in total over 20 senders.
+    for (p, want) in points.iter().zip([20.0, 40.0]) {
+        let offered = p["offered_per_s"].as_f64().expect("offered");
+        assert!((offered - want).abs() < 1.0, "{offered} vs {want}");
+        assert!(out
+            .join(p["run_dir"].as_str().expect("dir"))
+            .join("report.html")
+            .exists());
+    }
+    assert!(s["knee"].as_u64().is_some(), "{s}");
+    let html = std::fs::read_to_string(out.join("sweep.html")).expect("sweep.html");
+    assert!(html.contains("knee:") && html.contains("<svg"));
+    assert!(text.contains("<- knee"), "{text}");
+    srv.stop();
+}

@@ -290,6 +290,122 @@ pub fn distribution_chart(title: &str, points: &[(f64, u64)]) -> String {
     out
 }
 
+/// One line of an x-y chart.
+pub struct XySeries<'a> {
+    pub name: &'a str,
+    pub colour: &'a str,
+    pub points: Vec<(f64, f64)>,
+}
+
+/// An x-y line chart with dots at each point, gridded axes from zero, and an optional
+/// vertical marker at an x value.
+pub fn xy_chart(
+    title: &str,
+    xunit: &str,
+    yunit: &str,
+    series: &[XySeries<'_>],
+    marker: Option<(f64, String)>,
+) -> String {
+    let (plot_w, plot_h) = (W - LEFT - RIGHT, H - TOP - BOTTOM);
+    let all = || series.iter().flat_map(|s| s.points.iter());
+    let xmax = all().map(|p| p.0).fold(0.0f64, f64::max).max(1e-9);
+    let ymax = all().map(|p| p.1).fold(0.0f64, f64::max).max(1e-9);
+    let (xs, ys) = (nice_step(xmax, 5.0), nice_step(ymax, 4.0));
+    let (xtop, ytop) = ((xmax / xs).ceil() * xs, (ymax / ys).ceil() * ys);
+    let x = |v: f64| LEFT + plot_w * v / xtop;
+    let y = |v: f64| TOP + plot_h * (1.0 - v / ytop);
+    let mut out = format!(
+        "<figure><figcaption>{t}</figcaption><svg viewBox=\"0 0 {W} {H}\" width=\"{W}\" height=\"{H}\" role=\"img\" aria-label=\"{t}\" font-size=\"11\">",
+        t = escape(title)
+    );
+    let mut v = 0.0;
+    while v <= ytop + ys / 2.0 {
+        let _ = write!(
+            out,
+            "<line x1=\"{LEFT}\" y1=\"{py:.1}\" x2=\"{:.1}\" y2=\"{py:.1}\" stroke=\"#ddd\"/><text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>",
+            LEFT + plot_w,
+            LEFT - 4.0,
+            y(v) + 4.0,
+            label(v),
+            py = y(v)
+        );
+        v += ys;
+    }
+    let mut v = 0.0;
+    while v <= xtop + xs / 2.0 {
+        let _ = write!(
+            out,
+            "<line x1=\"{px:.1}\" y1=\"{TOP}\" x2=\"{px:.1}\" y2=\"{:.1}\" stroke=\"#eee\"/><text x=\"{px:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>",
+            TOP + plot_h,
+            TOP + plot_h + 16.0,
+            label(v),
+            px = x(v)
+        );
+        v += xs;
+    }
+    let _ = write!(
+        out,
+        "<line x1=\"{LEFT}\" y1=\"{TOP}\" x2=\"{LEFT}\" y2=\"{b:.1}\" stroke=\"#888\"/><line x1=\"{LEFT}\" y1=\"{b:.1}\" x2=\"{:.1}\" y2=\"{b:.1}\" stroke=\"#888\"/>\
+         <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>\
+         <text x=\"12\" y=\"{m:.1}\" transform=\"rotate(-90 12 {m:.1})\" text-anchor=\"middle\">{}</text>",
+        LEFT + plot_w,
+        LEFT + plot_w / 2.0,
+        H - 4.0,
+        escape(xunit),
+        escape(yunit),
+        b = TOP + plot_h,
+        m = TOP + plot_h / 2.0
+    );
+    if let Some((mx, text)) = marker {
+        let px = x(mx);
+        let _ = write!(
+            out,
+            "<line x1=\"{px:.1}\" y1=\"{TOP}\" x2=\"{px:.1}\" y2=\"{:.1}\" stroke=\"#b00\" stroke-dasharray=\"4 3\"/><text x=\"{:.1}\" y=\"{:.1}\" fill=\"#b00\">{}</text>",
+            TOP + plot_h,
+            px + 3.0,
+            TOP + 12.0,
+            escape(&text)
+        );
+    }
+    for (k, s) in series.iter().enumerate() {
+        let pts: Vec<String> = s
+            .points
+            .iter()
+            .map(|(a, b)| format!("{:.1},{:.1}", x(*a), y(*b)))
+            .collect();
+        let _ = write!(
+            out,
+            "<polyline fill=\"none\" stroke=\"{c}\" stroke-width=\"1.5\" points=\"{}\"/>",
+            pts.join(" "),
+            c = s.colour
+        );
+        for (a, b) in &s.points {
+            let _ = write!(
+                out,
+                "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"2.5\" fill=\"{}\"/>",
+                x(*a),
+                y(*b),
+                s.colour
+            );
+        }
+        let ly = TOP + 12.0 + 16.0 * k as f64;
+        let _ = write!(
+            out,
+            "<line x1=\"{:.1}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"{c}\" stroke-width=\"3\"/><text x=\"{:.1}\" y=\"{:.1}\" fill=\"{c}\">{}</text>",
+            W - RIGHT + 10.0,
+            ly - 4.0,
+            W - RIGHT + 28.0,
+            ly - 4.0,
+            W - RIGHT + 32.0,
+            ly,
+            escape(s.name),
+            c = s.colour
+        );
+    }
+    out.push_str("</svg></figure>");
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -71,6 +71,8 @@ pub struct Shared {
     /// Users whose on_start finished (connected or failed).
     pub started: AtomicUsize,
     pub next_user: AtomicUsize,
+    /// Senders that connected and finished their set-up (ready to send).
+    pub ready: AtomicUsize,
     pub connections: AtomicI64,
     pub sent: AtomicU64,
     pub delivered: AtomicU64,
@@ -91,7 +93,7 @@ pub struct Shared {
     pub storm_reconnect: Mutex<Histogram<u64>>,
     pub storm_catch_up: Mutex<Histogram<u64>>,
     /// The server's `/metrics`, scraped about once a second: (second of the run, values).
-    pub server_samples: Mutex<Vec<(usize, crate::report::Scrape)>>,
+    pub server_samples: Mutex<Vec<(f64, crate::report::Scrape)>>,
     /// Group workload: first member's index -> server group id.
     pub groups: Mutex<HashMap<usize, String>>,
 }
@@ -114,6 +116,7 @@ impl Shared {
             cfg,
             start,
             next_user: AtomicUsize::new(0),
+            ready: AtomicUsize::new(0),
             connections: AtomicI64::new(0),
             sent: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
@@ -316,6 +319,13 @@ impl Shared {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .record((d.as_micros() as u64).clamp(1, MAX_US));
+    }
+
+    /// Records the connections open now in this second's window (sampled, so quiet seconds
+    /// get their own count rather than a later one).
+    pub fn sample_connections(&self) {
+        let c = self.connections.load(Ordering::Relaxed);
+        self.window(Instant::now(), |w| w.connections = c);
     }
 
     /// Event-loop lag sample, µs.

@@ -17,6 +17,7 @@ pub mod ledger;
 pub mod merge;
 pub mod relay;
 pub mod report;
+pub mod sweep;
 pub mod user;
 
 use model_server::auth::Secret;
@@ -175,11 +176,13 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<report::Summary> {
         let shared = shared.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             // Bounded: the attack ends long before a day of samples.
             for _ in 0..86_400 {
                 tick.tick().await;
+                let at = shared.start.elapsed().as_secs_f64();
                 if let Ok(sc) = report::scrape(&u).await {
-                    let sec = shared.start.elapsed().as_secs() as usize;
+                    let sec = at;
                     shared
                         .server_samples
                         .lock()

@@ -3,7 +3,7 @@
 //! their counts second by second of wall-clock time, and writes a full report.
 //!
 //! Runs are merged only when that means something: concurrent runs (their measured
-//! windows share at least half of the shortest) give the sum of their rates, each over its
+//! windows share at least 90% of the shortest) give the sum of their rates, each over its
 //! own window; runs taken one after another are refused unless `sequential` is asked for,
 //! and then rates are over the sum of their windows, each window listed. The same run
 //! twice is refused.
@@ -46,11 +46,13 @@ fn intervals(path: &Path) -> anyhow::Result<Vec<Interval>> {
     Ok(out)
 }
 
-/// Reads every interval of `RUN/deliver.hlog` into one histogram.
+/// Reads every send→deliver (untagged) interval of `RUN/deliver.hlog` into one histogram.
 pub fn read_hlog(path: &Path) -> anyhow::Result<Histogram<u64>> {
     let mut total = hist()?;
-    for (_, _, h) in intervals(path)? {
-        total.add(&h)?;
+    for (tag, _, h) in intervals(path)? {
+        if tag.is_none() {
+            total.add(&h)?;
+        }
     }
     Ok(total)
 }
@@ -147,6 +149,10 @@ fn read_run(dir: &Path) -> anyhow::Result<Run> {
 /// servers, sums and weighted means.
 fn merge_servers(runs: &[Run]) -> Option<ServerFigures> {
     let mut by_target: BTreeMap<&str, (&ServerFigures, u64)> = BTreeMap::new();
+    let mut runs_per_target: BTreeMap<&str, usize> = BTreeMap::new();
+    for r in runs {
+        *runs_per_target.entry(r.s.target.as_str()).or_default() += 1;
+    }
     for r in runs {
         let Some(f) = &r.s.server else { continue };
         let e = by_target.entry(r.s.target.as_str()).or_insert((f, 0));
@@ -160,10 +166,29 @@ fn merge_servers(runs: &[Run]) -> Option<ServerFigures> {
     if by_target.is_empty() {
         return None;
     }
-    if by_target.len() == 1 {
-        return by_target.values().next().map(|(f, _)| (*f).clone());
+    // Several runs loading one server each kept their own phases: its idle-phase reading
+    // may have come while another run was still connecting or already sending.
+    let shared_server = |t: &str| runs_per_target.get(t).copied().unwrap_or(0) > 1;
+    let strip = |f: &ServerFigures, t: &str| {
+        let mut f = f.clone();
+        if shared_server(t) && f.kib_per_connection.is_some() {
+            f.kib_per_connection = None;
+            f.memory_note = Some(format!(
+                "{} generator runs loaded {t}, each with its own idle phase, so no reading \
+                 was taken with all of them idle; give each server one run",
+                runs_per_target[t]
+            ));
+        }
+        f
+    };
+    let stripped: Vec<(ServerFigures, u64)> = by_target
+        .iter()
+        .map(|(t, (f, d))| (strip(f, t), *d))
+        .collect();
+    if stripped.len() == 1 {
+        return stripped.into_iter().next().map(|(f, _)| f);
     }
-    let figs: Vec<(&ServerFigures, u64)> = by_target.values().copied().collect();
+    let figs: Vec<(&ServerFigures, u64)> = stripped.iter().map(|(f, d)| (f, *d)).collect();
     let sum = |g: &dyn Fn(&ServerFigures) -> Option<u64>| -> Option<u64> {
         figs.iter().map(|(f, _)| g(f)).sum()
     };
@@ -191,8 +216,12 @@ fn merge_servers(runs: &[Run]) -> Option<ServerFigures> {
         }
     } else {
         m.memory_note = Some(format!(
-            "not every one of the {} servers has an idle-phase figure",
-            figs.len()
+            "not every one of the {} servers has an idle-phase figure ({})",
+            figs.len(),
+            figs.iter()
+                .filter_map(|(f, _)| f.memory_note.as_deref())
+                .next()
+                .unwrap_or("")
         ));
     }
     Some(m)
@@ -205,7 +234,7 @@ pub fn merge(runs: &[&Path], out: &Path, sequential: bool) -> anyhow::Result<Sum
         runs.len() >= 2,
         "name at least two run directories to merge"
     );
-    merge_with(runs, out, sequential, &[], &[])
+    merge_with(runs, out, sequential, &[], &[], None)
 }
 
 /// [`merge`], with reasons the merged run is invalid beyond its runs' own (a shard that
@@ -217,6 +246,7 @@ pub fn merge_with(
     sequential: bool,
     extra_invalid: &[String],
     fail_if: &[String],
+    max_errors: Option<u64>,
 ) -> anyhow::Result<Summary> {
     anyhow::ensure!(!runs.is_empty(), "name at least one run directory");
     let runs: Vec<Run> = runs.iter().map(|d| read_run(d)).collect::<Result<_, _>>()?;
@@ -246,13 +276,14 @@ pub fn merge_with(
         .map(|r| r.s.measured_until_unix_ms - r.s.measured_from_unix_ms)
         .min()
         .unwrap_or(0);
-    // Concurrent: the windows share at least half of the shortest one.
+    // Concurrent: the windows share at least 90% of the shortest one (so adding their
+    // rates is the load the server carried at once, within 10%).
     let overlap_ms = earliest_until.saturating_sub(latest_from);
-    let concurrent = overlap_ms > 0 && overlap_ms * 2 >= shortest;
+    let concurrent = overlap_ms > 0 && overlap_ms * 10 >= shortest * 9;
     if !concurrent && !sequential {
         let windows: Vec<String> = runs.iter().map(window_line).collect();
         anyhow::bail!(
-            "these runs' measured windows overlap for {:.1} s, less than half of the shortest \
+            "these runs' measured windows overlap for {:.1} s, less than 90% of the shortest \
              ({:.1} s), so they did not load the server together and adding their rates would \
              be false:\n  {}\npass --sequential to merge them as sequential runs (rates over \
              the sum of their windows)",
@@ -405,6 +436,17 @@ pub fn merge_with(
     if runs.iter().any(|r| r.s.storm_reconnect_us.is_some()) {
         m.storm_reconnect_us = Some(Pct::of(&tagged["storm_reconnect"]));
         m.storm_catch_up_us = Some(Pct::of(&tagged["storm_catch_up"]));
+    }
+    // One error budget for a run spread over processes, not one per process.
+    if let Some(budget) = max_errors {
+        m.max_errors = budget;
+        if m.errors > budget {
+            m.valid = false;
+            reasons.push(format!(
+                "{} errors in all over the budget of {budget} (--max-errors)",
+                m.errors
+            ));
+        }
     }
     m.invalid_reason = (!reasons.is_empty()).then(|| reasons.join("; "));
     m.generator.idle_devices_connected = fleet_ok;

@@ -229,7 +229,7 @@ pub struct FailIfOutcome {
     pub holds: bool,
 }
 
-/// Judges `conditions` (already parsed once by the caller) on `s`.
+/// Judges `conditions` (parsed once already by the caller, which refuses bad ones) on `s`.
 pub fn judge_fail_if(s: &Summary, conditions: &[String]) -> Vec<FailIfOutcome> {
     conditions
         .iter()
@@ -303,16 +303,18 @@ pub struct ServerSecond {
     pub connections: u64,
 }
 
-/// Per-second server rows from scrapes taken about once a second: `(second, scrape)`.
-pub fn server_seconds(samples: &[(usize, Scrape)], len: usize) -> Vec<Option<ServerSecond>> {
+/// Per-second server rows from scrapes taken about once a second: `(seconds since the
+/// start of the run, scrape)`; CPU is over the real time between two scrapes.
+pub fn server_seconds(samples: &[(f64, Scrape)], len: usize) -> Vec<Option<ServerSecond>> {
     let mut out = vec![None; len];
     for pair in samples.windows(2) {
-        let ((s0, a), (s1, b)) = (&pair[0], &pair[1]);
-        if *s1 <= *s0 || *s1 >= len {
+        let ((t0, a), (t1, b)) = (&pair[0], &pair[1]);
+        let sec = *t1 as usize;
+        let secs = t1 - t0;
+        if secs <= 0.05 || sec >= len {
             continue;
         }
-        let secs = (*s1 - *s0) as f64;
-        out[*s1] = Some(ServerSecond {
+        out[sec] = Some(ServerSecond {
             cpu_pct: b.cpu_us.saturating_sub(a.cpu_us) as f64 / 1e6 / secs * 100.0,
             rss_kib: b.rss_bytes / 1024,
             queue_frames: b.queue_frames,
@@ -347,6 +349,14 @@ pub struct Evidence<'a> {
     pub errors_by_kind: &'a std::collections::BTreeMap<String, u64>,
     pub slip_p99_us: u64,
     pub lag_p99_us: u64,
+    /// Senders asked for, and those that connected and finished their set-up.
+    pub senders: u64,
+    pub ready_senders: u64,
+    /// Seconds of the measured phase asked for, and seconds that have a window.
+    pub duration_s: u64,
+    pub measured_windows: u64,
+    /// Sends the open-loop schedule called for in the measured phase.
+    pub scheduled: u64,
 }
 
 /// Every reason a run's figures cannot be trusted; empty when it is valid.
@@ -367,8 +377,26 @@ pub fn verdict(e: &Evidence<'_>) -> Vec<String> {
             e.users
         ));
     }
+    if e.ready_senders < e.senders {
+        out.push(format!(
+            "{} of {} senders never finished connecting and setting up",
+            e.senders - e.ready_senders,
+            e.senders
+        ));
+    }
+    if e.measured_windows < e.duration_s {
+        out.push(format!(
+            "the measured phase was cut short: {} of {} s",
+            e.measured_windows, e.duration_s
+        ));
+    }
     if e.sent == 0 {
         out.push("nothing was sent in the measured phase".into());
+    } else if (e.sent + e.senders) * 100 < e.scheduled * 95 {
+        out.push(format!(
+            "only {} of the {} sends scheduled in the measured phase went out",
+            e.sent, e.scheduled
+        ));
     }
     if e.delivered < e.expected {
         out.push(format!(
@@ -612,6 +640,11 @@ pub fn write(
         errors_by_kind: &errors_by_kind,
         slip_p99_us: slip.p99,
         lag_p99_us: lag.p99,
+        senders: cfg.users as u64,
+        ready_senders: shared.ready.load(Ordering::Relaxed) as u64,
+        duration_s: cfg.duration.as_secs(),
+        measured_windows: measured.len() as u64,
+        scheduled: (cfg.users as f64 * cfg.rate_per_user * cfg.duration.as_secs_f64()) as u64,
     });
     let invalid_reason = (!reasons.is_empty()).then(|| reasons.join("; "));
     let server = server_figures(scrapes, cfg.users + cfg.idle_devices, cfg.idle.as_secs());
@@ -1018,7 +1051,6 @@ pub fn distribution(h: &Histogram<u64>) -> Vec<(f64, u64)> {
         let q = 1.0 - 10f64.powf(-(k as f64) / 10.0);
         out.push((q, h.value_at_quantile(q)));
     }
-    out.push((0.99999, h.max()));
     out
 }
 
@@ -1039,6 +1071,11 @@ mod verdict_tests {
             errors_by_kind: kinds,
             slip_p99_us: 500,
             lag_p99_us: 500,
+            senders: 100,
+            ready_senders: 100,
+            duration_s: 10,
+            measured_windows: 10,
+            scheduled: 1000,
         }
     }
 
@@ -1077,6 +1114,23 @@ mod verdict_tests {
             verdict(&lost),
             vec!["153 of 6703 deliveries missing after the drain".to_string()]
         );
+    }
+
+    #[test]
+    fn senders_lost_in_set_up_and_a_cut_short_phase_invalidate() {
+        let empty = BTreeMap::new();
+        let e = Evidence {
+            ready_senders: 97,
+            measured_windows: 7,
+            sent: 700,
+            expected: 700,
+            delivered: 700,
+            ..healthy(&empty)
+        };
+        let r = verdict(&e).join("; ");
+        assert!(r.contains("3 of 100 senders never finished"), "{r}");
+        assert!(r.contains("cut short: 7 of 10 s"), "{r}");
+        assert!(r.contains("only 700 of the 1000 sends"), "{r}");
     }
 
     #[test]

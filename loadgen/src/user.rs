@@ -80,10 +80,13 @@ pub async fn attack(shared: Arc<Shared>) -> anyhow::Result<GooseMetrics> {
     let hatch = (cfg.users as f64 / ramp_s).max(1.0);
     // Goose ramps users up at `hatch`, then keeps them for RunTime: the measured phase
     // (which starts when the last user is connected) plus a grace period with no sends.
+    // Goose counts RunTime from the launch of the last user, the phases from the end of
+    // its connect (rounded up to a second): 3 s of slack cover a slow last connect; a
+    // phase cut short anyway is caught by the verdict.
     let run_time = (cfg.idle + crate::ledger::WARM_UP + cfg.duration + GRACE + GRACE)
         .as_secs()
         .max(1)
-        + 1;
+        + 4;
     let s1 = shared.clone();
     let connect: TransactionFunction = Arc::new(move |user| {
         let s = s1.clone();
@@ -114,6 +117,7 @@ pub async fn attack(shared: Arc<Shared>) -> anyhow::Result<GooseMetrics> {
             if lag_shared.measuring(Instant::now()) {
                 lag_shared.on_lag(late.as_micros() as u64);
             }
+            lag_shared.sample_connections();
         }
     });
     let metrics =
@@ -319,6 +323,76 @@ async fn create_group(
     Err("no group_created".into())
 }
 
+/// A connected sender's set-up: its group (created by the group's first member) or its
+/// partner, a presence subscription with `--typing`, and a sync of any backlog.
+async fn setup(
+    shared: &Shared,
+    index: usize,
+    user_id: &str,
+    sink: &mut Sink,
+    read: &mut SplitStream<Ws>,
+) -> Result<(Target, String), String> {
+    let cfg = &shared.cfg;
+    let target = if cfg.group_size >= 2 {
+        let k = cfg.group_size;
+        let base = index / k * k;
+        let members: Vec<String> = (base..base + k)
+            .map(|i| format!("{}-u{i}", cfg.run_id))
+            .collect();
+        // Each member creates its own group of the same members would duplicate groups; the
+        // lowest index creates it and shares its id through the ledger's group table.
+        let gid = if index == base {
+            let gid = create_group(sink, read, members).await?;
+            shared
+                .groups
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(base, gid.clone());
+            gid
+        } else {
+            let mut found = None;
+            for _ in 0..200 {
+                if let Some(g) = shared
+                    .groups
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&base)
+                    .cloned()
+                {
+                    found = Some(g);
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            found.ok_or_else(|| "group was not created within 10 s".to_string())?
+        };
+        Target::Group(gid, (k - 1) as u32)
+    } else {
+        let partner = if index % 2 == 0 { index + 1 } else { index - 1 };
+        Target::User(format!("{}-u{partner}", cfg.run_id))
+    };
+    let conv = match &target {
+        Target::User(p) => {
+            model_server::ids::ConversationId::direct(&user_id.into(), &p.as_str().into()).0
+        }
+        Target::Group(g, _) => format!("grp:{g}"),
+    };
+    if cfg.typing_per_sec > 0.0 {
+        // Presence churn: follow the partner (or the group's first member).
+        if let Target::User(p) = &target {
+            let sub = json!({"type":"presence_subscribe","payload":{"user_ids":[p]}});
+            sink.send(Message::text(sub.to_string()))
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    // Catch up on anything that arrived before this device connected (offline backlog).
+    sink.send(Message::text(r#"{"type":"sync","payload":{}}"#))
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((target, conv))
+}
+
 async fn on_start(shared: Arc<Shared>, user: &mut GooseUser) -> TransactionResult {
     let cfg = &shared.cfg;
     let index = shared.next_user.fetch_add(1, Ordering::Relaxed);
@@ -354,66 +428,18 @@ async fn on_start(shared: Arc<Shared>, user: &mut GooseUser) -> TransactionResul
     };
     shared.connections.fetch_add(1, Ordering::Relaxed);
     let (mut sink, mut read) = ws.split();
-    let target = if cfg.group_size >= 2 {
-        let k = cfg.group_size;
-        let base = index / k * k;
-        let members: Vec<String> = (base..base + k)
-            .map(|i| format!("{}-u{i}", cfg.run_id))
-            .collect();
-        // Each member creates its own group of the same members would duplicate groups; the
-        // lowest index creates it and shares its id through the ledger's group table.
-        let gid = if index == base {
-            let gid = create_group(&mut sink, &mut read, members)
-                .await
-                .map_err(err)?;
-            shared
-                .groups
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(base, gid.clone());
-            gid
-        } else {
-            let mut found = None;
-            for _ in 0..200 {
-                if let Some(g) = shared
-                    .groups
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get(&base)
-                    .cloned()
-                {
-                    found = Some(g);
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            found.ok_or_else(|| err("group was not created within 10 s"))?
-        };
-        Target::Group(gid, (k - 1) as u32)
-    } else {
-        let partner = if index % 2 == 0 { index + 1 } else { index - 1 };
-        Target::User(format!("{}-u{partner}", cfg.run_id))
-    };
-    let conv = match &target {
-        Target::User(p) => {
-            model_server::ids::ConversationId::direct(&user_id.as_str().into(), &p.as_str().into())
-                .0
+    // Group, presence and sync set-up: a sender that fails here never sends, so it is an
+    // error of the run (`setup`) and no longer counts as connected.
+    let setup = setup(&shared, index, &user_id, &mut sink, &mut read).await;
+    let (target, conv) = match setup {
+        Ok(t) => t,
+        Err(e) => {
+            shared.error("setup");
+            shared.connections.fetch_sub(1, Ordering::Relaxed);
+            let _ = sink.close().await;
+            return Err(err(e));
         }
-        Target::Group(g, _) => format!("grp:{g}"),
     };
-    if cfg.typing_per_sec > 0.0 {
-        // Presence churn: follow the partner (or the group's first member).
-        if let Target::User(p) = &target {
-            let sub = json!({"type":"presence_subscribe","payload":{"user_ids":[p]}});
-            sink.send(Message::text(sub.to_string()))
-                .await
-                .map_err(|e| err(e.to_string()))?;
-        }
-    }
-    // Catch up on anything that arrived before this device connected (offline backlog).
-    sink.send(Message::text(r#"{"type":"sync","payload":{}}"#))
-        .await
-        .map_err(|e| err(e.to_string()))?;
     let sink = Arc::new(Mutex::new(sink));
     let (tx, rx) = mpsc::unbounded_channel();
     let closing = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -425,6 +451,10 @@ async fn on_start(shared: Arc<Shared>, user: &mut GooseUser) -> TransactionResul
         None,
         closing.clone(),
     ));
+    // Senders heartbeat too (PROTOCOL.md §3): at low rates or in a long ramp a sender can
+    // be silent for the server's 60 s idle timeout.
+    tokio::spawn(heartbeat(sink.clone(), closing.clone()));
+    shared.ready.fetch_add(1, Ordering::Relaxed);
     user.set_session_data(Device {
         reader: Arc::new(std::sync::Mutex::new(Some(handle))),
         tx,
@@ -440,6 +470,27 @@ async fn on_start(shared: Arc<Shared>, user: &mut GooseUser) -> TransactionResul
         target,
     });
     Ok(())
+}
+
+/// Sends `heartbeat` every 30 s on `sink` until the device closes or a send fails
+/// (bounded: a day of beats).
+async fn heartbeat(sink: Arc<Mutex<Sink>>, closing: Arc<std::sync::atomic::AtomicBool>) {
+    let period = Duration::from_secs(30);
+    let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    for _ in 0..2880 {
+        beat.tick().await;
+        if closing.load(Ordering::Relaxed) {
+            return;
+        }
+        let sent = sink
+            .lock()
+            .await
+            .send(Message::text(r#"{"type":"heartbeat"}"#))
+            .await;
+        if sent.is_err() {
+            return;
+        }
+    }
 }
 
 /// Reads frames until the socket closes: records acks and deliveries, acks deliveries.
