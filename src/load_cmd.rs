@@ -159,6 +159,15 @@ pub fn print_summary(s: &Summary, dir: &std::path::Path) {
         ms(s.deliver_raw_us.p99),
         ms(s.ack_us.p99)
     );
+    if s.commit_to_receive_us.count > 0 {
+        println!(
+            "  hops (split at the server's commit stamp, 1 ms resolution): send→commit p50 {:.1} p99 {:.1} ms, commit→received p50 {:.1} p99 {:.1} ms",
+            ms(s.send_to_commit_us.p50),
+            ms(s.send_to_commit_us.p99),
+            ms(s.commit_to_receive_us.p50),
+            ms(s.commit_to_receive_us.p99)
+        );
+    }
     if let Some(f) = &s.server {
         println!(
             "  server: {} connections, {:.1} CPU µs per message sent (measured phase)",

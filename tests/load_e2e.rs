@@ -96,6 +96,9 @@ fn short_load_writes_consistent_reports_and_runs_merge_exactly() {
             && p("p999") <= p("max")
     );
     assert_eq!(p("count"), delivered);
+    // Every delivery is also split in two hops at the server's commit stamp.
+    assert_eq!(s["commit_to_receive_us"]["count"].as_u64(), Some(delivered));
+    assert_eq!(s["send_to_commit_us"]["count"].as_u64(), Some(delivered));
     // A fresh server: memory per connection from the idle phase, baseline before any client.
     let server = &s["server"];
     let kib = server["kib_per_connection"]

@@ -63,8 +63,10 @@ pub const WARM_UP: std::time::Duration = std::time::Duration::from_secs(1);
 /// The whole run's shared state.
 pub struct Shared {
     pub cfg: LoadConfig,
-    /// Time zero of the run (users start ramping here).
+    /// Time zero of the run (users start ramping here), and the same instant in Unix µs
+    /// (to compare with the server's timestamps, on the same machine's clock).
     pub start: Instant,
+    pub start_unix_us: u64,
     /// The run's phases once every user has connected (Goose may take a while to build its
     /// users); `None` until then.
     phases: Mutex<Option<Phases>>,
@@ -85,6 +87,10 @@ pub struct Shared {
     pub deliver: Mutex<Histogram<u64>>,
     pub deliver_raw: Mutex<Histogram<u64>>,
     pub ack: Mutex<Histogram<u64>>,
+    /// The hops of send→deliver, from the server's own timestamp of the commit (1 ms
+    /// resolution): actual send → commit, and commit → received by the recipient.
+    pub to_commit: Mutex<Histogram<u64>>,
+    pub commit_to_receive: Mutex<Histogram<u64>>,
     /// Generator health: how late the send schedule ran, and event-loop lag, µs.
     pub slip: Mutex<Histogram<u64>>,
     pub lag: Mutex<Histogram<u64>>,
@@ -110,7 +116,14 @@ impl Shared {
     /// Fresh state for `cfg`.
     pub fn new(cfg: LoadConfig) -> Self {
         let start = Instant::now();
+        let start_unix_us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0);
         Shared {
+            start_unix_us,
+            to_commit: Mutex::new(hist()),
+            commit_to_receive: Mutex::new(hist()),
             phases: Mutex::new(None),
             started: AtomicUsize::new(0),
             cfg,
@@ -264,6 +277,7 @@ impl Shared {
         &self,
         cmid: &str,
         now: Instant,
+        committed_unix_ms: u64,
     ) -> Option<(std::time::Duration, std::time::Duration)> {
         let (intended, actual) = {
             let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
@@ -299,6 +313,21 @@ impl Shared {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .record((raw.as_micros() as u64).clamp(1, MAX_US));
+            let unix = |t: Instant| {
+                self.start_unix_us + t.saturating_duration_since(self.start).as_micros() as u64
+            };
+            // The commit stamp is whole ms: its end of each hop is up to 1 ms early.
+            let commit = committed_unix_ms * 1000;
+            let _ = self
+                .to_commit
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .record(commit.saturating_sub(unix(actual)).clamp(1, MAX_US));
+            let _ = self
+                .commit_to_receive
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .record(unix(now).saturating_sub(commit).clamp(1, MAX_US));
         }
         Some((corrected, raw))
     }

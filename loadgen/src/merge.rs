@@ -431,6 +431,8 @@ pub fn merge_with(
     m.deliver_us = Pct::of(&deliver);
     m.deliver_raw_us = Pct::of(&tagged["deliver_raw"]);
     m.ack_us = Pct::of(&tagged["ack"]);
+    m.send_to_commit_us = Pct::of(&tagged["send_to_commit"]);
+    m.commit_to_receive_us = Pct::of(&tagged["commit_to_receive"]);
     m.schedule_slip_us = Pct::of(&tagged["schedule_slip"]);
     m.event_loop_lag_us = Pct::of(&tagged["event_loop_lag"]);
     if runs.iter().any(|r| r.s.storm_reconnect_us.is_some()) {

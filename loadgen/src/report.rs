@@ -172,6 +172,12 @@ pub struct Summary {
     /// Send→deliver from the actual send time.
     pub deliver_raw_us: Pct,
     pub ack_us: Pct,
+    /// Send→deliver in two hops, split at the server's own commit timestamp (whole ms, same
+    /// machine's clock): actual send → commit, commit → received by the recipient.
+    #[serde(default)]
+    pub send_to_commit_us: Pct,
+    #[serde(default)]
+    pub commit_to_receive_us: Pct,
     /// How late the open-loop schedule ran, and event-loop lag: the generator's health.
     pub schedule_slip_us: Pct,
     pub event_loop_lag_us: Pct,
@@ -326,13 +332,15 @@ pub fn server_seconds(samples: &[(f64, Scrape)], len: usize) -> Vec<Option<Serve
 
 /// Histograms written whole to `histograms.hlog` (one tagged interval each over the
 /// measured phase), so `report merge` adds every one of them exactly.
-pub const TAGGED: [&str; 6] = [
+pub const TAGGED: [&str; 8] = [
     "deliver_raw",
     "ack",
     "schedule_slip",
     "event_loop_lag",
     "storm_reconnect",
     "storm_catch_up",
+    "send_to_commit",
+    "commit_to_receive",
 ];
 
 /// What a run's verdict is judged from.
@@ -593,6 +601,8 @@ pub fn write(
             &shared.lag,
             &shared.storm_reconnect,
             &shared.storm_catch_up,
+            &shared.to_commit,
+            &shared.commit_to_receive,
         ];
         let mut f = std::fs::File::create(dir.join("histograms.hlog"))?;
         let mut ser = V2DeflateSerializer::new();
@@ -668,6 +678,8 @@ pub fn write(
         deliver_us: Pct::of(&deliver),
         deliver_raw_us: lock(&shared.deliver_raw),
         ack_us: lock(&shared.ack),
+        send_to_commit_us: lock(&shared.to_commit),
+        commit_to_receive_us: lock(&shared.commit_to_receive),
         schedule_slip_us: slip,
         event_loop_lag_us: lag,
         valid: invalid_reason.is_none(),
@@ -753,6 +765,8 @@ pub fn write_latency_csv(dir: &std::path::Path, s: &Summary) -> anyhow::Result<(
         ("send_to_deliver", &s.deliver_us),
         ("send_to_deliver_raw", &s.deliver_raw_us),
         ("send_to_ack", &s.ack_us),
+        ("send_to_commit", &s.send_to_commit_us),
+        ("commit_to_receive", &s.commit_to_receive_us),
     ] {
         w.write_record([
             name.to_string(),
@@ -1015,7 +1029,8 @@ pub fn html(s: &Summary, rows: &[Row]) -> String {
 <style>body{{font-family:sans-serif;max-width:800px;margin:2em auto;color:#222}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}figcaption{{font-weight:bold;margin-top:1em}}.bad{{color:#b00;font-weight:bold}}.ok{{color:#060}}</style></head><body>\
 <h1>chatsim load report</h1><p>Run <code>{id}</code> against <code>{target}</code>.</p>{validity}{fail_if}{settings}\
 <p>Sent {sent} ({sps:.1}/s), delivered {delivered} of {expected} expected ({dps:.1}/s), acked {acked}, errors {errors}{kinds}.</p>{merged}{server}{storm}\
-<table><tr><th>measure</th><th>count</th><th>p50 ms</th><th>p90 ms</th><th>p99 ms</th><th>p99.9 ms</th><th>max ms</th></tr>{r1}{r2}{r3}</table>\
+<table><tr><th>measure</th><th>count</th><th>p50 ms</th><th>p90 ms</th><th>p99 ms</th><th>p99.9 ms</th><th>max ms</th></tr>{r1}{r2}{r3}{r4}{r5}</table>\
+<p>The last two rows split send→deliver at the server's commit timestamp (whole milliseconds, the same machine's clock): read them to a millisecond, not finer.</p>\
 {charts}<p>Send→deliver is measured from the intended (scheduled) send time; \"raw\" from the actual send. Grey: seconds outside the measured phase (ramp, idle phase, warm-up; drain), left out of each chart's scale.</p></body></html>",
         id = esc(&s.run_id),
         target = esc(&s.target),
@@ -1029,6 +1044,8 @@ pub fn html(s: &Summary, rows: &[Row]) -> String {
         r1 = row("send→deliver", &s.deliver_us),
         r2 = row("send→deliver (raw)", &s.deliver_raw_us),
         r3 = row("send→ack", &s.ack_us),
+        r4 = row("send→commit (server stamp)", &s.send_to_commit_us),
+        r5 = row("commit→received", &s.commit_to_receive_us),
         charts = charts.join(""),
     )
 }

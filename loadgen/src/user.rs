@@ -629,7 +629,7 @@ async fn deliver(
         .ok()
         .and_then(|b| String::from_utf8(b).ok());
     if let Some(cmid) = cmid {
-        if let Some((corrected, _raw)) = shared.on_deliver(&cmid, now) {
+        if let Some((corrected, _raw)) = shared.on_deliver(&cmid, now, m.timestamp) {
             let _ = tx.send(Seen::Deliver(corrected));
         }
     }
