@@ -334,11 +334,7 @@ pub fn merge(runs: Vec<PathBuf>, out: PathBuf, sequential: bool) -> Result<()> {
             m.runs.len(),
             m.kind,
             m.overlap_s,
-            if m.kind == "concurrent" {
-                "each run's rate over its own measured window, added"
-            } else {
-                "rates over the sum of their measured windows"
-            }
+            m.rate_basis()
         );
         for r in &m.runs {
             println!(

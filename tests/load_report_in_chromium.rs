@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::browser::{chromium, headless, inked_share, run_bounded};
+use common::browser::{chromium_or_skip, headless, inked_share, run_bounded};
 use common::ServerProc;
 use std::path::Path;
 use std::process::Command;
@@ -36,12 +36,7 @@ fn rendered(bin: &Path, page: &Path, tmp: &Path, name: &str) -> (String, f64) {
 
 #[test]
 fn load_reports_render_in_headless_chromium_with_every_chart() {
-    let Some(bin) = chromium() else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "Chromium is required under CI (apt-get install chromium)"
-        );
-        eprintln!("SKIPPED: no chromium on PATH (set CHROMIUM=/path/to/chrome to run this test)");
+    let Some(bin) = chromium_or_skip() else {
         return;
     };
     let dir = tempfile::tempdir().expect("tempdir");

@@ -7,19 +7,14 @@
 
 mod common;
 
-use common::browser::{chromium, headless, inked_share, run_bounded};
+use common::browser::{chromium_or_skip, headless, inked_share, run_bounded};
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 #[test]
 fn play_html_page_renders_in_headless_chromium_and_steps() {
-    let Some(bin) = chromium() else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "Chromium is required under CI (apt-get install chromium)"
-        );
-        eprintln!("SKIPPED: no chromium on PATH (set CHROMIUM=/path/to/chrome to run this test)");
+    let Some(bin) = chromium_or_skip() else {
         return;
     };
     let dir = tempfile::tempdir().expect("tempdir");

@@ -68,6 +68,32 @@ fn escape(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
+/// The opening of a chart: its caption and the SVG element.
+fn open_svg(title: &str) -> String {
+    format!(
+        "<figure><figcaption>{t}</figcaption><svg viewBox=\"0 0 {W} {H}\" width=\"{W}\" height=\"{H}\" role=\"img\" aria-label=\"{t}\" font-size=\"11\">",
+        t = escape(title)
+    )
+}
+
+/// Horizontal gridlines with their labels, every `step` from 0 to `top`.
+fn y_grid(out: &mut String, top: f64, step: f64, y: &dyn Fn(f64) -> f64) {
+    let plot_w = W - LEFT - RIGHT;
+    let mut v = 0.0;
+    while v <= top + step / 2.0 {
+        let _ = write!(
+            out,
+            "<line x1=\"{LEFT}\" y1=\"{py:.1}\" x2=\"{:.1}\" y2=\"{py:.1}\" stroke=\"#ddd\"/><text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>",
+            LEFT + plot_w,
+            LEFT - 4.0,
+            y(v) + 4.0,
+            label(v),
+            py = y(v)
+        );
+        v += step;
+    }
+}
+
 /// A line chart over seconds: title, y unit, lines, and the frame.
 pub fn line_chart(title: &str, unit: &str, series: &[Series<'_>], frame: &Frame) -> String {
     let n = series
@@ -92,10 +118,7 @@ pub fn line_chart(title: &str, unit: &str, series: &[Series<'_>], frame: &Frame)
     let step = nice_step(max, 4.0);
     let top = (max / step).ceil() * step;
     let y = |v: f64| TOP + plot_h * (1.0 - (v / top).min(1.0));
-    let mut out = format!(
-        "<figure><figcaption>{t}</figcaption><svg viewBox=\"0 0 {W} {H}\" width=\"{W}\" height=\"{H}\" role=\"img\" aria-label=\"{t}\" font-size=\"11\">",
-        t = escape(title)
-    );
+    let mut out = open_svg(title);
     // Shaded unmeasured phases.
     if let Some((from, until)) = frame.measured {
         let shade = |a: f64, b: f64, text: &str, out: &mut String| {
@@ -122,20 +145,7 @@ pub fn line_chart(title: &str, unit: &str, series: &[Series<'_>], frame: &Frame)
             &mut out,
         );
     }
-    // Horizontal gridlines and y labels.
-    let mut v = 0.0;
-    while v <= top + step / 2.0 {
-        let py = y(v);
-        let _ = write!(
-            out,
-            "<line x1=\"{LEFT}\" y1=\"{py:.1}\" x2=\"{:.1}\" y2=\"{py:.1}\" stroke=\"#ddd\"/><text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>",
-            LEFT + plot_w,
-            LEFT - 4.0,
-            py + 4.0,
-            label(v)
-        );
-        v += step;
-    }
+    y_grid(&mut out, top, step, &y);
     // X ticks every nice number of seconds.
     let xstep = [1usize, 2, 5, 10, 15, 30, 60, 120, 300, 600, 1800, 3600]
         .into_iter()
@@ -237,23 +247,8 @@ pub fn distribution_chart(title: &str, points: &[(f64, u64)]) -> String {
     let top = (max_ms / step).ceil() * step;
     let x = |q: f64| LEFT + plot_w * xq(q) / xmax;
     let y = |ms: f64| TOP + plot_h * (1.0 - ms / top);
-    let mut out = format!(
-        "<figure><figcaption>{t}</figcaption><svg viewBox=\"0 0 {W} {H}\" width=\"{W}\" height=\"{H}\" role=\"img\" aria-label=\"{t}\" font-size=\"11\">",
-        t = escape(title)
-    );
-    let mut v = 0.0;
-    while v <= top + step / 2.0 {
-        let _ = write!(
-            out,
-            "<line x1=\"{LEFT}\" y1=\"{py:.1}\" x2=\"{:.1}\" y2=\"{py:.1}\" stroke=\"#ddd\"/><text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>",
-            LEFT + plot_w,
-            LEFT - 4.0,
-            y(v) + 4.0,
-            label(v),
-            py = y(v)
-        );
-        v += step;
-    }
+    let mut out = open_svg(title);
+    y_grid(&mut out, top, step, &y);
     for (q, name) in [
         (0.0, "0%"),
         (0.9, "90%"),
@@ -314,23 +309,8 @@ pub fn xy_chart(
     let (xtop, ytop) = ((xmax / xs).ceil() * xs, (ymax / ys).ceil() * ys);
     let x = |v: f64| LEFT + plot_w * v / xtop;
     let y = |v: f64| TOP + plot_h * (1.0 - v / ytop);
-    let mut out = format!(
-        "<figure><figcaption>{t}</figcaption><svg viewBox=\"0 0 {W} {H}\" width=\"{W}\" height=\"{H}\" role=\"img\" aria-label=\"{t}\" font-size=\"11\">",
-        t = escape(title)
-    );
-    let mut v = 0.0;
-    while v <= ytop + ys / 2.0 {
-        let _ = write!(
-            out,
-            "<line x1=\"{LEFT}\" y1=\"{py:.1}\" x2=\"{:.1}\" y2=\"{py:.1}\" stroke=\"#ddd\"/><text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>",
-            LEFT + plot_w,
-            LEFT - 4.0,
-            y(v) + 4.0,
-            label(v),
-            py = y(v)
-        );
-        v += ys;
-    }
+    let mut out = open_svg(title);
+    y_grid(&mut out, ytop, ys, &y);
     let mut v = 0.0;
     while v <= xtop + xs / 2.0 {
         let _ = write!(

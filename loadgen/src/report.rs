@@ -275,6 +275,17 @@ pub struct MergeInfo {
     pub runs: Vec<RunWindow>,
 }
 
+impl MergeInfo {
+    /// What the merged rates are over, in words.
+    pub fn rate_basis(&self) -> &'static str {
+        if self.kind == "concurrent" {
+            "each run's rate over its own measured window, added"
+        } else {
+            "rates over the sum of their measured windows"
+        }
+    }
+}
+
 /// One merged run's measured window.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct RunWindow {
@@ -971,11 +982,7 @@ pub fn html(s: &Summary, rows: &[Row]) -> String {
                 m.runs.len(),
                 m.kind,
                 m.overlap_s,
-                if m.kind == "concurrent" {
-                    "each run's rate over its own measured window, added"
-                } else {
-                    "rates over the sum of their measured windows"
-                }
+                m.rate_basis()
             )
         }
         None => "<p>Goose's own report, <code>goose.md</code>, counts the whole run (ramp, idle phase, warm-up and drain); the figures here count only the measured phase.</p>".to_string(),

@@ -21,6 +21,20 @@ pub fn chromium() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// Chromium, or `None` with a notice when it is missing outside CI (under CI, `CI` set,
+/// a missing Chromium fails the test).
+pub fn chromium_or_skip() -> Option<PathBuf> {
+    let bin = chromium();
+    if bin.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "Chromium is required under CI (apt-get install chromium)"
+        );
+        eprintln!("SKIPPED: no chromium on PATH (set CHROMIUM=/path/to/chrome to run this test)");
+    }
+    bin
+}
+
 /// Runs a command, killing it if it takes longer than `limit`.
 pub fn run_bounded(mut cmd: Command, limit: Duration) -> Output {
     let mut child = cmd
