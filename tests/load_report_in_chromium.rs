@@ -1,4 +1,4 @@
-//! report.html of a load run, and of a merged run, render in a real browser: headless
+//! report.html of a load run and of a merged run, and sweep.html, render in a real browser: headless
 //! Chromium draws them (screenshots not blank) and the rendered DOM has the charts' titles,
 //! axes and labels: latency with the unmeasured phases shaded, ack latency, errors, the
 //! server's CPU, memory and queues every second, and the percentile distribution.
@@ -62,7 +62,32 @@ fn load_reports_render_in_headless_chromium_with_every_chart() {
         .output()
         .expect("run chatsim load");
     assert!(out.status.success(), "{out:?}");
+    let sweep = dir.path().join("sweep");
+    let out = Command::new(env!("CARGO_BIN_EXE_chatsim"))
+        .args(["load", "--target", &format!("ws://{}", srv.addr)])
+        .arg("--secret-file")
+        .arg(srv.data_dir.join("secret"))
+        .args(["--users", "10", "--ramp", "1", "--duration", "2"])
+        .args(["--sweep", "rate=20,40", "--out"])
+        .arg(&sweep)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run chatsim load --sweep");
+    assert!(out.status.success(), "{out:?}");
     srv.stop();
+    let (dom, ink) = rendered(&bin, &sweep.join("sweep.html"), dir.path(), "sweep");
+    for label in [
+        "Send→deliver latency against delivered rate",
+        "delivered msgs/s",
+        "knee:",
+        "class=\"knee\"",
+    ] {
+        assert!(dom.contains(label), "rendered sweep report lacks {label:?}");
+    }
+    assert!(
+        ink > 0.01,
+        "the sweep report is nearly blank ({ink:.4} inked)"
+    );
     let (dom, ink) = rendered(&bin, &run.join("report.html"), dir.path(), "run");
     for label in [
         "Send→deliver latency, by second of intended send",

@@ -36,6 +36,9 @@ pub struct Inputs {
     /// Storage writes per message: the message log append, the recipient's inbox entry,
     /// and its delete once delivered (seed 001: inbox written before the ack).
     pub writes_per_message: f64,
+    /// Deliveries each message makes (recipient devices and group members): the measured
+    /// CPU cost is per delivery, so the peak's CPU is messages times this.
+    pub deliveries_per_message: f64,
 }
 
 impl Default for Inputs {
@@ -55,6 +58,7 @@ impl Default for Inputs {
             bytes_per_connection_per_s: 10_000.0,
             regions: 3.0,
             writes_per_message: 3.0,
+            deliveries_per_message: 1.0,
         }
     }
 }
@@ -195,7 +199,15 @@ pub fn plan(
         )
     };
     let usable = m.utilisation;
-    let nodes_by_cpu = e.peak_msgs_per_s_high / (per_core * m.cores * usable);
+    if i.deliveries_per_message.is_nan() || i.deliveries_per_message < 1.0 {
+        return Err(format!(
+            "deliveries_per_message must be at least 1, not {}",
+            i.deliveries_per_message
+        ));
+    }
+    // The measured figure is deliveries per core-second; the peak is in messages.
+    let nodes_by_cpu =
+        e.peak_msgs_per_s_high * i.deliveries_per_message / (per_core * m.cores * usable);
     let conn_bytes = i.concurrent_connections * kib_per_connection * 1024.0;
     let nodes_by_memory = conn_bytes / (m.memory_gib * 1024.0 * 1024.0 * 1024.0 * usable);
     let nodes_by_bandwidth = e.bandwidth_bytes_per_s * 8.0 / (m.nic_gbit_per_s * 1e9 * usable);
@@ -342,6 +354,19 @@ mod tests {
             ..Inputs::default()
         };
         assert!(plan(&e, &bad, &r, 2.0, &Machine::default()).is_err());
+        // Group fan-out: 4 deliveries per message need 4x the CPU nodes.
+        let base = plan(&e, &i, &r, 2.0, &Machine::default()).expect("plan");
+        let groups = Inputs {
+            deliveries_per_message: 4.0,
+            ..Inputs::default()
+        };
+        let g = plan(&e, &groups, &r, 2.0, &Machine::default()).expect("plan");
+        assert!(
+            g.nodes_by_cpu >= 4.0 * base.nodes_by_cpu - 3.0,
+            "{} vs {}",
+            g.nodes_by_cpu,
+            base.nodes_by_cpu
+        );
         // Without a server CPU figure: delivered over the measured cores.
         r.server.as_mut().expect("server").cpu_us_per_delivered = 0.0;
         let p = plan(&e, &i, &r, 2.0, &Machine::default()).expect("plan");
