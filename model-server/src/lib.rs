@@ -12,6 +12,7 @@ pub mod auth;
 pub mod config;
 pub mod core;
 pub mod ids;
+pub mod nodes;
 pub mod protocol;
 pub mod runtime;
 pub mod store;
