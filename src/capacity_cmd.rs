@@ -10,9 +10,10 @@ pub struct CapacityArgs {
     /// TOML file with any of these keys at the top level (defaults: seed 001's figures):
     /// registered_users, daily_active_users, messages_per_user_per_day, peak_factor_low,
     /// peak_factor_high, message_bytes, retention_days, undelivered_share, history_share,
-    /// history_days, concurrent_connections, bytes_per_connection_per_s; and a [machine]
-    /// table with cores, memory_gib, nic_gbit_per_s, utilisation (default: a 32-core,
-    /// 128 GiB, 25 Gbit/s node planned at 60%).
+    /// history_days, concurrent_connections, bytes_per_connection_per_s, regions (3),
+    /// writes_per_message (3), deliveries_per_message (1); and a [machine] table with
+    /// cores, memory_gib, nic_gbit_per_s, storage_iops, utilisation (default: a 32-core,
+    /// 128 GiB, 25 Gbit/s, 100k-IOPS node planned at 60%).
     #[arg(long)]
     pub config: Option<PathBuf>,
     #[arg(long)]

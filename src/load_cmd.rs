@@ -161,7 +161,7 @@ pub fn print_summary(s: &Summary, dir: &std::path::Path) {
     );
     if s.commit_to_receive_us.count > 0 {
         println!(
-            "  hops (split at the server's commit stamp, 1 ms resolution): send→commit p50 {:.1} p99 {:.1} ms, commit→received p50 {:.1} p99 {:.1} ms",
+            "  hops (split at the server's commit stamp, ±2 ms): send→commit p50 {:.1} p99 {:.1} ms, commit→received p50 {:.1} p99 {:.1} ms",
             ms(s.send_to_commit_us.p50),
             ms(s.send_to_commit_us.p99),
             ms(s.commit_to_receive_us.p50),
@@ -170,7 +170,7 @@ pub fn print_summary(s: &Summary, dir: &std::path::Path) {
     }
     if let Some(f) = &s.server {
         println!(
-            "  server: {} connections, {:.1} CPU µs per message sent (measured phase)",
+            "  server: {} connections, {:.1} CPU µs per delivery (message copy sent to a device; measured phase)",
             f.connections, f.cpu_us_per_delivered
         );
         println!("  server memory: {}", f.memory_line());
@@ -216,6 +216,10 @@ pub fn read_secret(path: &std::path::Path) -> Result<model_server::auth::Secret>
 }
 
 pub fn config(a: &LoadArgs) -> Result<LoadConfig> {
+    anyhow::ensure!(
+        a.group_size != 1,
+        "--group-size 1 is not a group: use 0 for 1:1 pairs, or 2 and more"
+    );
     anyhow::ensure!(
         a.targets.len() == 1 && a.secret_files.len() == 1,
         "several --target or --secret-file need --processes N (one generator process per shard)"

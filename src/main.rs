@@ -351,7 +351,10 @@ fn serve(a: ServeArgs) -> Result<()> {
             if a.memory { "in-memory".to_string() } else { format!("{} (redb)", a.data_dir.display()) },
             secret_path.display()
         );
-        println!("  token: chatsim token --user alice --device phone --data-dir {}", a.data_dir.display());
+        println!(
+            "  token: chatsim token --user alice --device phone --secret-file {}",
+            secret_path.display()
+        );
         let s2 = server.clone();
         let serving = tokio::spawn(server.clone().serve(listener));
         shutdown_signal().await;

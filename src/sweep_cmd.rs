@@ -32,7 +32,7 @@ pub fn sweep(a: &LoadArgs, spec: &str) -> Result<i32> {
     for (k, v) in sw.points.iter().enumerate() {
         let mut cfg = base.clone();
         cfg.run_id = format!("{}-p{k}", base.run_id);
-        let dir = format!("point-{k}");
+        let dir = format!("point-{}", k + 1);
         cfg.report_dir = out.join(&dir);
         match sw.knob {
             Knob::Rate => {
@@ -121,7 +121,7 @@ pub fn sweep(a: &LoadArgs, spec: &str) -> Result<i32> {
     }
     match k {
         Some(i) => println!(
-            "  knee: {:.0} delivered msgs/s at p99 {:.2} ms (the last valid point before p99 doubles)",
+            "  knee: {:.0} delivered msgs/s at p99 {:.2} ms (the last valid point before p99 doubles and rises 10 ms)",
             points[i].delivered_per_s, points[i].p99_ms
         ),
         None => println!("  no valid point: no knee"),

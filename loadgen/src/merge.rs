@@ -276,17 +276,19 @@ pub fn merge_with(
         .map(|r| r.s.measured_until_unix_ms - r.s.measured_from_unix_ms)
         .min()
         .unwrap_or(0);
-    // Concurrent: the windows share at least 90% of the shortest one (so adding their
-    // rates is the load the server carried at once, within 10%).
+    // Concurrent: the windows share at least 90% of the shortest one, or all of it but
+    // 1.5 s (shards fix their phases on their own whole seconds), so adding their rates is
+    // the load the server carried at once.
     let overlap_ms = earliest_until.saturating_sub(latest_from);
-    let concurrent = overlap_ms > 0 && overlap_ms * 10 >= shortest * 9;
+    let concurrent = overlap_ms > 0
+        && (overlap_ms * 10 >= shortest * 9 || shortest.saturating_sub(overlap_ms) <= 1_500);
     if !concurrent && !sequential {
         let windows: Vec<String> = runs.iter().map(window_line).collect();
         anyhow::bail!(
             "these runs' measured windows overlap for {:.1} s, less than 90% of the shortest \
              ({:.1} s), so they did not load the server together and adding their rates would \
-             be false:\n  {}\npass --sequential to merge them as sequential runs (rates over \
-             the sum of their windows)",
+             be false:\n  {}\nto merge them as sequential runs (rates over the sum of their \
+             windows) use `chatsim report merge --sequential`",
             overlap_ms as f64 / 1000.0,
             shortest as f64 / 1000.0,
             windows.join("\n  ")
@@ -345,6 +347,7 @@ pub fn merge_with(
     }
     let mut rate_sum = 0.0;
     let (mut fleet_before, mut fleet_after, mut fleet_ok) = (Some(0u64), Some(0u64), 0usize);
+    let add = |a: usize, b: usize| if concurrent { a + b } else { a.max(b) };
     for r in &runs {
         let o = offset(r);
         for (i, (c, sent, d, a)) in r.rows.iter().enumerate() {
@@ -376,7 +379,8 @@ pub fn merge_with(
         if !targets.contains(&r.s.target.as_str()) {
             targets.push(&r.s.target);
         }
-        m.users += r.s.users;
+        // Sequential runs did not hold their devices at once: the most any one held.
+        m.users = add(m.users, r.s.users);
         m.sent += r.s.sent;
         m.expected_deliveries += r.s.expected_deliveries;
         m.delivered += r.s.delivered;
@@ -385,9 +389,13 @@ pub fn merge_with(
         for (k, n) in &r.s.errors_by_kind {
             *m.errors_by_kind.entry(k.clone()).or_default() += n;
         }
-        m.peak_connections += r.s.peak_connections;
+        m.peak_connections = if concurrent {
+            m.peak_connections + r.s.peak_connections
+        } else {
+            m.peak_connections.max(r.s.peak_connections)
+        };
         m.idle_s = m.idle_s.max(r.s.idle_s);
-        m.idle_devices += r.s.idle_devices;
+        m.idle_devices = add(m.idle_devices, r.s.idle_devices);
         let g = &r.s.generator;
         fleet_ok += g.idle_devices_connected;
         if r.s.idle_devices > 0 {

@@ -122,10 +122,11 @@ pub fn server_figures(s: &Scrapes, users: usize, idle_s: u64) -> Option<ServerFi
     f.memory_note = match (&s.baseline, &s.idle) {
         _ if idle_s == 0 => Some("--idle 0 skipped the idle phase".into()),
         (Some(b), _) if b.connections_opened > 0 => Some(format!(
-            "the server had accepted {} connections before this run, and an allocator does \
-             not hand freed memory back, so its growth would understate the cost; start a \
-             fresh server for this figure",
-            b.connections_opened
+            "the server had accepted {} connection{} before this run (a probe with a wrong \
+             secret counts), and an allocator does not hand freed memory back, so its growth \
+             would understate the cost; restart the server for this figure",
+            b.connections_opened,
+            if b.connections_opened == 1 { "" } else { "s" }
         )),
         (Some(_), Some(i)) if (i.connections as usize) < users => Some(format!(
             "only {} of {users} devices were connected in the idle phase",
@@ -961,7 +962,14 @@ pub fn html(s: &Summary, rows: &[Row]) -> String {
         );
     }
     if !fail_if.is_empty() {
-        fail_if = format!("<ul>{fail_if}</ul>");
+        fail_if = format!(
+            "<ul>{fail_if}</ul>{}",
+            if s.valid {
+                ""
+            } else {
+                "<p class=\"bad\">The run is INVALID, so it fails whatever these conditions say: its figures are not the server's.</p>"
+            }
+        );
     }
     let merged = match &s.merge {
         Some(m) => {
@@ -990,17 +998,25 @@ pub fn html(s: &Summary, rows: &[Row]) -> String {
     let server = s
         .server
         .as_ref()
-        .map(|f| format!("<p>Server: {} connections, {} KiB resident late in the measured phase, {:.1} CPU µs per message sent (measured phase). Memory: {}.</p>", f.connections, f.resident_kib, f.cpu_us_per_delivered, esc(&f.memory_line())))
+        .map(|f| format!("<p>Server: {} connections, {} KiB resident late in the measured phase, {:.1} CPU µs per delivery, i.e. per message copy sent to a device (measured phase). Memory: {}.</p>", f.connections, f.resident_kib, f.cpu_us_per_delivered, esc(&f.memory_line())))
         .unwrap_or_default();
     let settings = format!(
-        "<p>Settings: {} senders{} at {} msgs/s each, {}; ramp {} s, idle phase {} s, 1 s warm-up, {:.0} s measured{}{}; error budget {}.</p>",
+        "<p>Settings: {} senders at {} msgs/s each{}, {}; ramp {} s, idle phase {} s, 1 s warm-up, {:.0} s measured{}{}; error budget {}.</p>",
         s.users,
+        s.rate_per_user,
         if s.idle_devices > 0 {
-            format!(" and {} idle devices", s.idle_devices)
+            let g = &s.generator;
+            format!(
+                " and {} idle devices ({} connected{})",
+                s.idle_devices,
+                g.idle_devices_connected,
+                g.kib_per_idle_device
+                    .map(|k| format!(", {k:.1} KiB of generator memory each"))
+                    .unwrap_or_default()
+            )
         } else {
             String::new()
         },
-        s.rate_per_user,
         if s.group_size >= 2 {
             format!("groups of {}", s.group_size)
         } else {
@@ -1037,7 +1053,7 @@ pub fn html(s: &Summary, rows: &[Row]) -> String {
 <h1>chatsim load report</h1><p>Run <code>{id}</code> against <code>{target}</code>.</p>{validity}{fail_if}{settings}\
 <p>Sent {sent} ({sps:.1}/s), delivered {delivered} of {expected} expected ({dps:.1}/s), acked {acked}, errors {errors}{kinds}.</p>{merged}{server}{storm}\
 <table><tr><th>measure</th><th>count</th><th>p50 ms</th><th>p90 ms</th><th>p99 ms</th><th>p99.9 ms</th><th>max ms</th></tr>{r1}{r2}{r3}{r4}{r5}</table>\
-<p>The last two rows split send→deliver at the server's commit timestamp (whole milliseconds, the same machine's clock): read them to a millisecond, not finer.</p>\
+<p>The last two rows split send→deliver at the server's commit timestamp: it is its own clock truncated to whole milliseconds twice, so each hop is uncertain by up to 2 ms; read them only when the hops are well above that (under load).</p>\
 {charts}<p>Send→deliver is measured from the intended (scheduled) send time; \"raw\" from the actual send. Grey: seconds outside the measured phase (ramp, idle phase, warm-up; drain), left out of each chart's scale.</p></body></html>",
         id = esc(&s.run_id),
         target = esc(&s.target),

@@ -120,15 +120,19 @@ impl Point {
     }
 }
 
-/// The knee: the last valid point (in sweep order) before p99 first exceeds twice the p99
-/// of the first valid point, or before the first invalid point. `None` without a valid
-/// point.
+/// p99 must rise by at least this much, besides doubling, to end the flat part of the
+/// curve: on loopback a p99 of 3 ms going to 6 ms is noise, not a limit.
+pub const KNEE_MIN_RISE_MS: f64 = 10.0;
+
+/// The knee: the last valid point (in sweep order) before p99 first exceeds both twice the
+/// p99 of the first valid point and that p99 plus [`KNEE_MIN_RISE_MS`], or before the first
+/// invalid point. `None` without a valid point.
 pub fn knee(points: &[Point]) -> Option<usize> {
     let first = points.iter().position(|p| p.valid)?;
     let base = points[first].p99_ms.max(0.001);
     let mut k = first;
     for (i, p) in points.iter().enumerate().skip(first + 1) {
-        if !p.valid || p.p99_ms > 2.0 * base {
+        if !p.valid || (p.p99_ms > 2.0 * base && p.p99_ms > base + KNEE_MIN_RISE_MS) {
             break;
         }
         k = i;
@@ -242,7 +246,7 @@ pub fn html(r: &Report) -> String {
     format!(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>chatsim load sweep</title>\
 <style>body{{font-family:sans-serif;max-width:800px;margin:2em auto;color:#222}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}.knee{{background:#ffe9a8}}.bad{{color:#b00}}figcaption{{font-weight:bold}}</style></head><body>\
-<h1>chatsim load sweep: {knob}</h1><p>{users} senders; one run per point, each with its own report. The knee is the last valid point before p99 first exceeds twice the first point's p99 (or before the first invalid point).{stopped}</p>\
+<h1>chatsim load sweep: {knob}</h1><p>{users} senders; one run per point, each with its own report. The knee is the last valid point before p99 first exceeds both twice the first point's p99 and that p99 plus 10 ms (or before the first invalid point).{stopped}</p>\
 {chart}<table><tr><th>{knob}</th><th>offered msgs/s</th><th>delivered msgs/s</th><th>p50 ms</th><th>p99 ms</th><th>p99.9 ms</th><th>verdict</th><th>run</th></tr>{rows}</table></body></html>",
         knob = r.knob,
         users = r.users,
@@ -295,8 +299,10 @@ mod tests {
             pt(1000.0, 2.5, true),
             pt(2000.0, 3.9, true),
             pt(4000.0, 9.0, true),
+            pt(8000.0, 300.0, true),
         ];
-        assert_eq!(knee(&p), Some(2));
+        // 9 ms is more than twice 2 ms but only 7 ms more: noise, not the knee.
+        assert_eq!(knee(&p), Some(3));
         let q = [
             pt(500.0, 2.0, true),
             pt(1000.0, 2.1, true),
@@ -311,6 +317,6 @@ mod tests {
             knee: knee(&p),
             stopped: None,
         });
-        assert!(html.contains("knee: 2000 msgs/s") && html.contains("class=\"knee\""));
+        assert!(html.contains("knee: 4000 msgs/s") && html.contains("class=\"knee\""));
     }
 }
