@@ -130,7 +130,7 @@ fn short_load_writes_consistent_reports_and_runs_merge_exactly() {
     assert!(html.contains("<svg") && html.contains("Send→deliver latency, by second"));
 
     // Two generator processes at once; the merge adds the HDR logs, not percentiles, and
-    // its rate is the sum of the two runs' rates.
+    // its rate is over the seconds both were measuring in.
     let (run2, run2b) = (dir.path().join("run2"), dir.path().join("run2b"));
     let mut other = load_cmd(&srv, &run2b, "60", &["--duration", "6"])
         .spawn()
@@ -174,9 +174,11 @@ fn short_load_writes_consistent_reports_and_runs_merge_exactly() {
         "every histogram is merged, not only send→deliver"
     );
     let rate = |v: &serde_json::Value| v["sent_per_s"].as_f64().expect("rate");
+    // Over the seconds both were measuring in: the two steady rates added, within 5%.
+    let both = rate(&s2) + rate(&s2b);
     assert!(
-        (rate(&ms) - rate(&s2) - rate(&s2b)).abs() < 1e-6,
-        "{} = {} + {}",
+        (rate(&ms) - both).abs() < 0.05 * both,
+        "{} vs {} + {}",
         rate(&ms),
         rate(&s2),
         rate(&s2b)

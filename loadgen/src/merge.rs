@@ -2,9 +2,9 @@
 //! machines exactly: it adds their HdrHistogram logs (never averages percentiles), sums
 //! their counts second by second of wall-clock time, and writes a full report.
 //!
-//! Runs are merged only when that means something: concurrent runs (their measured
-//! windows share at least 90% of the shortest) give the sum of their rates, each over its
-//! own window; runs taken one after another are refused unless `sequential` is asked for,
+//! Runs are merged only when that means something: concurrent runs (every run measuring
+//! together for at least half of the shortest window) give rates over those shared seconds
+//! only; runs taken one after another are refused unless `sequential` is asked for,
 //! and then rates are over the sum of their windows, each window listed. The same run
 //! twice is refused.
 
@@ -261,31 +261,31 @@ pub fn merge_with(
             );
         }
     }
-    let latest_from = runs
-        .iter()
-        .map(|r| r.s.measured_from_unix_ms)
-        .max()
-        .unwrap_or(0);
-    let earliest_until = runs
-        .iter()
-        .map(|r| r.s.measured_until_unix_ms)
-        .min()
-        .unwrap_or(0);
     let shortest = runs
         .iter()
         .map(|r| r.s.measured_until_unix_ms - r.s.measured_from_unix_ms)
         .min()
         .unwrap_or(0);
-    // Concurrent: the windows share at least 90% of the shortest one, or all of it but
-    // 1.5 s (shards fix their phases on their own whole seconds), so adding their rates is
-    // the load the server carried at once.
-    let overlap_ms = earliest_until.saturating_sub(latest_from);
-    let concurrent = overlap_ms > 0
-        && (overlap_ms * 10 >= shortest * 9 || shortest.saturating_sub(overlap_ms) <= 1_500);
+    // Measured seconds of each run on the merged timeline (whole seconds from the earliest
+    // start), and the seconds every run was measuring in.
+    let t0 = runs.iter().map(|r| r.s.start_unix_ms).min().unwrap_or(0);
+    let offset = |r: &Run| ((r.s.start_unix_ms - t0) as f64 / 1000.0).round() as usize;
+    let span = |r: &Run| {
+        let from = offset(r) + r.s.measured_from_s as usize;
+        (from, from + r.s.measured_s.round() as usize)
+    };
+    let both_from = runs.iter().map(|r| span(r).0).max().unwrap_or(0);
+    let both_until = runs.iter().map(|r| span(r).1).min().unwrap_or(0);
+    let overlap_s = both_until.saturating_sub(both_from);
+    let overlap_ms = overlap_s as u64 * 1000;
+    // Concurrent: every run was measuring together for at least half of the shortest
+    // window. Rates are then taken over those shared seconds only, so an offset between
+    // shards does not inflate them.
+    let concurrent = overlap_s > 0 && overlap_ms * 2 >= shortest;
     if !concurrent && !sequential {
         let windows: Vec<String> = runs.iter().map(window_line).collect();
         anyhow::bail!(
-            "these runs' measured windows overlap for {:.1} s, less than 90% of the shortest \
+            "these runs' measured windows overlap for {:.1} s, less than half of the shortest \
              ({:.1} s), so they did not load the server together and adding their rates would \
              be false:\n  {}\nto merge them as sequential runs (rates over the sum of their \
              windows) use `chatsim report merge --sequential`",
@@ -294,7 +294,6 @@ pub fn merge_with(
             windows.join("\n  ")
         );
     }
-    let t0 = runs.iter().map(|r| r.s.start_unix_ms).min().unwrap_or(0);
     let union_from = runs
         .iter()
         .map(|r| r.s.measured_from_unix_ms)
@@ -312,7 +311,6 @@ pub fn merge_with(
     }
     .max(1e-3);
     // Second by second of wall-clock time from the earliest start.
-    let offset = |r: &Run| ((r.s.start_unix_ms - t0) as f64 / 1000.0).round() as usize;
     let len = runs
         .iter()
         .map(|r| offset(r) + r.rows.len())
@@ -429,9 +427,11 @@ pub fn merge_with(
     m.rate_per_user = rate_sum / m.users.max(1) as f64;
     m.target = targets.join(" ");
     if concurrent {
-        // Each run's rate over its own window, added: the load they offered together.
-        m.sent_per_s = runs.iter().map(|r| r.s.sent_per_s).sum();
-        m.delivered_per_s = runs.iter().map(|r| r.s.delivered_per_s).sum();
+        // Over the seconds every run was measuring in: the load they offered together.
+        let shared = &rows[both_from.min(rows.len())..both_until.min(rows.len())];
+        let n = shared.len().max(1) as f64;
+        m.sent_per_s = shared.iter().map(|r| r.sent).sum::<u64>() as f64 / n;
+        m.delivered_per_s = shared.iter().map(|r| r.delivered).sum::<u64>() as f64 / n;
     } else {
         m.sent_per_s = m.sent as f64 / secs;
         m.delivered_per_s = m.delivered as f64 / secs;

@@ -280,7 +280,7 @@ impl MergeInfo {
     /// What the merged rates are over, in words.
     pub fn rate_basis(&self) -> &'static str {
         if self.kind == "concurrent" {
-            "each run's rate over its own measured window, added"
+            "rates over the seconds every run was measuring in"
         } else {
             "rates over the sum of their measured windows"
         }
