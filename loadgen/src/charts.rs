@@ -94,6 +94,22 @@ fn y_grid(out: &mut String, top: f64, step: f64, y: &dyn Fn(f64) -> f64) {
     }
 }
 
+/// Legend entry `k` (a colour swatch and the series' name) right of the plot.
+fn legend(out: &mut String, k: usize, name: &str, colour: &str) {
+    let ly = TOP + 12.0 + 16.0 * k as f64;
+    let _ = write!(
+        out,
+        "<line x1=\"{:.1}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"{colour}\" stroke-width=\"3\"/><text x=\"{:.1}\" y=\"{:.1}\" fill=\"{colour}\">{}</text>",
+        W - RIGHT + 10.0,
+        ly - 4.0,
+        W - RIGHT + 28.0,
+        ly - 4.0,
+        W - RIGHT + 32.0,
+        ly,
+        escape(name)
+    );
+}
+
 /// A line chart over seconds: title, y unit, lines, and the frame.
 pub fn line_chart(title: &str, unit: &str, series: &[Series<'_>], frame: &Frame) -> String {
     let n = series
@@ -213,19 +229,7 @@ pub fn line_chart(title: &str, unit: &str, series: &[Series<'_>], frame: &Frame)
                 r.trim_end()
             );
         }
-        let ly = TOP + 12.0 + 16.0 * k as f64;
-        let _ = write!(
-            out,
-            "<line x1=\"{:.1}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"{c}\" stroke-width=\"3\"/><text x=\"{:.1}\" y=\"{:.1}\" fill=\"{c}\">{}</text>",
-            W - RIGHT + 10.0,
-            ly - 4.0,
-            W - RIGHT + 28.0,
-            ly - 4.0,
-            W - RIGHT + 32.0,
-            ly,
-            escape(s.name),
-            c = s.colour
-        );
+        legend(&mut out, k, s.name, s.colour);
     }
     out.push_str("</svg></figure>");
     out
@@ -368,19 +372,7 @@ pub fn xy_chart(
                 s.colour
             );
         }
-        let ly = TOP + 12.0 + 16.0 * k as f64;
-        let _ = write!(
-            out,
-            "<line x1=\"{:.1}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"{c}\" stroke-width=\"3\"/><text x=\"{:.1}\" y=\"{:.1}\" fill=\"{c}\">{}</text>",
-            W - RIGHT + 10.0,
-            ly - 4.0,
-            W - RIGHT + 28.0,
-            ly - 4.0,
-            W - RIGHT + 32.0,
-            ly,
-            escape(s.name),
-            c = s.colour
-        );
+        legend(&mut out, k, s.name, s.colour);
     }
     out.push_str("</svg></figure>");
     out
