@@ -45,6 +45,11 @@ pub struct Limits {
     pub typing_min_interval_ms: u64,
     /// Undelivered messages expire after this long (seed 000: 30 days).
     pub retention_ms: u64,
+    /// How often the server sweeps messages and uploads past their lifetime.
+    pub sweep_interval_ms: u64,
+    /// Most expired messages one sweep step deletes (bounded work per tick); a full batch
+    /// is followed by another on the next tick until the sweep has caught up.
+    pub sweep_batch: usize,
     /// Keep message bodies after every device acked them (server-side history) for all users.
     pub keep_history: bool,
     /// Most presence subscriptions one connection may hold.
@@ -80,6 +85,8 @@ impl Default for Limits {
             auth_timeout_ms: 5_000,
             typing_min_interval_ms: 2_000,
             retention_ms: 30 * 24 * 3600 * 1000,
+            sweep_interval_ms: 60_000,
+            sweep_batch: 1024,
             keep_history: false,
             max_presence_subscriptions: 1024,
             max_receipt_ids: 256,

@@ -231,12 +231,23 @@ struct Session {
     status_next_at: u64,
     /// Ids asked for and not known to be answered (asked again after a 429).
     status_asked: std::collections::BTreeSet<String>,
-    /// When to look again for own messages without ✓✓ on this device.
+    /// When a status of each own message last arrived on this connection: a query puts
+    /// the ids heard least recently first, as the server answers in query order what fits.
+    status_heard: BTreeMap<String, u64>,
+    /// When to look again for own messages without ✓✓ on this device, and how long the
+    /// last wait was: short (`STATUS_SWEEP_MIN_MS`) while answers keep coming (the server
+    /// answers what fits its queue, so a long list takes several queries), doubling up to
+    /// `STATUS_SWEEP_MS` while nothing new is heard.
     next_status_sweep: u64,
+    status_sweep_every: u64,
+    /// A status arrived since the last sweep.
+    status_heard_since_sweep: bool,
 }
 
 /// How often a connected phone asks again for ticks it has not seen.
 const STATUS_SWEEP_MS: u64 = 10_000;
+/// How soon it asks again while the last answers are still arriving.
+const STATUS_SWEEP_MIN_MS: u64 = 2_000;
 
 async fn session(
     ctx: &Rc<Ctx>,
@@ -260,7 +271,10 @@ async fn session(
         status_wanted: Default::default(),
         status_next_at: 0,
         status_asked: Default::default(),
+        status_heard: Default::default(),
         next_status_sweep: now + STATUS_SWEEP_MS,
+        status_sweep_every: STATUS_SWEEP_MS,
+        status_heard_since_sweep: false,
     };
     // Sometimes catch up conversation by conversation first, from the last seq shown
     // without a gap (a client that keeps its own per-chat position)...
@@ -471,7 +485,13 @@ async fn session(
         // Status answers are droppable: now and then, ask again for own 1:1 messages this
         // device has not seen delivered.
         if now >= s.next_status_sweep {
-            s.next_status_sweep = now + STATUS_SWEEP_MS;
+            s.status_sweep_every = if s.status_heard_since_sweep {
+                STATUS_SWEEP_MIN_MS
+            } else {
+                (s.status_sweep_every * 2).min(STATUS_SWEEP_MS)
+            };
+            s.status_heard_since_sweep = false;
+            s.next_status_sweep = now + s.status_sweep_every;
             let l = ctx.ledger.borrow();
             let seen = l.devices.get(&k);
             for (i, p) in ctx.plan.sends.iter().enumerate() {
@@ -652,7 +672,18 @@ fn on_acked(ctx: &Ctx, k: DeviceKey, i: usize, conv: &str, seq: u64, mid: &str) 
     // region: look at the simulated disk now, not after a crash.
     let cmid = &ctx.plan.sends[i].cmid;
     let (durable, replicated) = ctx.disk.durable_and_replicated(conv, seq, cmid);
-    if !(durable && replicated) {
+    // (An ack that took longer than retention to arrive may answer a message the server
+    // has rightly deleted since.)
+    let expired = l.sends[i].first_sent_ms.is_some_and(|t| {
+        crate::horizon::may_have_expired(
+            t,
+            now,
+            ctx.retention_ms,
+            ctx.clock_offsets.0,
+            ctx.clock_offsets.1,
+        )
+    });
+    if !(expired || durable && replicated) {
         l.breach(
             crate::invariant::ViolationKind::NotDurable,
             now,
@@ -709,7 +740,9 @@ async fn send_status_queries(
     if s.status_wanted.is_empty() || now_ms() < s.status_next_at {
         return Ok(());
     }
-    let ids: Vec<String> = s.status_wanted.iter().take(256).cloned().collect();
+    let mut ids: Vec<String> = s.status_wanted.iter().cloned().collect();
+    ids.sort_by_key(|id| s.status_heard.get(id).copied().unwrap_or(0));
+    ids.truncate(256);
     for id in &ids {
         s.status_wanted.remove(id);
         s.status_asked.insert(id.clone());
@@ -870,6 +903,9 @@ async fn on_frame(
         }
         ServerFrame::GroupReceipt { payload } => {
             check_group_receipt(ctx, k, &payload);
+            s.status_heard
+                .insert(payload.message_id.0.clone(), now_ms());
+            s.status_heard_since_sweep = true;
             ctx.ledger.borrow_mut().trace(
                 now_ms(),
                 dev(k),
@@ -897,6 +933,10 @@ async fn on_frame(
         ServerFrame::DeliveryAck { payload } | ServerFrame::ReadReceipt { payload } => {
             let now = now_ms();
             check_receipt(ctx, k, &payload);
+            for id in &payload.message_ids {
+                s.status_heard.insert(id.0.clone(), now);
+            }
+            s.status_heard_since_sweep = true;
             let mut l = ctx.ledger.borrow_mut();
             for id in &payload.message_ids {
                 l.device(k)

@@ -67,6 +67,10 @@ pub struct Ctx {
     /// Conversations each user takes part in at some time of the run (for per-conversation
     /// sync).
     pub user_convs: BTreeMap<usize, std::collections::BTreeSet<String>>,
+    /// The server's retention (a late ack may answer a message already expired).
+    pub retention_ms: u64,
+    /// Smallest and largest offset the plan's clock jumps give the server's clock.
+    pub clock_offsets: (i64, i64),
 }
 
 impl Ctx {

@@ -53,6 +53,10 @@ pub const KNOBS: &[Knob] = &[
     k("send_burst", 2.0, 100.0, 1.0, 10000.0, "send burst per user"),
     k("presence_timeout_ms", 20000.0, 60000.0, 5000.0, 600000.0, "server idle timeout"),
     k("media_chunk_bytes", 4096.0, 262144.0, 1024.0, 1048576.0, "media chunk size"),
+    k("short_retention_probability", 0.35, 0.35, 0.0, 1.0, "chance retention (and so the dedup window) is short enough to cross in the run"),
+    k("retention_ms", 2000.0, 120000.0, 1000.0, 2592000000.0, "a short retention, when drawn (else 30 days)"),
+    k("sweep_interval_ms", 250.0, 60000.0, 250.0, 3600000.0, "expiry sweep interval"),
+    k("sweep_batch", 1.0, 1024.0, 1.0, 100000.0, "messages one sweep step deletes"),
     // Phones.
     k("heartbeat_ms", 1000.0, 8000.0, 100.0, 60000.0, "phone heartbeat"),
     k("idle_timeout_ms", 6000.0, 20000.0, 1000.0, 120000.0, "phone idle timeout (at least 3 heartbeats)"),

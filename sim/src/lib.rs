@@ -6,7 +6,8 @@
 //! - `world`: builds and drives the turmoil simulation; `client`: the simulated phone.
 //! - `disk`: what a crash or failover keeps; `crypto`: end-to-end encryption of bodies;
 //!   `media`: the phone's upload/download lane for files.
-//! - `ledger`: what devices saw, and the JSONL trace; `oracle`: the invariants.
+//! - `ledger`: what devices saw, and the JSONL trace; `oracle`: the invariants, with
+//!   `reference` (what the design promises) and `horizon` (what retention lets it forget).
 //! - `report`: latency and reconnect figures; `shrink`: minimal failing scenarios.
 
 pub mod bench;
@@ -15,6 +16,7 @@ pub mod client;
 pub mod crypto;
 pub mod device;
 pub mod disk;
+pub mod horizon;
 pub mod invariant;
 pub mod knobs;
 pub mod ledger;

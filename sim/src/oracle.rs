@@ -2,14 +2,17 @@
 //! each violation with a minimal witness (conversation, device, expected vs seen, and the
 //! trace lines around it).
 
+use crate::client::EPOCH_MS;
 use crate::crypto::PLAINTEXT_MARKER;
+use crate::horizon::Horizon;
 pub use crate::invariant::ViolationKind;
 use crate::ledger::{DeviceKey, TraceEvent};
 use crate::plan::{device_name, user_name, Target};
 use crate::reference::{Membership, Reference};
 use crate::world::Outcome;
+use model_server::ids::{ConversationId, Seq};
 use model_server::protocol::Status;
-use model_server::store::records::{key_num, key_parts};
+use model_server::store::records::{dec, key_num, key_parts, StoredMessage};
 use model_server::store::{KvStore, Table};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -100,6 +103,9 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
     let l = &o.ledger;
     let dkey = |k: DeviceKey| format!("{}/{}", user_name(k.0), device_name(k.1));
     let r = Reference::new(plan, l);
+    // Messages retention may have let the server forget (see `horizon`).
+    let h = Horizon::new(&o.limits, o.clock, o.end_ms, &o.ledger);
+    let expirable = |i: usize| l.sends[i].first_sent_ms.is_some_and(|t| h.expirable(t));
 
     // 0. What the phones, the disk and the world saw broken while the run went on
     // (panics first: after one, the rest of the run is not to be trusted).
@@ -167,7 +173,7 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
                         .get(mid)
                         .is_some_and(|x| x.cmid == s.cmid && x.sender == s.user)
                 });
-                if !shown {
+                if !shown && !expirable(i) {
                     let dev = dkey(k);
                     push(
                         &mut out,
@@ -202,8 +208,8 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
         let Some((conv, seq, mid, _)) = &l.sends[i].acked else {
             continue;
         };
-        if s.media_bytes == 0 {
-            continue;
+        if s.media_bytes == 0 || expirable(i) {
+            continue; // (an expired message's file is deleted with it)
         }
         for u in r.participants(i) {
             if u == s.user {
@@ -248,7 +254,9 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
 
     // 2. No duplicates: one send, one seq; one shown copy per device.
     for (i, s) in plan.sends.iter().enumerate() {
-        if l.sends[i].seqs_seen.len() > 1 {
+        // (A retry after the message expired is rightly stored again: retention is the
+        // dedup window.)
+        if l.sends[i].seqs_seen.len() > 1 && !expirable(i) {
             let conv = l.sends[i].seqs_seen.iter().next().map(|x| x.0.clone());
             push(
                 &mut out,
@@ -266,6 +274,12 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
             );
         }
     }
+    let send_of: BTreeMap<(usize, &str), usize> = plan
+        .sends
+        .iter()
+        .enumerate()
+        .map(|(i, s)| ((s.user, s.cmid.as_str()), i))
+        .collect();
     for (k, dl) in &l.devices {
         let mut by_send: BTreeMap<(usize, &str), Vec<&str>> = BTreeMap::new();
         for sh in dl.shown.values() {
@@ -275,7 +289,8 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
                 .push(sh.message_id.as_str());
         }
         for ((sender, cmid), mut ids) in by_send {
-            if ids.len() > 1 && !cmid.is_empty() {
+            let past_window = send_of.get(&(sender, cmid)).is_some_and(|i| expirable(*i));
+            if ids.len() > 1 && !cmid.is_empty() && !past_window {
                 ids.sort_by_key(|id| {
                     id.rsplit_once('#')
                         .and_then(|(_, s)| s.parse::<u64>().ok())
@@ -300,8 +315,33 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
     // 3. Order: each device shows every seq of each of its conversations, without gaps,
     // from the start (or, for a device linked or a member added during the run, from the
     // first message promised to it); the server's own seqs are 1..n.
+    // Seqs of messages the server may have expired (every seq each such send got): a
+    // device may lack them, and seqs nobody saw may be ones expired before anyone did.
+    let mut expired_seqs: BTreeMap<&str, BTreeSet<u64>> = BTreeMap::new();
+    for (i, sl) in l.sends.iter().enumerate() {
+        if expirable(i) {
+            for (c, q) in &sl.seqs_seen {
+                expired_seqs.entry(c.as_str()).or_default().insert(*q);
+            }
+        }
+    }
+    // (A copy whose ack the sender never saw is known only from devices that show it.)
+    for dl in l.devices.values() {
+        for sh in dl.shown.values() {
+            if send_of
+                .get(&(sh.sender, sh.cmid.as_str()))
+                .is_some_and(|i| expirable(*i))
+            {
+                expired_seqs
+                    .entry(sh.conv.as_str())
+                    .or_default()
+                    .insert(sh.seq);
+            }
+        }
+    }
     for (conv, (users, rep)) in &members {
         let seqs = &seqs_by_conv[conv];
+        let excused = expired_seqs.get(conv.as_str());
         let acked = &acked_by_conv[conv];
         let n = seqs.iter().copied().max().unwrap_or(0);
         let server_contiguous = seqs.len() as u64 == n;
@@ -347,8 +387,13 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
                     .unwrap_or_default();
                 // Compared without materialising lo..=n: a broken server may hand out huge
                 // seqs.
-                let missing = got.range(lo..=n).count() as u64 != n.saturating_sub(lo) + 1;
-                if missing || (lo == 1 && !server_contiguous) {
+                let missing = match excused {
+                    None => got.range(lo..=n).count() as u64 != n.saturating_sub(lo) + 1,
+                    Some(ex) => seqs
+                        .range(lo..=n)
+                        .any(|q| !ex.contains(q) && !got.contains(q)),
+                };
+                if missing || (lo == 1 && !server_contiguous && excused.is_none()) {
                     let dev = dkey(k);
                     let show = |v: &BTreeSet<u64>| {
                         let v: Vec<u64> = v.iter().copied().collect();
@@ -384,7 +429,8 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
     }
 
     // 3a. Per-sender FIFO: a later tap by the same device, in the same conversation, never
-    // gets a lower seq (unless the earlier one waited on a 429 or on its file's upload).
+    // gets a lower seq (unless the earlier one waited on a 429 or on its file's upload, or
+    // may have expired and been stored again).
     let mut by_device: BTreeMap<(DeviceKey, &str), Vec<usize>> = BTreeMap::new();
     for (i, s) in plan.sends.iter().enumerate() {
         if let Some(a) = &l.sends[i].acked {
@@ -400,7 +446,10 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
         for &j in sends {
             let seq = l.sends[j].acked.as_ref().map_or(0, |a| a.1);
             if let Some((i, prev)) = worst {
+                // (An earlier send stored again after its first copy expired takes a new,
+                // higher seq.)
                 let excused = l.sends[i].rate_limited
+                    || expirable(i)
                     || plan.sends[i].media_bytes > 0
                     || plan.sends[j].media_bytes > 0;
                 if seq < prev && !excused {
@@ -533,6 +582,9 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
         let (Target::User(to), Some((conv, _, mid, _))) = (&s.target, &l.sends[i].acked) else {
             continue;
         };
+        if expirable(i) {
+            continue; // a receipt for an expired message changes nothing
+        }
         // Shown on every recipient device, early enough for the receipt to travel back
         // (and for a sender that was away to reconnect and ask) before the run ends.
         let everywhere = (0..plan.devices_per_user).all(|d| {
@@ -581,7 +633,7 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
         let (Target::Group(g), Some((conv, _, mid, _))) = (&s.target, &l.sends[i].acked) else {
             continue;
         };
-        if plan.membership.iter().any(|c| c.group == *g) {
+        if plan.membership.iter().any(|c| c.group == *g) || expirable(i) {
             continue;
         }
         let members: Vec<usize> = (0..plan.users)
@@ -767,6 +819,84 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
                 );
             }
         }
+    }
+
+    // 6c. Nothing outlives retention: every inbox copy and dedup record belongs to a
+    // stored message (they are written and deleted with it in one commit), and once the
+    // sweep had a steady window to catch up in, no message past retention is stored.
+    let stored: BTreeMap<(String, u64), StoredMessage> = o
+        .store
+        .scan(Table::Messages, b"", b"", usize::MAX)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|(_, v)| dec::<StoredMessage>(Table::Messages, v).ok())
+        .map(|m| ((m.conversation_id.0.clone(), m.seq.0), m))
+        .collect();
+    let mut leaks: Vec<(String, String, String)> = Vec::new();
+    for (key, _) in o
+        .store
+        .scan(Table::Inbox, b"", b"", usize::MAX)
+        .unwrap_or_default()
+    {
+        if let (Some(parts), Some(seq)) = (key_parts(&key, 2), key_num(&key)) {
+            if !stored.contains_key(&(parts[1].clone(), seq)) {
+                leaks.push((
+                    parts[1].clone(),
+                    format!(
+                        "no inbox copy of {}#{seq} for {} once the message is gone",
+                        parts[1], parts[0]
+                    ),
+                    "the copy is still stored".into(),
+                ));
+            }
+        }
+    }
+    for (_, v) in o
+        .store
+        .scan(Table::Dedup, b"", b"", usize::MAX)
+        .unwrap_or_default()
+    {
+        if let Ok((conv, seq)) = dec::<(ConversationId, Seq)>(Table::Dedup, &v) {
+            if !stored.contains_key(&(conv.0.clone(), seq.0)) {
+                leaks.push((
+                    conv.0.clone(),
+                    format!(
+                        "no dedup record of {}#{} once the message is gone",
+                        conv.0, seq.0
+                    ),
+                    "the record is still stored".into(),
+                ));
+            }
+        }
+    }
+    if let Some(cut) = h.gone_before() {
+        for m in stored.values().filter(|m| m.stored_at.0 < cut) {
+            leaks.push((
+                m.conversation_id.0.clone(),
+                format!(
+                    "{} deleted: stored {} ms before the end, retention {} ms",
+                    m.message_id().0,
+                    (EPOCH_MS + o.end_ms)
+                        .saturating_add_signed(o.clock.end_offset_ms)
+                        .saturating_sub(m.stored_at.0),
+                    o.limits.retention_ms
+                ),
+                "still stored at the end".into(),
+            ));
+        }
+    }
+    for (conv, expected, seen) in leaks {
+        push(
+            &mut out,
+            Violation {
+                kind: ViolationKind::StorageLeak,
+                context: context(o, Some(&conv), None),
+                conversation: Some(conv),
+                device: None,
+                expected,
+                seen,
+            },
+        );
     }
 
     // 7. Liveness: after the quiet phase nothing is pending and everyone is back online.

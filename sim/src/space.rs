@@ -161,6 +161,17 @@ pub fn draw(sc: &Scenario, seed: u64) -> Result<Drawn, String> {
     limits.send_burst = d.int_within("send_burst", 1, u32::MAX as u64) as u32;
     limits.presence_timeout_ms = d.int("presence_timeout_ms");
     limits.media_chunk_bytes = d.int("media_chunk_bytes") as usize;
+    // Retention is also the dedup window: a short one lets offline gaps, retries and
+    // clock jumps cross both within a run.
+    let short_p = d.float("short_retention_probability");
+    if d.chance(short_p) {
+        limits.retention_ms = d.log_int("retention_ms", 1);
+    } else {
+        d.explain
+            .push(("retention_ms".into(), limits.retention_ms.to_string()));
+    }
+    limits.sweep_interval_ms = d.log_int("sweep_interval_ms", 1);
+    limits.sweep_batch = d.log_int("sweep_batch", 1) as usize;
     let groups = d.int("groups") as usize;
     let announce_p = d.float("announcement_probability");
     let media_p = d.float("media_probability");

@@ -4,6 +4,7 @@
 
 use crate::client::{self, now_ms, Control, Ctx, EPOCH_MS};
 use crate::disk::SimDisk;
+use crate::horizon::ServerClock;
 use crate::ledger::{Ledger, SendLog};
 use crate::plan::{user_name, Plan, Target};
 use crate::scenario::{FaultKind, Scenario};
@@ -49,6 +50,8 @@ pub struct Outcome {
     pub steps: u64,
     /// Simulated ms at which the run ended (fault phase plus quiet phase).
     pub end_ms: u64,
+    /// How the server's clock was stepped during the run.
+    pub clock: ServerClock,
 }
 
 /// A fault action at a point in time.
@@ -240,6 +243,21 @@ fn run_logged(
         end_ms,
         disk: disk.clone(),
         user_convs,
+        retention_ms: limits.retention_ms,
+        clock_offsets: {
+            let mut c = ServerClock::default();
+            let mut jumps: Vec<(u64, i64)> = plan
+                .faults
+                .iter()
+                .filter(|f| f.kind == FaultKind::ClockJump)
+                .map(|f| (f.at_ms, f.skew_ms.unwrap_or(0)))
+                .collect();
+            jumps.sort_by_key(|j| j.0);
+            for (t, ms) in jumps {
+                c.step(t, ms);
+            }
+            (c.min_offset_ms, c.max_offset_ms)
+        },
     });
 
     let mut builder = turmoil::Builder::new();
@@ -341,6 +359,7 @@ fn run_logged(
             vec![h.to_string()]
         }
     };
+    let mut clock = ServerClock::default();
     while (sim.elapsed().as_millis() as u64) < end_ms {
         let t = sim.elapsed().as_millis() as u64;
         while next < timeline.len() && timeline[next].0 <= t {
@@ -479,6 +498,7 @@ fn run_logged(
                 FaultKind::ClockJump => {
                     if begin {
                         faults.step_clock(f.skew_ms.unwrap_or(0));
+                        clock.step(t, f.skew_ms.unwrap_or(0));
                     }
                 }
                 FaultKind::Offline
@@ -615,6 +635,7 @@ fn run_logged(
         online_at_end,
         steps,
         end_ms,
+        clock,
     })
 }
 

@@ -4,7 +4,7 @@
 //! queue_bound) are shown failing by planted bugs in `swarm_finds_bugs.rs`; here the
 //! oracle's handling of them is checked too.
 
-use model_server::store::records::inbox_key;
+use model_server::store::records::{inbox_key, msg_key};
 use model_server::store::{KvStore, Table, Write};
 use sim::invariant::Breach;
 use sim::ledger::{Shown, TraceEvent};
@@ -308,4 +308,68 @@ at_ms = 5000
         .shown
         .remove(&after);
     assert!(kinds(&o).contains(&ViolationKind::Loss));
+}
+
+#[test]
+fn an_inbox_copy_or_dedup_record_of_a_message_no_longer_stored_is_a_storage_leak() {
+    let mut left = run();
+    let (_, conv, seq, _) = acked(&left, false);
+    let conv = model_server::ids::ConversationId(conv);
+    let seq = model_server::ids::Seq(seq);
+    // The message goes, its inbox copies and dedup record stay: half of a retention sweep.
+    left.store
+        .commit(vec![Write::Delete(Table::Messages, msg_key(&conv, seq))])
+        .expect("commit");
+    let leaks: Vec<String> = sim::oracle::check(&left)
+        .into_iter()
+        .filter(|v| v.kind == ViolationKind::StorageLeak)
+        .map(|v| v.expected)
+        .collect();
+    assert!(
+        leaks.iter().any(|e| e.contains("no dedup record")),
+        "{leaks:?}"
+    );
+}
+
+#[test]
+fn a_message_stored_past_retention_is_a_storage_leak_once_the_sweep_had_time() {
+    // The same history judged as if retention were one second and the sweep ran every
+    // 250 ms: every message is past it, yet stored.
+    let mut o = run();
+    o.limits.retention_ms = 1_000;
+    o.limits.sweep_interval_ms = 250;
+    let v = sim::oracle::check(&o);
+    assert!(
+        v.iter()
+            .any(|v| v.kind == ViolationKind::StorageLeak
+                && v.expected.contains("retention 1000 ms")),
+        "{:?}",
+        v.iter().map(|v| v.to_string()).collect::<Vec<_>>()
+    );
+    // A sweep that could not have caught up yet (an interval longer than the quiet phase)
+    // is not judged.
+    o.limits.sweep_interval_ms = 3_600_000;
+    assert!(!sim::oracle::check(&o)
+        .iter()
+        .any(|v| v.expected.contains("retention 1000 ms")));
+}
+
+#[test]
+fn a_missing_message_is_excused_only_if_retention_may_have_expired_it() {
+    let mut o = run();
+    let (_, _, _, mid) = acked(&o, false);
+    let dl = o
+        .ledger
+        .devices
+        .values_mut()
+        .find(|d| d.shown.get(&mid).is_some() && d.outbox.is_empty())
+        .expect("a device shows it");
+    dl.shown.remove(&mid);
+    assert!(kinds(&o).contains(&ViolationKind::Loss));
+    // Had retention been a second, the server may rightly have deleted it before that
+    // device came for it: not a loss, nor a gap.
+    o.limits.retention_ms = 1_000;
+    let k = kinds(&o);
+    assert!(!k.contains(&ViolationKind::Loss), "{k:?}");
+    assert!(!k.contains(&ViolationKind::Order), "{k:?}");
 }

@@ -11,6 +11,9 @@ use crate::protocol::{ErrorPayload, MediaPreparePayload, MediaPrepared};
 use crate::store::records::{enc, key, media_chunk_key, MediaRecord};
 use crate::store::{KvStore, StoreError, Table, Write};
 
+/// Uploads one sweep looks at.
+const MEDIA_SWEEP_SCAN: usize = 1024;
+
 /// A media request refused, with the HTTP status that says why.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum MediaError {
@@ -292,8 +295,10 @@ impl<S: KvStore> ChatCore<S> {
     }
 
     /// Deletes incomplete uploads past their expiry, and complete ones past retention.
+    /// (It looks at the first `MEDIA_SWEEP_SCAN` uploads only: a store holding more live
+    /// uploads than that sweeps the rest late. A known limit.)
     pub(super) fn sweep_media(&mut self, now: Millis) -> Result<(), Reject> {
-        for rec in self.db.all_media(super::SWEEP_BATCH)? {
+        for rec in self.db.all_media(MEDIA_SWEEP_SCAN)? {
             let dead = (!rec.complete() && now >= rec.expires_at)
                 || now.since(rec.created_at) >= self.cfg.retention_ms;
             if !dead {

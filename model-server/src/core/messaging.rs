@@ -190,6 +190,11 @@ impl<S: KvStore> ChatCore<S> {
             read_by: BTreeSet::new(),
             recipients: recipients.len() as u32,
             shared_log,
+            copied_to: if m.group.is_some() {
+                inbox_users.iter().map(|(u, _)| u.clone()).collect()
+            } else {
+                Vec::new()
+            },
         };
         let mut batch = vec![
             Write::Put(Table::Messages, msg_key(&m.conv, seq), enc(&msg)),
@@ -525,12 +530,25 @@ impl<S: KvStore> ChatCore<S> {
             e.retry_after_ms = Some(wait);
             return Err(Reject(Box::new(e)));
         }
-        let ids: std::collections::BTreeSet<&MessageId> = ids.iter().collect();
-        // (conversation, recipient, status) -> ids, for one frame per group of them.
-        let mut receipts: BTreeMap<(ConversationId, UserId, Status), Vec<MessageId>> =
-            BTreeMap::new();
-        let mut groups = Vec::new();
+        // Answers go out in the order the ids were asked (a repeated id once), as spare
+        // frames: what does not fit the queue now is left out, and nothing already queued
+        // (an earlier answer of this query included) is pushed out for it. A client that
+        // puts the ids it heard least recently first gets every answer over a few queries
+        // however small its queue (found by the simulator: with a 9-frame queue, the group
+        // counts answered last shed the 1:1 receipts answered first, on every repeat, so
+        // the sender never saw its ticks).
+        let mut seen = std::collections::BTreeSet::new();
+        // One frame per (conversation, recipient, status) for 1:1 receipts, in the order
+        // of its first id; one per group message.
+        enum Answer {
+            Receipt(ConversationId, UserId, Status, Vec<MessageId>),
+            Group(Box<GroupReceiptPayload>),
+        }
+        let mut answers: Vec<Answer> = Vec::new();
         for id in ids {
+            if !seen.insert(id) {
+                continue;
+            }
             let (conv, _kind, seq) = id
                 .parse()
                 .ok_or_else(|| Reject::new(400, "unknown message_id"))?;
@@ -541,41 +559,54 @@ impl<S: KvStore> ChatCore<S> {
                 continue;
             }
             if msg.group_id.is_some() {
-                groups.push(group_receipt(&msg));
+                answers.push(Answer::Group(Box::new(group_receipt(&msg))));
             } else if let Some(to) = msg.receiver.clone() {
                 if msg.status > Status::Sent {
-                    receipts
-                        .entry((conv.clone(), to, msg.status))
-                        .or_default()
-                        .push(msg.message_id());
+                    let found = answers.iter_mut().find_map(|a| match a {
+                        Answer::Receipt(c, b, st, v)
+                            if *c == conv && *b == to && *st == msg.status =>
+                        {
+                            Some(v)
+                        }
+                        _ => None,
+                    });
+                    match found {
+                        Some(v) => v.push(msg.message_id()),
+                        None => answers.push(Answer::Receipt(
+                            conv.clone(),
+                            to,
+                            msg.status,
+                            vec![msg.message_id()],
+                        )),
+                    }
                 }
             }
         }
-        for ((conv, by, status), message_ids) in receipts {
-            let payload = ReceiptPayload {
-                conversation_id: conv,
-                message_ids,
-                status,
-                by,
-                timestamp: now.0,
-            };
-            let frame = if status == Status::Read {
-                ServerFrame::ReadReceipt { payload }
-            } else {
-                ServerFrame::DeliveryAck { payload }
-            };
-            // Only the asking connection, and droppable: an answer to a device that asks
-            // about many chats must not overflow the queue it is read from (found by the
-            // simulator: with a small queue bound, a user in more chats than the bound was
-            // closed on every reconnect, forever). A device that misses ticks asks again.
-            self.enqueue(conn, &frame, FrameClass::Droppable, None, now);
-        }
-        // Group counts travel like the periodic ones: droppable, and a newer count for the
-        // same message replaces an older one still queued, so counts never go backward.
-        for payload in groups {
-            let key = format!("grcpt:{}", payload.message_id);
-            let frame = ServerFrame::GroupReceipt { payload };
-            self.enqueue(conn, &frame, FrameClass::Droppable, Some(key), now);
+        for a in answers {
+            match a {
+                Answer::Receipt(conv, by, status, message_ids) => {
+                    let payload = ReceiptPayload {
+                        conversation_id: conv,
+                        message_ids,
+                        status,
+                        by,
+                        timestamp: now.0,
+                    };
+                    let frame = if status == Status::Read {
+                        ServerFrame::ReadReceipt { payload }
+                    } else {
+                        ServerFrame::DeliveryAck { payload }
+                    };
+                    self.enqueue(conn, &frame, FrameClass::Spare, None, now);
+                }
+                Answer::Group(payload) => {
+                    // A newer count for the same message replaces an older one still
+                    // queued, so counts never go backward.
+                    let key = format!("grcpt:{}", payload.message_id);
+                    let frame = ServerFrame::GroupReceipt { payload: *payload };
+                    self.enqueue(conn, &frame, FrameClass::Spare, Some(key), now);
+                }
+            }
         }
         Ok(())
     }
@@ -832,10 +863,15 @@ impl<S: KvStore> ChatCore<S> {
         page
     }
 
-    /// Removes messages past retention (and their inbox copies), and expired uploads.
-    pub(super) fn sweep_expired(&mut self, now: Millis) -> Result<(), Reject> {
+    /// Removes messages past retention (and their inbox copies), and expired uploads, at
+    /// most `sweep_batch` messages; returns whether a full batch was removed (more may be
+    /// due: the next tick continues).
+    pub(super) fn sweep_expired(&mut self, now: Millis) -> Result<bool, Reject> {
         let cutoff = Millis(now.0.saturating_sub(self.cfg.retention_ms));
-        for (at, conv, seq) in self.db.expired(cutoff, SWEEP_BATCH)? {
+        let batch_cap = self.cfg.sweep_batch.max(1);
+        let due = self.db.expired(cutoff, batch_cap)?;
+        let more = due.len() >= batch_cap;
+        for (at, conv, seq) in due {
             let mut batch = vec![Write::Delete(Table::Expiry, expiry_key(at, &conv, seq))];
             if let Some(m) = self.db.message(&conv, seq)? {
                 batch.push(Write::Delete(Table::Messages, msg_key(&conv, seq)));
@@ -843,13 +879,20 @@ impl<S: KvStore> ChatCore<S> {
                     Table::Dedup,
                     dedup_key(&m.sender, &m.client_message_id),
                 ));
+                // Every copy it was given: the 1:1 pair, or the group members at send time
+                // (members removed since keep theirs until they ack it, or until now).
+                // Records written before `copied_to` existed fall back to today's members.
                 let mut users: Vec<UserId> = m.receiver.iter().cloned().collect();
-                if let Some(g) = &m.group_id {
+                if !m.copied_to.is_empty() {
+                    users.extend(m.copied_to.iter().cloned());
+                } else if let (Some(g), false) = (&m.group_id, m.shared_log) {
                     if let Some(grp) = self.db.group(g)? {
                         users.extend(grp.members);
                     }
                 }
                 users.push(m.sender.clone());
+                users.sort();
+                users.dedup();
                 for u in users {
                     batch.push(Write::Delete(Table::Inbox, inbox_key(&u, &conv, seq)));
                 }
@@ -858,11 +901,9 @@ impl<S: KvStore> ChatCore<S> {
             self.db.commit(batch)?;
         }
         self.sweep_media(now)?;
-        Ok(())
+        Ok(more)
     }
 }
-
-use super::SWEEP_BATCH;
 
 /// The message as a device receives it.
 pub(super) fn delivered_message(m: &StoredMessage) -> DeliveredMessage {

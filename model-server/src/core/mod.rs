@@ -230,11 +230,6 @@ pub struct Gauges {
     pub outbound_max_frames: u64,
 }
 
-/// How often the core sweeps expired messages and uploads.
-const SWEEP_INTERVAL_MS: u64 = 60_000;
-/// Most expired rows removed per sweep (bounded work per tick).
-const SWEEP_BATCH: usize = 1024;
-
 /// The chat server model. One instance is the chat/inbox service, the registry and the
 /// presence service for every gateway attached to it.
 pub struct ChatCore<S: KvStore> {
@@ -248,6 +243,8 @@ pub struct ChatCore<S: KvStore> {
     dirty_group_receipts: BTreeSet<(ConversationId, Seq)>,
     next_session: u64,
     last_sweep: Millis,
+    /// The last sweep step filled its batch: the next tick continues it.
+    sweep_more: bool,
     stats: Stats,
     fx: Effects,
     bugs: crate::config::Bugs,
@@ -293,6 +290,7 @@ impl<S: KvStore> ChatCore<S> {
             dirty_group_receipts: BTreeSet::new(),
             next_session: 0,
             last_sweep: Millis(0),
+            sweep_more: false,
             stats: Stats::default(),
             fx: Effects::default(),
             bugs: crate::config::Bugs::default(),
@@ -581,10 +579,19 @@ impl<S: KvStore> ChatCore<S> {
         }
         self.flush_group_receipts(now);
         // A clock stepped back sweeps at once rather than waiting out the step.
-        if now.since(self.last_sweep) >= SWEEP_INTERVAL_MS || now < self.last_sweep {
-            self.last_sweep = now;
-            if let Err(e) = self.sweep_expired(now) {
-                tracing::error!(error = %e.0.message, "expiry sweep failed; will retry next sweep");
+        if self.sweep_more
+            || now.since(self.last_sweep) >= self.cfg.sweep_interval_ms
+            || now < self.last_sweep
+        {
+            if !self.sweep_more {
+                self.last_sweep = now;
+            }
+            match self.sweep_expired(now) {
+                Ok(more) => self.sweep_more = more,
+                Err(e) => {
+                    self.sweep_more = false;
+                    tracing::error!(error = %e.0.message, "expiry sweep failed; will retry next sweep");
+                }
             }
         }
         self.take_fx()

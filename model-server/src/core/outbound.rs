@@ -15,6 +15,11 @@ pub enum FrameClass {
     Essential,
     /// May be replaced by a newer frame with the same key, or dropped.
     Droppable,
+    /// Droppable, and queued only if it fits as the queue is: it sheds nothing to make
+    /// room. For answers to a query the client repeats (status answers), which must not
+    /// push out one another: a later answer shedding an earlier one of the same query
+    /// would starve the earlier ones on every repeat.
+    Spare,
 }
 
 #[derive(Debug)]
@@ -111,11 +116,11 @@ impl OutboundQueue {
                 }
             }
         }
-        while !self.fits(text.len()) {
+        while class != FrameClass::Spare && !self.fits(text.len()) {
             match self
                 .frames
                 .iter()
-                .position(|q| q.class == FrameClass::Droppable)
+                .position(|q| q.class != FrameClass::Essential)
             {
                 Some(i) => {
                     if let Some(q) = self.frames.remove(i) {
@@ -128,7 +133,7 @@ impl OutboundQueue {
         }
         if !self.fits(text.len()) {
             return match class {
-                FrameClass::Droppable => {
+                FrameClass::Droppable | FrameClass::Spare => {
                     self.dropped += 1;
                     PushOutcome::Dropped
                 }
@@ -206,6 +211,24 @@ mod tests {
             PushOutcome::Dropped
         );
         assert_eq!(q.drain(10), vec!["m1", "m2", "m3"]);
+    }
+
+    #[test]
+    fn a_spare_frame_sheds_nothing_but_is_shed_for_others() {
+        let mut q = OutboundQueue::new(2, 1000);
+        q.push("a1".into(), FrameClass::Spare, None);
+        q.push("a2".into(), FrameClass::Spare, None);
+        // A later answer of the same query does not push out an earlier one...
+        assert_eq!(
+            q.push("a3".into(), FrameClass::Spare, None),
+            PushOutcome::Dropped
+        );
+        // ...nor a droppable frame already queued; but an essential frame sheds it.
+        assert_eq!(
+            q.push("m1".into(), FrameClass::Essential, None),
+            PushOutcome::Queued
+        );
+        assert_eq!(q.drain(10), vec!["a2", "m1"]);
     }
 
     #[test]

@@ -644,6 +644,69 @@ fn a_status_answer_never_overflows_the_queue_of_the_device_that_asked() {
 }
 
 #[test]
+fn status_answers_come_in_query_order_and_do_not_push_out_earlier_ones() {
+    // Found by the swarm (swarm-space seed 359, queue bound drawn at 9): the group counts
+    // answered last shed the 1:1 receipts answered first, so a sender asking again and
+    // again never learned that its 1:1 messages were delivered.
+    let mut h = Harness::with_limits(Limits {
+        outbound_max_frames: 3,
+        ..Limits::default()
+    });
+    let alice = h.login("alice", "phone");
+    let mut dm_ids = Vec::new();
+    for i in 0..2 {
+        let friend = format!("f{i}");
+        let f = h.login(&friend, "phone");
+        h.say(alice, &friend, &format!("c{i}"), "eA");
+        let id = acks(&h.recv(alice))[0].1.message_id.clone();
+        h.recv(f);
+        delivery_ack(&mut h, f, &id);
+        dm_ids.push(id);
+    }
+    h.recv(alice);
+    let g = create_group(&mut h, alice, &["f0", "f1"], false);
+    let mut group_ids = Vec::new();
+    for i in 0..4 {
+        group_send(&mut h, alice, &g.group_id, &format!("g{i}"), "eA");
+        group_ids.push(acks(&h.recv(alice))[0].1.message_id.clone());
+    }
+    h.recv(alice);
+    // The 1:1 ids first: their receipts are answered, the group counts that do not fit
+    // are left out rather than shedding them.
+    let mut ids = dm_ids.clone();
+    ids.extend(group_ids.iter().cloned());
+    send_json(
+        &mut h,
+        alice,
+        json!({"type": "status_query", "message_ids": ids}),
+    );
+    let got = h.recv(alice);
+    assert_eq!(got.len(), 3, "what fits: {got:?}");
+    let delivered: Vec<&MessageId> = got
+        .iter()
+        .filter_map(|f| match f {
+            ServerFrame::DeliveryAck { payload } => Some(&payload.message_ids[0]),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(delivered, vec![&dm_ids[0], &dm_ids[1]], "in query order");
+    // Asked the other way round, the group counts come first.
+    let mut ids = group_ids.clone();
+    ids.extend(dm_ids.iter().cloned());
+    send_json(
+        &mut h,
+        alice,
+        json!({"type": "status_query", "message_ids": ids}),
+    );
+    let got = h.recv(alice);
+    assert!(
+        got.iter()
+            .all(|f| matches!(f, ServerFrame::GroupReceipt { .. })),
+        "{got:?}"
+    );
+}
+
+#[test]
 fn status_query_answers_a_repeated_id_once_and_group_messages_with_counts() {
     let mut h = Harness::new();
     let alice = h.login("alice", "phone");
@@ -836,6 +899,75 @@ fn undelivered_message_expires_after_retention() {
     assert!(sync(&mut h, bob, json!({"conversation_id": conv}))
         .messages
         .is_empty());
+}
+
+#[test]
+fn a_sweep_that_fills_its_batch_continues_on_the_next_tick_until_caught_up() {
+    let mut h = Harness::with_limits(Limits {
+        retention_ms: 1_000,
+        sweep_interval_ms: 10_000,
+        sweep_batch: 2,
+        ..Limits::default()
+    });
+    let alice = h.login("alice", "phone");
+    for i in 0..5 {
+        h.say(alice, "bob", &format!("c{i}"), "eA");
+    }
+    h.recv(alice);
+    let conv = dm("alice", "bob");
+    // The first sweep (at the first tick past the interval) removes one batch of two.
+    h.advance(10_000);
+    assert_eq!(h.core.stats().messages_expired, 2, "one batch per step");
+    // A full batch means more may be due: the next ticks continue, without waiting out
+    // the interval, until a step removes less than a batch.
+    h.advance(250);
+    assert_eq!(h.core.stats().messages_expired, 4);
+    h.advance(250);
+    assert_eq!(h.core.stats().messages_expired, 5);
+    for seq in 1..=5 {
+        assert!(stored(&h, &conv, seq).is_none(), "seq {seq} swept");
+    }
+}
+
+#[test]
+fn retention_deletes_the_inbox_copy_of_a_member_removed_after_the_send() {
+    // Found by the swarm (swarm-space seed 84 once retention was drawn short): the sweep
+    // deleted copies for the group's members *now*, so a member removed after the send,
+    // who had not acked on every device, kept a copy of a message that no longer existed
+    // (and its late ack could not clear it: the message was gone).
+    let mut h = Harness::with_limits(Limits {
+        retention_ms: 1_000,
+        sweep_interval_ms: 1_000,
+        ..Limits::default()
+    });
+    let alice = h.login("alice", "phone");
+    let g = create_group(&mut h, alice, &["bob", "carol"], false);
+    group_send(&mut h, alice, &g.group_id, "a1", "eA");
+    let ack = single_ack(h.recv(alice));
+    h.recv(alice);
+    send_json(
+        &mut h,
+        alice,
+        json!({"type": "group_remove", "payload": {"group_id": g.group_id, "user_ids": ["carol"]}}),
+    );
+    h.recv(alice);
+    let copy = |h: &Harness, u: &str| {
+        records(h)
+            .inbox_entry(&uid(u), &g.conversation_id, ack.seq)
+            .expect("read")
+            .is_some()
+    };
+    assert!(copy(&h, "carol"), "carol keeps the copy she was sent");
+    h.advance(2_500);
+    assert!(
+        stored(&h, &g.conversation_id, ack.seq.0).is_none(),
+        "expired"
+    );
+    assert!(!copy(&h, "bob"), "a member's copy goes with the message");
+    assert!(
+        !copy(&h, "carol"),
+        "so does the copy of a member removed after the send"
+    );
 }
 
 #[test]

@@ -86,6 +86,11 @@ pub struct StoredMessage {
     pub recipients: u32,
     /// True when stored in a shared group log (large group), not copied to inboxes.
     pub shared_log: bool,
+    /// Users given an inbox copy of a copy-on-send group message (members at send time):
+    /// the retention sweep deletes exactly these copies, including those of members
+    /// removed since. Empty for 1:1 messages (the two participants) and shared logs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub copied_to: Vec<UserId>,
 }
 
 impl StoredMessage {
