@@ -161,6 +161,12 @@ pub fn draw(sc: &Scenario, seed: u64) -> Result<Drawn, String> {
     limits.send_burst = d.int_within("send_burst", 1, u32::MAX as u64) as u32;
     limits.presence_timeout_ms = d.int("presence_timeout_ms");
     limits.media_chunk_bytes = d.int("media_chunk_bytes") as usize;
+    let keep_p = d.float("keep_history_probability");
+    limits.keep_history = d.chance(keep_p);
+    d.explain
+        .push(("keep_history".into(), limits.keep_history.to_string()));
+    limits.auth_timeout_ms = d.int("auth_timeout_ms");
+    limits.typing_min_interval_ms = d.int("typing_min_interval_ms");
     // Retention is also the dedup window: a short one lets offline gaps, retries and
     // clock jumps cross both within a run.
     let short_p = d.float("short_retention_probability");
