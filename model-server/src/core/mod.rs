@@ -563,7 +563,13 @@ impl<S: KvStore> ChatCore<S> {
     /// aggregated group receipts, and sweeps expired messages and uploads.
     pub fn tick(&mut self, now: Millis) -> Effects {
         let mut to_close = Vec::new();
-        for (id, c) in &self.reg.conns {
+        for (id, c) in self.reg.conns.iter_mut() {
+            // A clock stepped back would stretch every deadline by the step (a 10-minute
+            // NTP step kept silent or unauthenticated sockets 10 minutes longer): readings
+            // from the "future" are brought back to now, so a deadline stretches by at
+            // most the silence already past, never by the step.
+            c.opened_at = c.opened_at.min(now);
+            c.last_frame = c.last_frame.min(now);
             match &c.session {
                 None if now.since(c.opened_at) >= self.cfg.auth_timeout_ms => {
                     to_close.push((*id, CloseReason::AuthTimeout))

@@ -2120,6 +2120,36 @@ fn no_auth_within_timeout_closes_connection() {
 }
 
 #[test]
+fn a_clock_stepped_back_does_not_stretch_the_auth_or_silence_deadline_by_the_step() {
+    // Before: a 10-minute NTP step back kept an unauthenticated socket (and a silent,
+    // authenticated one) open 10 minutes longer; now at most the wait already past.
+    let mut h = Harness::with_limits(Limits {
+        auth_timeout_ms: 5_000,
+        presence_timeout_ms: 20_000,
+        ..Limits::default()
+    });
+    let silent = h.login("alice", "phone");
+    let unauthed = h.open("gw1");
+    h.advance(1_000);
+    h.now = Millis(h.now.0 - 600_000);
+    h.advance(0);
+    assert!(h.closes.is_empty());
+    h.advance(5_000);
+    let closed: Vec<(ConnId, CloseReason)> = h
+        .closes
+        .iter()
+        .map(|c| (c.conn, c.reason.clone()))
+        .collect();
+    assert_eq!(closed, vec![(unauthed, CloseReason::AuthTimeout)]);
+    h.advance(15_000);
+    assert_eq!(h.closes.len(), 2, "the silent one too, 20 s after the step");
+    assert_eq!(
+        (h.closes[1].conn, h.closes[1].reason.clone()),
+        (silent, CloseReason::HeartbeatTimeout)
+    );
+}
+
+#[test]
 fn non_participant_cannot_ack_read_or_sync() {
     let mut h = Harness::new();
     let alice = h.login("alice", "phone");
