@@ -242,6 +242,8 @@ struct Session {
     status_sweep_every: u64,
     /// A status arrived since the last sweep.
     status_heard_since_sweep: bool,
+    /// When this connection's pending sync was first asked for, until its last page.
+    sync_started: Option<u64>,
 }
 
 /// How often a connected phone asks again for ticks it has not seen.
@@ -275,6 +277,7 @@ async fn session(
         next_status_sweep: now + STATUS_SWEEP_MS,
         status_sweep_every: STATUS_SWEEP_MS,
         status_heard_since_sweep: false,
+        sync_started: None,
     };
     // Sometimes catch up conversation by conversation first, from the last seq shown
     // without a gap (a client that keeps its own per-chat position)...
@@ -307,6 +310,7 @@ async fn session(
         }
     }
     // ...then always everything pending for this device.
+    s.sync_started = Some(now_ms());
     let mut p = json!({});
     if cfg.sync_limit > 0 {
         p["limit"] = json!(cfg.sync_limit);
@@ -386,6 +390,8 @@ async fn session(
                 {
                     let mut l = ctx.ledger.borrow_mut();
                     l.sends[i].attempts += 1;
+                    l.sends[i].first_attempt_ms.get_or_insert(now);
+                    l.sends[i].last_attempt_ms = Some(now);
                     let attempts = l.sends[i].attempts;
                     let cmid = ctx.plan.sends[i].cmid.clone();
                     l.trace(
@@ -674,7 +680,7 @@ fn on_acked(ctx: &Ctx, k: DeviceKey, i: usize, conv: &str, seq: u64, mid: &str) 
     let (durable, replicated) = ctx.disk.durable_and_replicated(conv, seq, cmid);
     // (An ack that took longer than retention to arrive may answer a message the server
     // has rightly deleted since.)
-    let expired = l.sends[i].first_sent_ms.is_some_and(|t| {
+    let expired = l.sends[i].first_attempt_ms.is_some_and(|t| {
         crate::horizon::may_have_expired(
             t,
             now,
@@ -889,6 +895,15 @@ async fn on_frame(
             let asked = payload.conversation_id.is_some();
             for m in payload.messages {
                 receive(ctx, k, ws, s, rng, m, asked).await?;
+            }
+            if !asked && !payload.has_more {
+                if let Some(start) = s.sync_started.take() {
+                    ctx.ledger
+                        .borrow_mut()
+                        .device(k)
+                        .syncs
+                        .push((start, now_ms()));
+                }
             }
             if payload.has_more {
                 let mut p = json!({"cursor":payload.next_cursor});

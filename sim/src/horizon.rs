@@ -42,19 +42,30 @@ impl ServerClock {
     }
 }
 
-/// May a message first sent at simulated `first_sent_ms` have expired by simulated `at`?
-/// It was stored no earlier than that, on a clock no further back than `min_offset_ms`,
-/// and the server's clock read at most `at + max_offset_ms` by then.
+/// The earliest simulated time at which a message first put on a socket at simulated
+/// `first_attempt_ms` can have expired: it was stored no earlier than that, on a clock no
+/// further back than `min_offset_ms`, and the server's clock reads at most `t +
+/// max_offset_ms` at simulated `t`.
+pub fn expires_from(
+    first_attempt_ms: u64,
+    retention_ms: u64,
+    min_offset_ms: i64,
+    max_offset_ms: i64,
+) -> u64 {
+    let t = first_attempt_ms as i128 + min_offset_ms as i128 + retention_ms as i128
+        - max_offset_ms as i128;
+    t.clamp(0, u64::MAX as i128) as u64
+}
+
+/// May that message have expired by simulated `at`?
 pub fn may_have_expired(
-    first_sent_ms: u64,
+    first_attempt_ms: u64,
     at: u64,
     retention_ms: u64,
     min_offset_ms: i64,
     max_offset_ms: i64,
 ) -> bool {
-    let stored_at_least = first_sent_ms as i128 + min_offset_ms as i128;
-    let clock_at_most = at as i128 + max_offset_ms as i128;
-    clock_at_most >= stored_at_least + retention_ms as i128
+    at >= expires_from(first_attempt_ms, retention_ms, min_offset_ms, max_offset_ms)
 }
 
 /// What retention allows in one finished run.
@@ -95,16 +106,17 @@ impl Horizon {
         }
     }
 
-    /// May the server have expired (and forgotten the dedup record of) a message first
-    /// sent at simulated `first_sent_ms` by the end of the run?
-    pub fn expirable(&self, first_sent_ms: u64) -> bool {
-        may_have_expired(
-            first_sent_ms,
-            self.end_ms,
+    /// The earliest simulated time the server can have expired (and forgotten the dedup
+    /// record of) a message first put on a socket at `first_attempt_ms`, if that is within
+    /// the run.
+    pub fn expires_from(&self, first_attempt_ms: u64) -> Option<u64> {
+        let e = expires_from(
+            first_attempt_ms,
             self.retention_ms,
             self.min_offset_ms,
             self.max_offset_ms,
-        )
+        );
+        (e <= self.end_ms).then_some(e)
     }
 
     /// Server-clock ms (`stored_at`) before which no message may still be stored at the

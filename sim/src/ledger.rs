@@ -75,6 +75,8 @@ pub struct DeviceLog {
     pub group_counts: BTreeMap<String, (u64, u64)>,
     /// Recipients the server counts for each group message this device got counts for.
     pub group_recipients: BTreeMap<String, u64>,
+    /// Pending syncs this device finished: (first request sent, last page received).
+    pub syncs: Vec<(u64, u64)>,
 }
 
 /// Per planned send: when it was tapped, acked, delivered and read.
@@ -82,6 +84,11 @@ pub struct DeviceLog {
 pub struct SendLog {
     pub first_sent_ms: Option<u64>,
     pub attempts: u32,
+    /// When the phone first and last put this send on a socket (the server stored it no
+    /// earlier than the first; a copy stored after its expiry came from an attempt at or
+    /// after it).
+    pub first_attempt_ms: Option<u64>,
+    pub last_attempt_ms: Option<u64>,
     /// (conversation, seq, message id, at) from the first ack (or 409).
     pub acked: Option<(String, u64, String, u64)>,
     /// Every distinct (conversation, seq) the server answered with for this cmid.

@@ -105,7 +105,26 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
     let r = Reference::new(plan, l);
     // Messages retention may have let the server forget (see `horizon`).
     let h = Horizon::new(&o.limits, o.clock, o.end_ms, &o.ledger);
-    let expirable = |i: usize| l.sends[i].first_sent_ms.is_some_and(|t| h.expirable(t));
+    // From when send i may have been expired, if within the run.
+    let expires = |i: usize| l.sends[i].first_attempt_ms.and_then(|t| h.expires_from(t));
+    let expirable = |i: usize| expires(i).is_some();
+    // A second copy is rightly stored only from an attempt made once the first copy (and
+    // its dedup record) may have gone.
+    let restored =
+        |i: usize| expires(i).is_some_and(|e| l.sends[i].last_attempt_ms.is_some_and(|a| a >= e));
+    // A device is excused a message it does not show only if the message may have
+    // expired before the device could fetch it: no pending sync of that device both
+    // began after the sender saw the ack (so after the store) and finished before then.
+    let excused_on = |i: usize, k: DeviceKey| {
+        let (Some(e), Some(acked_at)) = (expires(i), l.sends[i].acked.as_ref().map(|a| a.3)) else {
+            return false;
+        };
+        !l.devices.get(&k).is_some_and(|d| {
+            d.syncs
+                .iter()
+                .any(|(start, done)| *start >= acked_at && *done < e)
+        })
+    };
 
     // 0. What the phones, the disk and the world saw broken while the run went on
     // (panics first: after one, the rest of the run is not to be trusted).
@@ -173,7 +192,7 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
                         .get(mid)
                         .is_some_and(|x| x.cmid == s.cmid && x.sender == s.user)
                 });
-                if !shown && !expirable(i) {
+                if !shown && !excused_on(i, k) {
                     let dev = dkey(k);
                     push(
                         &mut out,
@@ -208,8 +227,8 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
         let Some((conv, seq, mid, _)) = &l.sends[i].acked else {
             continue;
         };
-        if s.media_bytes == 0 || expirable(i) {
-            continue; // (an expired message's file is deleted with it)
+        if s.media_bytes == 0 {
+            continue;
         }
         for u in r.participants(i) {
             if u == s.user {
@@ -223,8 +242,8 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
                 let Some(dl) = l.devices.get(&k) else {
                     continue;
                 };
-                if !dl.shown.contains_key(mid) {
-                    continue; // already reported as a loss
+                if !dl.shown.contains_key(mid) || excused_on(i, k) {
+                    continue; // a loss (reported), or a file deleted with its message
                 }
                 let seen = match dl.media.get(&i) {
                     Some(true) => continue,
@@ -256,7 +275,7 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
     for (i, s) in plan.sends.iter().enumerate() {
         // (A retry after the message expired is rightly stored again: retention is the
         // dedup window.)
-        if l.sends[i].seqs_seen.len() > 1 && !expirable(i) {
+        if l.sends[i].seqs_seen.len() > 1 && !restored(i) {
             let conv = l.sends[i].seqs_seen.iter().next().map(|x| x.0.clone());
             push(
                 &mut out,
@@ -289,7 +308,7 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
                 .push(sh.message_id.as_str());
         }
         for ((sender, cmid), mut ids) in by_send {
-            let past_window = send_of.get(&(sender, cmid)).is_some_and(|i| expirable(*i));
+            let past_window = send_of.get(&(sender, cmid)).is_some_and(|i| restored(*i));
             if ids.len() > 1 && !cmid.is_empty() && !past_window {
                 ids.sort_by_key(|id| {
                     id.rsplit_once('#')
@@ -315,33 +334,36 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
     // 3. Order: each device shows every seq of each of its conversations, without gaps,
     // from the start (or, for a device linked or a member added during the run, from the
     // first message promised to it); the server's own seqs are 1..n.
-    // Seqs of messages the server may have expired (every seq each such send got): a
-    // device may lack them, and seqs nobody saw may be ones expired before anyone did.
-    let mut expired_seqs: BTreeMap<&str, BTreeSet<u64>> = BTreeMap::new();
+    // Which send each seq of each conversation belongs to (from acks and from what
+    // devices show: a copy whose ack the sender never saw is known only there), for the
+    // gaps retention excuses; and conversations where a send may have been stored again
+    // (its first copy possibly expired unseen: a seq nobody saw).
+    let mut seq_send: BTreeMap<(&str, u64), usize> = BTreeMap::new();
+    let mut restored_in: BTreeSet<&str> = BTreeSet::new();
+    let mut expirable_in: BTreeSet<&str> = BTreeSet::new();
     for (i, sl) in l.sends.iter().enumerate() {
-        if expirable(i) {
-            for (c, q) in &sl.seqs_seen {
-                expired_seqs.entry(c.as_str()).or_default().insert(*q);
+        for (c, q) in &sl.seqs_seen {
+            seq_send.insert((c.as_str(), *q), i);
+            if expirable(i) {
+                expirable_in.insert(c.as_str());
+            }
+            if restored(i) {
+                restored_in.insert(c.as_str());
             }
         }
     }
-    // (A copy whose ack the sender never saw is known only from devices that show it.)
     for dl in l.devices.values() {
         for sh in dl.shown.values() {
-            if send_of
-                .get(&(sh.sender, sh.cmid.as_str()))
-                .is_some_and(|i| expirable(*i))
-            {
-                expired_seqs
-                    .entry(sh.conv.as_str())
-                    .or_default()
-                    .insert(sh.seq);
+            if let Some(&i) = send_of.get(&(sh.sender, sh.cmid.as_str())) {
+                seq_send.insert((sh.conv.as_str(), sh.seq), i);
+                if expirable(i) {
+                    expirable_in.insert(sh.conv.as_str());
+                }
             }
         }
     }
     for (conv, (users, rep)) in &members {
         let seqs = &seqs_by_conv[conv];
-        let excused = expired_seqs.get(conv.as_str());
         let acked = &acked_by_conv[conv];
         let n = seqs.iter().copied().max().unwrap_or(0);
         let server_contiguous = seqs.len() as u64 == n;
@@ -387,13 +409,18 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
                     .unwrap_or_default();
                 // Compared without materialising lo..=n: a broken server may hand out huge
                 // seqs.
-                let missing = match excused {
-                    None => got.range(lo..=n).count() as u64 != n.saturating_sub(lo) + 1,
-                    Some(ex) => seqs
-                        .range(lo..=n)
-                        .any(|q| !ex.contains(q) && !got.contains(q)),
+                let missing = if expirable_in.contains(conv.as_str()) {
+                    seqs.range(lo..=n).any(|q| {
+                        !got.contains(q)
+                            && !seq_send
+                                .get(&(conv.as_str(), *q))
+                                .is_some_and(|i| excused_on(*i, k))
+                    })
+                } else {
+                    got.range(lo..=n).count() as u64 != n.saturating_sub(lo) + 1
                 };
-                if missing || (lo == 1 && !server_contiguous && excused.is_none()) {
+                let gaps_excused = restored_in.contains(conv.as_str());
+                if missing || (lo == 1 && !server_contiguous && !gaps_excused) {
                     let dev = dkey(k);
                     let show = |v: &BTreeSet<u64>| {
                         let v: Vec<u64> = v.iter().copied().collect();
@@ -449,7 +476,7 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
                 // (An earlier send stored again after its first copy expired takes a new,
                 // higher seq.)
                 let excused = l.sends[i].rate_limited
-                    || expirable(i)
+                    || restored(i)
                     || plan.sends[i].media_bytes > 0
                     || plan.sends[j].media_bytes > 0;
                 if seq < prev && !excused {

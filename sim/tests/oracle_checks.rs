@@ -357,13 +357,15 @@ fn a_message_stored_past_retention_is_a_storage_leak_once_the_sweep_had_time() {
 #[test]
 fn a_missing_message_is_excused_only_if_retention_may_have_expired_it() {
     let mut o = run();
-    let (_, _, _, mid) = acked(&o, false);
-    let dl = o
+    let (i, _, _, mid) = acked(&o, false);
+    let key = *o
         .ledger
         .devices
-        .values_mut()
-        .find(|d| d.shown.get(&mid).is_some() && d.outbox.is_empty())
-        .expect("a device shows it");
+        .iter()
+        .find(|(_, d)| d.shown.contains_key(&mid) && d.outbox.is_empty())
+        .expect("a device shows it")
+        .0;
+    let dl = o.ledger.devices.get_mut(&key).expect("device");
     dl.shown.remove(&mid);
     assert!(kinds(&o).contains(&ViolationKind::Loss));
     // Had retention been a second, the server may rightly have deleted it before that
@@ -372,4 +374,14 @@ fn a_missing_message_is_excused_only_if_retention_may_have_expired_it() {
     let k = kinds(&o);
     assert!(!k.contains(&ViolationKind::Loss), "{k:?}");
     assert!(!k.contains(&ViolationKind::Order), "{k:?}");
+    // But a device that finished a pending sync after the ack and before the message could
+    // expire should have had it: a loss again.
+    let acked_at = o.ledger.sends[i].acked.as_ref().expect("acked").3;
+    o.ledger
+        .devices
+        .get_mut(&key)
+        .expect("device")
+        .syncs
+        .push((acked_at, acked_at + 1));
+    assert!(kinds(&o).contains(&ViolationKind::Loss));
 }
