@@ -680,15 +680,9 @@ fn on_acked(ctx: &Ctx, k: DeviceKey, i: usize, conv: &str, seq: u64, mid: &str) 
     let (durable, replicated) = ctx.disk.durable_and_replicated(conv, seq, cmid);
     // (An ack that took longer than retention to arrive may answer a message the server
     // has rightly deleted since.)
-    let expired = l.sends[i].first_attempt_ms.is_some_and(|t| {
-        crate::horizon::may_have_expired(
-            t,
-            now,
-            ctx.retention_ms,
-            ctx.clock_offsets.0,
-            ctx.clock_offsets.1,
-        )
-    });
+    let expired = l.sends[i]
+        .first_attempt_ms
+        .is_some_and(|t| crate::horizon::may_have_expired(&ctx.clock, t, now, ctx.retention_ms));
     if !(expired || durable && replicated) {
         l.breach(
             crate::invariant::ViolationKind::NotDurable,

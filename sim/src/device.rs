@@ -69,8 +69,8 @@ pub struct Ctx {
     pub user_convs: BTreeMap<usize, std::collections::BTreeSet<String>>,
     /// The server's retention (a late ack may answer a message already expired).
     pub retention_ms: u64,
-    /// Smallest and largest offset the plan's clock jumps give the server's clock.
-    pub clock_offsets: (i64, i64),
+    /// The server clock's steps the plan's clock jumps will make.
+    pub clock: crate::horizon::ServerClock,
 }
 
 impl Ctx {

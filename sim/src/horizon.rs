@@ -19,61 +19,97 @@ const TICK_MS: u64 = 250;
 /// Slack on top of the sweep's own schedule (scheduling, a tick or two).
 const SLACK_MS: u64 = 1_000;
 
-/// The server clock's steps over a run (clock-jump faults), so the oracle can bound what
-/// the server's clock read at any simulated time: `EPOCH + t + offset`, the offset within
-/// `[min_offset_ms, max_offset_ms]` (both include 0, the offset at the start).
-#[derive(Clone, Copy, Debug, Default)]
+/// The server clock's steps over a run (clock-jump faults): the server's clock reads
+/// `EPOCH + t + offset(t)` at simulated `t`, the offset 0 until the first step.
+#[derive(Clone, Debug, Default)]
 pub struct ServerClock {
-    pub min_offset_ms: i64,
-    pub max_offset_ms: i64,
-    /// The offset at the end of the run.
-    pub end_offset_ms: i64,
-    /// Simulated ms of the last step, if any.
-    pub last_step_ms: Option<u64>,
+    /// (simulated ms, offset from then on), in time order.
+    pub steps: Vec<(u64, i64)>,
 }
 
 impl ServerClock {
-    /// Records a step of `ms` at simulated `t`.
+    /// The timeline of the clock-jump faults `(at, step)` (in any order).
+    pub fn from_jumps(mut jumps: Vec<(u64, i64)>) -> Self {
+        jumps.sort_by_key(|j| j.0);
+        let mut c = ServerClock::default();
+        for (t, ms) in jumps {
+            c.step(t, ms);
+        }
+        c
+    }
+
+    /// Records a step of `ms` at simulated `t` (not before the previous one).
     pub fn step(&mut self, t: u64, ms: i64) {
-        self.end_offset_ms += ms;
-        self.min_offset_ms = self.min_offset_ms.min(self.end_offset_ms);
-        self.max_offset_ms = self.max_offset_ms.max(self.end_offset_ms);
-        self.last_step_ms = Some(t);
+        let now = self.end_offset_ms();
+        self.steps.push((t, now + ms));
+    }
+
+    /// The offset at the end of the run.
+    pub fn end_offset_ms(&self) -> i64 {
+        self.steps.last().map_or(0, |s| s.1)
+    }
+
+    /// Simulated ms of the last step, if any.
+    pub fn last_step_ms(&self) -> Option<u64> {
+        self.steps.last().map(|s| s.0)
+    }
+
+    /// The offset in effect at simulated `t`.
+    fn offset_at(&self, t: u64) -> i64 {
+        self.steps
+            .iter()
+            .take_while(|s| s.0 <= t)
+            .last()
+            .map_or(0, |s| s.1)
+    }
+
+    /// The earliest simulated time at which a message first put on a socket at simulated
+    /// `first_attempt_ms` can have expired. It was stored at some `s` at or after that, at
+    /// the reading `s + offset(s)`, and expires at the first `y >= s` whose reading
+    /// `y + offset(y)` is retention past it; the earliest over every possible `s` (within
+    /// a stretch between steps, the earliest `s` is the worst case).
+    pub fn expires_from(&self, first_attempt_ms: u64, retention_ms: u64) -> u64 {
+        let t = first_attempt_ms;
+        // Stretches of constant offset from `t` on: (start, end, offset).
+        let mut stretches: Vec<(u64, u64, i64)> = Vec::new();
+        let mut start = t;
+        let mut off = self.offset_at(t);
+        for &(at, o) in self.steps.iter().filter(|s| s.0 > t) {
+            stretches.push((start, at, off));
+            start = at;
+            off = o;
+        }
+        stretches.push((start, u64::MAX, off));
+        let mut best = u64::MAX;
+        for (k, &(s, _, o)) in stretches.iter().enumerate() {
+            let target = s as i128 + o as i128 + retention_ms as i128;
+            for &(a, end, oj) in &stretches[k..] {
+                let y = (target - oj as i128).max(a as i128);
+                if y < end as i128 {
+                    best = best.min(y.clamp(0, u64::MAX as i128) as u64);
+                    break;
+                }
+            }
+        }
+        best
     }
 }
 
-/// The earliest simulated time at which a message first put on a socket at simulated
-/// `first_attempt_ms` can have expired: it was stored no earlier than that, on a clock no
-/// further back than `min_offset_ms`, and the server's clock reads at most `t +
-/// max_offset_ms` at simulated `t`.
-pub fn expires_from(
-    first_attempt_ms: u64,
-    retention_ms: u64,
-    min_offset_ms: i64,
-    max_offset_ms: i64,
-) -> u64 {
-    let t = first_attempt_ms as i128 + min_offset_ms as i128 + retention_ms as i128
-        - max_offset_ms as i128;
-    t.clamp(0, u64::MAX as i128) as u64
-}
-
-/// May that message have expired by simulated `at`?
+/// May a message first put on a socket at `first_attempt_ms` have expired by `at`?
 pub fn may_have_expired(
+    clock: &ServerClock,
     first_attempt_ms: u64,
     at: u64,
     retention_ms: u64,
-    min_offset_ms: i64,
-    max_offset_ms: i64,
 ) -> bool {
-    at >= expires_from(first_attempt_ms, retention_ms, min_offset_ms, max_offset_ms)
+    at >= clock.expires_from(first_attempt_ms, retention_ms)
 }
 
 /// What retention allows in one finished run.
 pub struct Horizon {
     retention_ms: u64,
     end_ms: u64,
-    min_offset_ms: i64,
-    max_offset_ms: i64,
+    clock: ServerClock,
     /// Server-clock ms before which every stored message must be gone, when known.
     cutoff: Option<u64>,
 }
@@ -81,7 +117,7 @@ pub struct Horizon {
 impl Horizon {
     /// The horizon of a run that ended at `end_ms` under `limits` and `clock`, judged from
     /// what the phones recorded.
-    pub fn new(limits: &Limits, clock: ServerClock, end_ms: u64, ledger: &Ledger) -> Self {
+    pub fn new(limits: &Limits, clock: &ServerClock, end_ms: u64, ledger: &Ledger) -> Self {
         let c = clock;
         // Every attempt may store one message (a retry after expiry is stored again).
         let stored_at_most: u64 = ledger.sends.iter().map(|s| u64::from(s.attempts)).sum();
@@ -91,17 +127,16 @@ impl Horizon {
         let lag = limits.sweep_interval_ms + (stored_at_most / batch + 2) * TICK_MS + SLACK_MS;
         // Only judged when the clock was steady and nothing froze or crashed the chat
         // service (the quiet phase) for that whole lag before the end.
-        let steady_from = c.last_step_ms.unwrap_or(0).max(ledger.quiet_from_ms);
+        let steady_from = c.last_step_ms().unwrap_or(0).max(ledger.quiet_from_ms);
         let cutoff = (end_ms.saturating_sub(steady_from) >= lag).then(|| {
             (EPOCH_MS + end_ms)
-                .saturating_add_signed(c.end_offset_ms)
+                .saturating_add_signed(c.end_offset_ms())
                 .saturating_sub(lag + limits.retention_ms)
         });
         Horizon {
             retention_ms: limits.retention_ms,
             end_ms,
-            min_offset_ms: c.min_offset_ms,
-            max_offset_ms: c.max_offset_ms,
+            clock: clock.clone(),
             cutoff,
         }
     }
@@ -110,12 +145,7 @@ impl Horizon {
     /// record of) a message first put on a socket at `first_attempt_ms`, if that is within
     /// the run.
     pub fn expires_from(&self, first_attempt_ms: u64) -> Option<u64> {
-        let e = expires_from(
-            first_attempt_ms,
-            self.retention_ms,
-            self.min_offset_ms,
-            self.max_offset_ms,
-        );
+        let e = self.clock.expires_from(first_attempt_ms, self.retention_ms);
         (e <= self.end_ms).then_some(e)
     }
 
@@ -123,5 +153,36 @@ impl Horizon {
     /// end, or `None` when the run gave the sweep no steady window to finish in.
     pub fn gone_before(&self) -> Option<u64> {
         self.cutoff
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ServerClock;
+
+    #[test]
+    fn without_steps_a_message_expires_retention_after_its_first_attempt() {
+        assert_eq!(ServerClock::default().expires_from(1_000, 5_000), 6_000);
+    }
+
+    #[test]
+    fn a_forward_step_brings_expiry_to_the_step_and_only_after_it() {
+        let c = ServerClock::from_jumps(vec![(2_000, 3_600_000)]);
+        assert_eq!(
+            c.expires_from(1_000, 5_000),
+            2_000,
+            "the jump ages it at once"
+        );
+        // A message first sent after the jump is only as old as it looks.
+        assert_eq!(c.expires_from(10_000, 5_000), 15_000);
+    }
+
+    #[test]
+    fn a_backward_step_never_brings_expiry_before_the_message_existed() {
+        let c = ServerClock::from_jumps(vec![(2_000, -600_000)]);
+        assert_eq!(c.expires_from(3_000, 5_000), 8_000);
+        // Attempted before the step: stored before it, the reading that expires it comes
+        // 600 s after the step; stored just after it (at 2 s), retention after that.
+        assert_eq!(c.expires_from(1_000, 5_000), 7_000);
     }
 }

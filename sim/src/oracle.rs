@@ -104,7 +104,7 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
     let dkey = |k: DeviceKey| format!("{}/{}", user_name(k.0), device_name(k.1));
     let r = Reference::new(plan, l);
     // Messages retention may have let the server forget (see `horizon`).
-    let h = Horizon::new(&o.limits, o.clock, o.end_ms, &o.ledger);
+    let h = Horizon::new(&o.limits, &o.clock, o.end_ms, &o.ledger);
     // From when send i may have been expired, if within the run.
     let expires = |i: usize| l.sends[i].first_attempt_ms.and_then(|t| h.expires_from(t));
     let expirable = |i: usize| expires(i).is_some();
@@ -904,7 +904,7 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
                     "{} deleted: stored {} ms before the end, retention {} ms",
                     m.message_id().0,
                     (EPOCH_MS + o.end_ms)
-                        .saturating_add_signed(o.clock.end_offset_ms)
+                        .saturating_add_signed(o.clock.end_offset_ms())
                         .saturating_sub(m.stored_at.0),
                     o.limits.retention_ms
                 ),

@@ -244,20 +244,13 @@ fn run_logged(
         disk: disk.clone(),
         user_convs,
         retention_ms: limits.retention_ms,
-        clock_offsets: {
-            let mut c = ServerClock::default();
-            let mut jumps: Vec<(u64, i64)> = plan
-                .faults
+        clock: ServerClock::from_jumps(
+            plan.faults
                 .iter()
                 .filter(|f| f.kind == FaultKind::ClockJump)
                 .map(|f| (f.at_ms, f.skew_ms.unwrap_or(0)))
-                .collect();
-            jumps.sort_by_key(|j| j.0);
-            for (t, ms) in jumps {
-                c.step(t, ms);
-            }
-            (c.min_offset_ms, c.max_offset_ms)
-        },
+                .collect(),
+        ),
     });
 
     let mut builder = turmoil::Builder::new();
