@@ -607,6 +607,22 @@ fn status_query_replays_a_receipt_the_sender_missed_while_offline() {
     );
 }
 
+/// `sender` writes once to each of `n` friends f0.., who come online and ack it; returns
+/// the message ids.
+fn delivered_to_friends(h: &mut Harness, sender: ConnId, n: usize) -> Vec<MessageId> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let friend = format!("f{i}");
+        let f = h.login(&friend, "phone");
+        h.say(sender, &friend, &format!("c{i}"), "eA");
+        let id = acks(&h.recv(sender))[0].1.message_id.clone();
+        h.recv(f);
+        delivery_ack(h, f, &id);
+        ids.push(id);
+    }
+    ids
+}
+
 #[test]
 fn a_status_answer_never_overflows_the_queue_of_the_device_that_asked() {
     // Found by the simulator (swarm-space seeds 79 and 256, queue bound drawn at 8): the
@@ -617,16 +633,7 @@ fn a_status_answer_never_overflows_the_queue_of_the_device_that_asked() {
         ..Limits::default()
     });
     let alice = h.login("alice", "phone");
-    let mut ids = Vec::new();
-    for i in 0..10 {
-        let friend = format!("f{i}");
-        let f = h.login(&friend, "phone");
-        h.say(alice, &friend, &format!("c{i}"), "eA");
-        let id = acks(&h.recv(alice))[0].1.message_id.clone();
-        h.recv(f);
-        delivery_ack(&mut h, f, &id);
-        ids.push(id);
-    }
+    let ids = delivered_to_friends(&mut h, alice, 10);
     h.disconnect(alice);
     let tablet = h.login("alice", "tablet");
     let alice = h.login("alice", "phone");
@@ -653,16 +660,7 @@ fn status_answers_come_in_query_order_and_do_not_push_out_earlier_ones() {
         ..Limits::default()
     });
     let alice = h.login("alice", "phone");
-    let mut dm_ids = Vec::new();
-    for i in 0..2 {
-        let friend = format!("f{i}");
-        let f = h.login(&friend, "phone");
-        h.say(alice, &friend, &format!("c{i}"), "eA");
-        let id = acks(&h.recv(alice))[0].1.message_id.clone();
-        h.recv(f);
-        delivery_ack(&mut h, f, &id);
-        dm_ids.push(id);
-    }
+    let dm_ids = delivered_to_friends(&mut h, alice, 2);
     h.recv(alice);
     let g = create_group(&mut h, alice, &["f0", "f1"], false);
     let mut group_ids = Vec::new();
