@@ -810,41 +810,44 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
 
     // 6b. Storage drains: an inbox copy of a message every device of its user shows (well
     // before the end) must be gone.
-    if let Ok(rows) = o.store.scan(Table::Inbox, b"", b"", usize::MAX) {
-        for (key, _) in rows {
-            let (Some(parts), Some(seq)) = (key_parts(&key, 2), key_num(&key)) else {
-                continue;
-            };
-            let Some(u) = parts[0]
-                .strip_prefix('u')
-                .and_then(|x| x.parse::<usize>().ok())
-            else {
-                continue;
-            };
-            let mid = format!("{}#{seq}", parts[1]);
-            let everywhere = (0..plan.devices_per_user).all(|d| {
-                r.linked_at((u, d)).is_none()
-                    || l.devices
-                        .get(&(u, d))
-                        .and_then(|dl| dl.shown.get(&mid))
-                        .is_some_and(|x| x.at_ms + RECEIPT_GRACE_MS <= o.end_ms)
-            });
-            if everywhere {
-                push(
-                    &mut out,
-                    Violation {
-                        kind: ViolationKind::StorageLeak,
-                        conversation: Some(parts[1].clone()),
-                        device: Some(parts[0].clone()),
-                        expected: format!(
-                            "the inbox copy of {mid} for {} deleted: every device shows it",
-                            parts[0]
-                        ),
-                        seen: "still stored at the end".into(),
-                        context: context(o, Some(&parts[1]), None),
-                    },
-                );
-            }
+    // (Read once: 6c looks at the same rows.)
+    let inbox_rows = o
+        .store
+        .scan(Table::Inbox, b"", b"", usize::MAX)
+        .unwrap_or_default();
+    for (key, _) in &inbox_rows {
+        let (Some(parts), Some(seq)) = (key_parts(key, 2), key_num(key)) else {
+            continue;
+        };
+        let Some(u) = parts[0]
+            .strip_prefix('u')
+            .and_then(|x| x.parse::<usize>().ok())
+        else {
+            continue;
+        };
+        let mid = format!("{}#{seq}", parts[1]);
+        let everywhere = (0..plan.devices_per_user).all(|d| {
+            r.linked_at((u, d)).is_none()
+                || l.devices
+                    .get(&(u, d))
+                    .and_then(|dl| dl.shown.get(&mid))
+                    .is_some_and(|x| x.at_ms + RECEIPT_GRACE_MS <= o.end_ms)
+        });
+        if everywhere {
+            push(
+                &mut out,
+                Violation {
+                    kind: ViolationKind::StorageLeak,
+                    conversation: Some(parts[1].clone()),
+                    device: Some(parts[0].clone()),
+                    expected: format!(
+                        "the inbox copy of {mid} for {} deleted: every device shows it",
+                        parts[0]
+                    ),
+                    seen: "still stored at the end".into(),
+                    context: context(o, Some(&parts[1]), None),
+                },
+            );
         }
     }
 
@@ -860,12 +863,8 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
         .map(|m| ((m.conversation_id.0.clone(), m.seq.0), m))
         .collect();
     let mut leaks: Vec<(String, String, String)> = Vec::new();
-    for (key, _) in o
-        .store
-        .scan(Table::Inbox, b"", b"", usize::MAX)
-        .unwrap_or_default()
-    {
-        if let (Some(parts), Some(seq)) = (key_parts(&key, 2), key_num(&key)) {
+    for (key, _) in &inbox_rows {
+        if let (Some(parts), Some(seq)) = (key_parts(key, 2), key_num(key)) {
             if !stored.contains_key(&(parts[1].clone(), seq)) {
                 leaks.push((
                     parts[1].clone(),
