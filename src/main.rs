@@ -112,6 +112,11 @@ struct ServeArgs {
     /// Keep everything in memory (nothing survives a restart).
     #[arg(long)]
     memory: bool,
+    /// How the durable store makes commits durable: `group` (one fsync covers every
+    /// message that arrived during the previous one; acks wait for it) or `each` (one
+    /// fsync per commit, the slow baseline).
+    #[arg(long, default_value = "group", value_parser = ["group", "each"])]
+    fsync: String,
     /// File holding the token-signing secret [default: DATA_DIR/secret, created if absent].
     #[arg(long)]
     secret_file: Option<PathBuf>,
@@ -320,10 +325,12 @@ fn serve(a: ServeArgs) -> Result<()> {
     let store: Box<dyn KvStore> = if a.memory {
         Box::new(MemoryStore::new())
     } else {
-        Box::new(
-            RedbStore::open(&a.data_dir)
-                .with_context(|| format!("opening store in {}", a.data_dir.display()))?,
-        )
+        let opened: Result<Box<dyn KvStore>, _> = if a.fsync == "each" {
+            RedbStore::open(&a.data_dir).map(|s| Box::new(s) as Box<dyn KvStore>)
+        } else {
+            RedbStore::open_grouped(&a.data_dir).map(|s| Box::new(s) as Box<dyn KvStore>)
+        };
+        opened.with_context(|| format!("opening store in {}", a.data_dir.display()))?
     };
     let limits = Limits {
         keep_history: a.keep_history,
@@ -348,7 +355,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         println!("  WebSocket  ws://{addr}/ws   health http://{addr}/health   metrics http://{addr}/metrics");
         println!(
             "  store: {}   secret: {}",
-            if a.memory { "in-memory".to_string() } else { format!("{} (redb)", a.data_dir.display()) },
+            if a.memory { "in-memory".to_string() } else { format!("{} (redb, fsync {})", a.data_dir.display(), if a.fsync == "each" { "per commit" } else { "grouped" }) },
             secret_path.display()
         );
         println!(

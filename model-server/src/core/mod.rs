@@ -82,6 +82,9 @@ pub struct Close {
     pub conn: ConnId,
     pub reason: CloseReason,
     pub final_frames: Vec<String>,
+    /// Commits made before the close: under group commit the final frames wait until
+    /// they are durable (see `ChatCore::hold_until_synced`).
+    pub after: u64,
 }
 
 /// A wake-up for a user with no online device. Carries no content, by construction: it has
@@ -252,6 +255,12 @@ pub struct ChatCore<S: KvStore> {
     stale_members: BTreeMap<GroupId, BTreeSet<UserId>>,
     /// Playback's event log; `None` (off) unless `enable_event_log` was called.
     events: Option<Vec<CoreEvent>>,
+    /// Group commit: commits up to this count are durable; a queued frame leaves only
+    /// once the commits made before it are. `u64::MAX` (every commit durable on return)
+    /// unless `hold_until_synced` was called.
+    durable: u64,
+    /// Connections whose next frame waits for a sync (woken by `released`).
+    held: BTreeSet<ConnId>,
 }
 
 /// An error that becomes an `error` frame to the client.
@@ -296,6 +305,47 @@ impl<S: KvStore> ChatCore<S> {
             bugs: crate::config::Bugs::default(),
             stale_members: BTreeMap::new(),
             events: None,
+            durable: u64::MAX,
+            held: BTreeSet::new(),
+        }
+    }
+
+    /// Group commit: from now on the store's commits are durable only once the runtime
+    /// says so (`released`), and every frame queued after a commit waits until then. So
+    /// an ack, a delivery or a receipt never leaves before the write it tells of is
+    /// durable, whichever sync round covers it.
+    pub fn hold_until_synced(&mut self) {
+        self.durable = self.db.commits;
+    }
+
+    /// Commits made so far (the count a sync round covers).
+    pub fn commits(&self) -> u64 {
+        self.db.commits
+    }
+
+    /// Commits known durable (`u64::MAX` without group commit).
+    pub fn durable_commits(&self) -> u64 {
+        self.durable
+    }
+
+    /// A sync covered the first `upto` commits: frames waiting for them may leave. Wakes
+    /// the connections that were waiting.
+    pub fn released(&mut self, upto: u64) -> Effects {
+        if upto > self.durable {
+            self.durable = upto;
+            let held = std::mem::take(&mut self.held);
+            self.fx.wake.extend(held);
+        }
+        self.take_fx()
+    }
+
+    /// Numbers commits after `n`, all of them durable (a restart over a store that kept
+    /// what it kept: see `Hub::restart_core`). Keeps a sync round begun before the
+    /// restart from releasing frames of commits made after it.
+    pub fn continue_commits_after(&mut self, n: u64) {
+        self.db.commits = self.db.commits.max(n);
+        if self.durable != u64::MAX {
+            self.durable = self.db.commits;
         }
     }
 
@@ -547,11 +597,15 @@ impl<S: KvStore> ChatCore<S> {
             .map(|c| (c.out.len(), c.out.bytes()))
     }
 
-    /// Up to `max` encoded frames queued for `conn`, oldest first.
+    /// Up to `max` encoded frames queued for `conn`, oldest first; under group commit only
+    /// those whose commits are durable (the rest wait for `released`).
     pub fn drain(&mut self, conn: ConnId, max: usize) -> Vec<String> {
         match self.reg.conns.get_mut(&conn) {
             Some(c) => {
-                let out = c.out.drain(max);
+                let (out, waiting) = c.out.drain_durable(max, self.durable);
+                if waiting {
+                    self.held.insert(conn);
+                }
                 self.stats.frames_out += out.len() as u64;
                 out
             }
@@ -699,7 +753,7 @@ impl<S: KvStore> ChatCore<S> {
         let c = self.reg.conns.get_mut(&conn)?;
         let text = encode_server(frame);
         let before = c.out.dropped;
-        let outcome = c.out.push(text, class, coalesce_key);
+        let outcome = c.out.push_after(text, class, coalesce_key, self.db.commits);
         match outcome {
             PushOutcome::Queued | PushOutcome::Coalesced => {
                 self.fx.wake.insert(conn);
@@ -769,6 +823,7 @@ impl<S: KvStore> ChatCore<S> {
             conn,
             reason,
             final_frames,
+            after: self.db.commits,
         });
         self.forget_conn(conn, now);
     }

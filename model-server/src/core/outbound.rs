@@ -27,6 +27,8 @@ struct Queued {
     text: String,
     class: FrameClass,
     coalesce_key: Option<String>,
+    /// Commits made before this frame was queued: it may leave only once they are durable.
+    after: u64,
 }
 
 /// What `push` did.
@@ -103,6 +105,18 @@ impl OutboundQueue {
         class: FrameClass,
         coalesce_key: Option<String>,
     ) -> PushOutcome {
+        self.push_after(text, class, coalesce_key, 0)
+    }
+
+    /// `push` for a frame that may leave only once the first `after` commits are durable
+    /// (group commit: see `drain_durable`).
+    pub fn push_after(
+        &mut self,
+        text: String,
+        class: FrameClass,
+        coalesce_key: Option<String>,
+        after: u64,
+    ) -> PushOutcome {
         if let Some(k) = &coalesce_key {
             if let Some(old) = self
                 .frames
@@ -112,6 +126,8 @@ impl OutboundQueue {
                 if self.bytes - old.text.len() + text.len() <= self.max_bytes {
                     self.bytes = self.bytes - old.text.len() + text.len();
                     old.text = text;
+                    // The newer text may tell of newer commits.
+                    old.after = old.after.max(after);
                     return PushOutcome::Coalesced;
                 }
             }
@@ -145,6 +161,7 @@ impl OutboundQueue {
             text,
             class,
             coalesce_key,
+            after,
         });
         self.high_water = self.high_water.max(self.frames.len());
         debug_assert!(
@@ -156,13 +173,26 @@ impl OutboundQueue {
 
     /// Takes up to `max` frames from the front, oldest first.
     pub fn drain(&mut self, max: usize) -> Vec<String> {
-        let n = max.min(self.frames.len());
-        let mut out = Vec::with_capacity(n);
-        for q in self.frames.drain(..n) {
+        self.drain_durable(max, u64::MAX).0
+    }
+
+    /// Takes up to `max` frames from the front, oldest first, stopping at the first that
+    /// must wait for a commit past `durable` (order is kept: what follows it waits too).
+    /// The flag says whether such a frame is waiting.
+    pub fn drain_durable(&mut self, max: usize, durable: u64) -> (Vec<String>, bool) {
+        let ready = self
+            .frames
+            .iter()
+            .take(max)
+            .take_while(|q| q.after <= durable)
+            .count();
+        let mut out = Vec::with_capacity(ready);
+        for q in self.frames.drain(..ready) {
             self.bytes -= q.text.len();
             out.push(q.text);
         }
-        out
+        let waiting = self.frames.front().is_some_and(|q| q.after > durable);
+        (out, waiting)
     }
 
     /// Empties the queue (the connection is closing; its messages wait in the inbox).
@@ -176,6 +206,29 @@ impl OutboundQueue {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_frame_waits_for_the_commits_before_it_and_holds_those_behind_it() {
+        let mut q = OutboundQueue::new(10, 1000);
+        q.push_after("ack1".into(), FrameClass::Essential, None, 1);
+        q.push_after("ack2".into(), FrameClass::Essential, None, 2);
+        q.push_after("pong".into(), FrameClass::Essential, None, 2);
+        assert_eq!(q.drain_durable(10, 0), (Vec::<String>::new(), true));
+        assert_eq!(q.drain_durable(10, 1), (vec!["ack1".to_string()], true));
+        assert_eq!(
+            q.drain_durable(10, 2),
+            (vec!["ack2".to_string(), "pong".to_string()], false)
+        );
+    }
+
+    #[test]
+    fn a_coalesced_frame_waits_for_the_newer_commits() {
+        let mut q = OutboundQueue::new(10, 1000);
+        q.push_after("count=1".into(), FrameClass::Droppable, Some("g".into()), 1);
+        q.push_after("count=2".into(), FrameClass::Droppable, Some("g".into()), 3);
+        assert_eq!(q.drain_durable(10, 2), (Vec::<String>::new(), true));
+        assert_eq!(q.drain_durable(10, 3).0, vec!["count=2".to_string()]);
+    }
 
     #[test]
     fn typing_frames_with_the_same_key_are_coalesced() {

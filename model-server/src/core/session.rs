@@ -144,6 +144,7 @@ impl<S: KvStore> ChatCore<S> {
             return;
         };
         self.fx.wake.remove(&conn);
+        self.held.remove(&conn);
         self.presence.drop_conn(conn, &c.subscriptions);
         if let Some(s) = c.session {
             let k = (s.user.clone(), s.device.clone());

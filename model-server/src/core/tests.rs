@@ -2780,3 +2780,57 @@ fn only_messages_count_as_deliveries_not_the_receipts_back() {
         "/metrics divides CPU time by this"
     );
 }
+
+#[test]
+fn under_group_commit_no_frame_leaves_before_the_sync_that_covers_its_commit() {
+    let mut h = Harness::new();
+    let alice = h.login("alice", "phone");
+    let bob = h.login("bob", "phone");
+    h.core.hold_until_synced();
+    let before = h.core.commits();
+    assert_eq!(h.core.durable_commits(), before);
+    h.say(alice, "bob", "c1", "eA");
+    let covering = h.core.commits();
+    assert!(covering > before, "the send committed");
+    assert!(h.recv(alice).is_empty(), "no ack before the sync");
+    assert!(h.recv(bob).is_empty(), "no delivery before the sync");
+    // A sync that covers only earlier commits releases nothing of it.
+    let fx = h.core.released(covering - 1);
+    assert!(fx.wake.is_empty());
+    assert!(h.recv(alice).is_empty());
+    let fx = h.core.released(covering);
+    assert!(fx.wake.contains(&alice) && fx.wake.contains(&bob));
+    assert_eq!(acks(&h.recv(alice)).len(), 1);
+    assert_eq!(direct_messages(&h.recv(bob)).len(), 1);
+}
+
+#[test]
+fn under_group_commit_a_close_names_the_commits_its_last_frames_wait_for() {
+    let mut h = Harness::new();
+    let alice = h.login("alice", "phone");
+    h.core.hold_until_synced();
+    h.say(alice, "bob", "c1", "eA");
+    let covering = h.core.commits();
+    let fx = h.core.gateway_down(&"gw1".into(), h.now);
+    let close = fx
+        .close
+        .iter()
+        .find(|c| c.conn == alice)
+        .expect("alice closed");
+    assert_eq!(acks(&decode(&close.final_frames)).len(), 1, "the held ack");
+    assert!(close.after >= covering, "and it waits for the sync of c1");
+    // And a restart numbers on: a sync begun before it cannot release newer frames.
+    let mut h2 = Harness::with_store(Limits::default(), h.store.clone());
+    let a2 = h2.login("alice", "phone");
+    h2.recv(a2);
+    h2.core.hold_until_synced();
+    h2.core.continue_commits_after(covering);
+    assert!(h2.core.durable_commits() >= covering);
+    h2.say(a2, "bob", "c2", "eB");
+    let fx = h2.core.released(covering);
+    assert!(fx.wake.is_empty());
+    assert!(
+        h2.recv(a2).is_empty(),
+        "the ack of c2 waits for its own sync"
+    );
+}

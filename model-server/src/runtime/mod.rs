@@ -19,7 +19,7 @@ use crate::auth::Secret;
 use crate::config::Limits;
 use crate::core::{ChatCore, Close, Effects, PushRequest};
 use crate::ids::{ConnId, GatewayId, Millis, RegionId};
-use crate::store::KvStore;
+use crate::store::{KvStore, StoreError, Syncer};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -149,6 +149,13 @@ pub struct Hub {
     fullest: Mutex<(u64, u64)>,
     /// Fault points the simulator armed (never set in the real server).
     faults: std::sync::OnceLock<Arc<dyn FaultPoints>>,
+    /// Group commit: the store's sync handle (`None`: every commit is durable already).
+    /// Replaced with the store by `restart_core`.
+    syncer: Mutex<Option<Arc<dyn Syncer>>>,
+    /// (restarts of the core, commits known durable): what waiters for a sync watch.
+    durable: watch::Sender<(u64, u64)>,
+    /// Set when a core call may have committed: the group-commit loop wakes to sync.
+    sync_wanted: Notify,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -166,15 +173,136 @@ impl Hub {
         store: Box<dyn KvStore>,
         push_sink: Option<PushSink>,
     ) -> Arc<Self> {
+        let syncer = store.syncer();
+        let mut core = ChatCore::new(limits, secret, store);
+        if syncer.is_some() {
+            core.hold_until_synced();
+        }
         Arc::new(Hub {
-            core: Mutex::new(ChatCore::new(limits, secret, store)),
+            core: Mutex::new(core),
             conns: Mutex::new(BTreeMap::new()),
             push_sink,
             pushes: Default::default(),
             watch_queues: Default::default(),
             fullest: Mutex::new((0, 0)),
             faults: std::sync::OnceLock::new(),
+            syncer: Mutex::new(syncer),
+            durable: watch::channel((0, 0)).0,
+            sync_wanted: Notify::new(),
         })
+    }
+
+    /// True when the store groups commits and answers wait for a sync (see
+    /// `crate::store::Syncer`).
+    pub fn grouping(&self) -> bool {
+        lock(&self.syncer).is_some()
+    }
+
+    /// One group-commit round: syncs the store, then lets out every frame that waited for
+    /// the commits made before the round began. `in_thread` runs the fsync on tokio's
+    /// blocking pool (the real runtime) instead of inline (the simulator's disk, which
+    /// passes `fsync_time` to stand for how long the fsync takes). Returns whether there
+    /// was anything to sync.
+    pub async fn sync_round(
+        &self,
+        in_thread: bool,
+        fsync_time: Duration,
+    ) -> Result<bool, StoreError> {
+        let Some(syncer) = lock(&self.syncer).clone() else {
+            return Ok(false);
+        };
+        let (target, restarts) = {
+            let c = lock(&self.core);
+            if c.commits() <= c.durable_commits() {
+                return Ok(false);
+            }
+            (c.commits(), self.durable.borrow().0)
+        };
+        if !fsync_time.is_zero() {
+            tokio::time::sleep(fsync_time).await;
+            if self.durable.borrow().0 != restarts {
+                // The process "died" during the fsync: its round is lost with it.
+                return Ok(true);
+            }
+        }
+        if in_thread {
+            let s = syncer.clone();
+            tokio::task::spawn_blocking(move || s.sync())
+                .await
+                .map_err(|e| StoreError::Backend(format!("sync task: {e}")))??;
+        } else {
+            syncer.sync()?;
+        }
+        let fx = {
+            let mut c = lock(&self.core);
+            if self.durable.borrow().0 != restarts {
+                // The core was replaced meanwhile: its own numbering is durable already.
+                return Ok(true);
+            }
+            c.released(target)
+        };
+        self.durable.send_if_modified(|d| {
+            let newer = d.0 == restarts && target > d.1;
+            if newer {
+                d.1 = target;
+            }
+            newer
+        });
+        self.apply(fx);
+        Ok(true)
+    }
+
+    /// Runs group-commit rounds whenever a core call may have committed, until `stop`.
+    /// A failed sync releases nothing (every frame waiting stays held) and is retried.
+    pub async fn run_group_commit(&self, mut stop: watch::Receiver<bool>, in_thread: bool) {
+        if !self.grouping() {
+            return;
+        }
+        loop {
+            tokio::select! {
+                biased;
+                _ = stop.changed() => break,
+                _ = self.sync_wanted.notified() => {}
+            }
+            if let Err(e) = self.sync_round(in_thread, Duration::ZERO).await {
+                tracing::error!(error = %e, "group commit: sync failed; holding answers and retrying");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                self.sync_wanted.notify_one();
+            }
+        }
+    }
+
+    /// Returns once a core call may have committed since the last round began (for a
+    /// group-commit loop of the simulator's own, which paces and pauses its rounds).
+    pub async fn commit_wanted(&self) {
+        self.sync_wanted.notified().await;
+    }
+
+    /// Waits (up to `timeout`) until the first `after` commits are durable; false if they
+    /// did not become so in time or the core restarted meanwhile (they may be lost).
+    pub async fn settled(&self, after: u64, timeout: Duration) -> bool {
+        if !self.grouping() {
+            return true;
+        }
+        let mut rx = self.durable.subscribe();
+        let restarts = rx.borrow().0;
+        if lock(&self.core).durable_commits() >= after {
+            return true;
+        }
+        self.sync_wanted.notify_one();
+        let wait = async {
+            rx.wait_for(|d| d.0 != restarts || d.1 >= after)
+                .await
+                .map(|d| d.0 == restarts)
+                .unwrap_or(false)
+        };
+        tokio::time::timeout(timeout, wait).await.unwrap_or(false)
+    }
+
+    /// `settled` for every commit made so far (an HTTP answer about what it just wrote).
+    pub async fn settled_now(&self, timeout: Duration) -> bool {
+        let after = lock(&self.core).commits();
+        self.settled(after, timeout).await
     }
 
     /// Runs `f` with the core locked (tests, metrics, the simulator's faults and oracle).
@@ -197,7 +325,17 @@ impl Hub {
         // between would take an id the new core hands out again.
         let mut guard = lock(&self.core);
         let (gateways, last_conn) = (guard.gateways(), guard.last_conn_id());
+        let syncer = store.syncer();
         let mut core = ChatCore::new(limits, secret, store);
+        if syncer.is_some() {
+            core.hold_until_synced();
+        }
+        *lock(&self.syncer) = syncer;
+        // What the old core committed is durable or lost now; a sync round begun before
+        // this restart must not release the new core's frames (see `sync_round`).
+        core.continue_commits_after(guard.commits());
+        let commits = core.commits();
+        self.durable.send_modify(|d| *d = (d.0 + 1, commits));
         // A connection task of the old core may still read a frame before it sees its
         // close: its id must not name a new connection (one user acting as another).
         core.continue_conn_ids_after(last_conn);
@@ -215,6 +353,7 @@ impl Hub {
                 conn: ConnId(0),
                 reason: crate::core::CloseReason::GatewayDown,
                 final_frames: Vec::new(),
+                after: 0,
             });
             sig.notify.notify_one();
         }
@@ -256,6 +395,9 @@ impl Hub {
 
     /// Carries out what the core asked for.
     fn apply(&self, fx: Effects) {
+        if self.grouping() {
+            self.sync_wanted.notify_one();
+        }
         if self.watch_queues.load(std::sync::atomic::Ordering::Relaxed) && !fx.wake.is_empty() {
             let core = lock(&self.core);
             let mut f = lock(&self.fullest);
@@ -400,6 +542,14 @@ impl Server {
         };
         if self.cfg.run_timers {
             self.cfg.spawner.spawn(ticker);
+            if self.hub.grouping() {
+                let me = self.clone();
+                let stop = self.shutdown.subscribe();
+                let in_thread = self.cfg.spawner == Spawner::Tokio;
+                self.cfg
+                    .spawner
+                    .spawn(async move { me.hub.run_group_commit(stop, in_thread).await });
+            }
         }
         let mut stop = self.shutdown.subscribe();
         loop {

@@ -62,6 +62,18 @@ impl Server {
                 }
                 _ => Err((404, "no such route; the WebSocket endpoint is /ws".into())),
             };
+        // Group commit: a media answer tells of writes (an upload prepared, a chunk
+        // stored) that must be durable first.
+        let result = match result {
+            Ok(r) if path.starts_with("/v1/media") => {
+                if self.hub.settled_now(self.cfg.write_timeout).await {
+                    Ok(r)
+                } else {
+                    Err((503, "storage unavailable: not durable; retry".to_string()))
+                }
+            }
+            other => other,
+        };
         let _ = match result {
             Ok((code, ct, body)) => http::respond(&mut stream, code, ct, &body).await,
             Err((code, msg)) => {

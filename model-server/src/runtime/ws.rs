@@ -92,7 +92,13 @@ where
                     tokio::time::sleep(d).await;
                 }
                 let close = lock(&sig.close).take();
-                if let Some(close) = close {
+                if let Some(mut close) = close {
+                    // Group commit: the last frames may tell of writes not yet durable.
+                    if !close.final_frames.is_empty()
+                        && !server.hub.settled(close.after, write_timeout).await
+                    {
+                        close.final_frames.clear();
+                    }
                     let send_all = async {
                         for f in close.final_frames {
                             tx.feed(Message::text(f)).await?;

@@ -2,15 +2,26 @@
 //!
 //! The chat rules are written once, in `records` (typed tables over this trait); the two
 //! backends only move bytes: `MemoryStore` for tests and the simulator, `RedbStore`
-//! (durable, fsync on every commit) as the default for `serve`. Keeping the trait this small
-//! is what lets the simulator crash a host and keep exactly what was committed.
+//! (durable) as the default for `serve`. Keeping the trait this small is what lets the
+//! simulator crash a host and keep exactly what was committed.
+//!
+//! Durability comes in two shapes. A backend without a `syncer` makes each commit durable
+//! before `commit` returns. A backend with one groups commits: `commit` only applies the
+//! batch, and a later `Syncer::sync` (one fsync) makes every earlier commit durable at
+//! once. The runtime then holds every frame and answer that came after a commit until a
+//! sync covers it, so "save before ack" still holds, at one fsync per round, not per
+//! message.
 
 mod durable;
+mod group;
 mod memory;
 pub mod records;
 
 pub use durable::RedbStore;
+pub use group::GroupCommit;
 pub use memory::MemoryStore;
+
+use std::sync::Arc;
 
 /// The tables of the chat store. Keys are byte strings whose order is the scan order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -100,10 +111,18 @@ pub enum StoreError {
     Corrupt { table: &'static str, detail: String },
 }
 
+/// Makes a grouping store's earlier commits durable (see `KvStore::syncer`). Called from
+/// outside the core's lock, so commits may go on while a sync runs.
+pub trait Syncer: Send + Sync {
+    /// Returns once every commit that returned before this call began is durable.
+    fn sync(&self) -> Result<(), StoreError>;
+}
+
 /// An ordered key-value store with atomic, durable batches.
 ///
-/// `commit` returns only once the whole batch is durable (for durable backends): the core
-/// sends `message_ack` after `commit` returns, which is the "save before ack" rule.
+/// Without a `syncer`, `commit` returns only once the whole batch is durable (for durable
+/// backends): the core sends `message_ack` after `commit` returns, which is the "save
+/// before ack" rule. With one, the runtime holds the ack until a sync covers the commit.
 pub trait KvStore: Send {
     /// The value at `key`.
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
@@ -117,6 +136,11 @@ pub trait KvStore: Send {
     ) -> Result<Vec<Row>, StoreError>;
     /// Applies every write or none.
     fn commit(&mut self, batch: Vec<Write>) -> Result<(), StoreError>;
+    /// `None` (the default): each commit is durable when `commit` returns. `Some`: commits
+    /// are durable only once a later `sync` of the returned handle returns (group commit).
+    fn syncer(&self) -> Option<Arc<dyn Syncer>> {
+        None
+    }
 }
 
 impl<T: KvStore + ?Sized> KvStore for Box<T> {
@@ -134,6 +158,9 @@ impl<T: KvStore + ?Sized> KvStore for Box<T> {
     }
     fn commit(&mut self, batch: Vec<Write>) -> Result<(), StoreError> {
         (**self).commit(batch)
+    }
+    fn syncer(&self) -> Option<Arc<dyn Syncer>> {
+        (**self).syncer()
     }
 }
 

@@ -184,6 +184,9 @@ impl MediaRecord {
 /// Typed access to the chat tables, and a write batch being built.
 pub struct Records<S: KvStore> {
     pub kv: S,
+    /// Commits that succeeded so far (numbering them lets the runtime hold what came after
+    /// a commit until a sync covers it).
+    pub commits: u64,
 }
 
 macro_rules! get_json {
@@ -198,12 +201,14 @@ macro_rules! get_json {
 impl<S: KvStore> Records<S> {
     /// Wraps a store.
     pub fn new(kv: S) -> Self {
-        Records { kv }
+        Records { kv, commits: 0 }
     }
 
     /// Commits a batch atomically.
     pub fn commit(&mut self, batch: Vec<Write>) -> Result<(), StoreError> {
-        self.kv.commit(batch)
+        self.kv.commit(batch)?;
+        self.commits += 1;
+        Ok(())
     }
 
     pub fn message(
