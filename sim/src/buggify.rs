@@ -185,11 +185,7 @@ impl ServerFaults {
     /// a failover), keeping the old core's unread events for the trace.
     pub fn restart(&self, hub: &Hub) {
         lock(&self.events).extend(hub.with_core(|c| c.take_events()));
-        hub.restart_core(
-            self.limits.clone(),
-            self.secret.clone(),
-            Box::new(self.disk.clone()),
-        );
+        hub.restart_core(self.limits.clone(), self.secret.clone(), self.disk.store());
         hub.with_core(|c| {
             c.set_bugs(self.bugs.clone());
             c.enable_event_log();

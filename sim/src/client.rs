@@ -860,6 +860,15 @@ async fn on_frame(
                     s.sent_at.insert(i, now + wait);
                     ctx.ledger.borrow_mut().sends[i].rate_limited = true;
                 }
+                (400, Some(&i))
+                    if ctx.plan.sends[i].media_bytes > 0
+                        && payload.message.contains("unknown media_id") =>
+                {
+                    // The upload is gone (retention swept it while the message waited):
+                    // the app still has the file, so it uploads it again and resends.
+                    ctx.uploads.borrow_mut().remove(&i);
+                    s.sent_at.remove(&i);
+                }
                 (400 | 403 | 404 | 413, Some(&i)) => {
                     // A final refusal: the app shows "not sent" and gives the message up.
                     let mut l = ctx.ledger.borrow_mut();

@@ -9,18 +9,29 @@
 //!
 //! A `store_errors` fault makes commits fail at random (an I/O error: nothing of the batch
 //! is applied, as with redb's atomic commits), drawn from the seed.
+//!
+//! Group commit (`topology.group_commit_ms`) comes two ways (`store()` hands the core the
+//! right one):
+//! - the server's own `GroupCommit` overlay over this disk, as `chatsim serve` runs it:
+//!   batches wait in the process's memory and each sync writes one round here as one
+//!   commit; a crash loses every batch no sync covered;
+//! - `torn_writes`: the disk itself has the `syncer`: a commit is applied to `live` only,
+//!   and a sync makes every batch before it durable and replicated. A crash keeps a prefix
+//!   of the unsynced batches, its length drawn from the seed (none, some or all, as a torn
+//!   write-ahead log would). Batches stay whole: the store's commits are atomic.
 
 use crate::crypto::PLAINTEXT_MARKER;
 use model_server::ids::{ConversationId, Seq};
 use model_server::store::records::{dec, msg_key, StoredMessage};
-use model_server::store::{KvStore, MemoryStore, Row, StoreError, Table, Write};
+use model_server::store::{KvStore, MemoryStore, Row, StoreError, Syncer, Table, Write};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use std::sync::{Arc, Mutex};
 
 #[derive(Default)]
 struct Lagging {
-    durable: Vec<Write>,
+    /// Batches applied to `live` but not yet durable, oldest first.
+    durable: Vec<Vec<Write>>,
     replica: Vec<Write>,
 }
 
@@ -38,6 +49,10 @@ pub struct SimDisk {
     async_replication: bool,
     /// Injected commit failures: the probability and the seeded draw.
     errors: Arc<Mutex<(f64, SmallRng)>>,
+    /// Torn group commit: the seeded draw of how many unsynced batches a crash keeps.
+    group: Option<Arc<Mutex<SmallRng>>>,
+    /// The server's group-commit overlay sits in front of this disk (see `store`).
+    overlay: bool,
 }
 
 impl SimDisk {
@@ -52,6 +67,31 @@ impl SimDisk {
             ack_before_persist,
             async_replication,
             errors: Arc::new(Mutex::new((0.0, SmallRng::seed_from_u64(0)))),
+            group: None,
+            overlay: false,
+        }
+    }
+
+    /// Turns on group commit in the disk itself (`torn_writes`, see the module doc);
+    /// `seed` draws what crashes keep.
+    pub fn torn_group_commit(mut self, seed: u64) -> Self {
+        self.group = Some(Arc::new(Mutex::new(SmallRng::seed_from_u64(seed))));
+        self
+    }
+
+    /// Puts the server's group-commit overlay in front of this disk (see `store`).
+    pub fn overlay_group_commit(mut self) -> Self {
+        self.overlay = true;
+        self
+    }
+
+    /// The store a (re)started chat core runs on: this disk, or a fresh group-commit
+    /// overlay over it (a restart starts with an empty overlay: the crash lost it).
+    pub fn store(&self) -> Box<dyn KvStore> {
+        if self.overlay {
+            Box::new(model_server::store::GroupCommit::new(self.clone()))
+        } else {
+            Box::new(self.clone())
         }
     }
 
@@ -67,13 +107,27 @@ impl SimDisk {
     pub fn flush(&self) {
         let (d, r) = {
             let mut lag = self.lag.lock().unwrap_or_else(|p| p.into_inner());
-            (
-                std::mem::take(&mut lag.durable),
-                std::mem::take(&mut lag.replica),
-            )
+            // Under group commit only a sync makes batches durable.
+            let d = if self.group.is_some() {
+                Vec::new()
+            } else {
+                std::mem::take(&mut lag.durable)
+            };
+            (d, std::mem::take(&mut lag.replica))
         };
-        let _ = self.durable.clone().commit(d);
+        let _ = self.durable.clone().commit(d.concat());
         let _ = self.replica.clone().commit(r);
+    }
+
+    /// A group-commit round: every batch so far becomes durable (and replicated, unless
+    /// replication lags by the planted bug).
+    fn sync_now(&self) {
+        let d = std::mem::take(&mut self.lag.lock().unwrap_or_else(|p| p.into_inner()).durable);
+        let batch = d.concat();
+        if !self.async_replication {
+            let _ = self.replica.clone().commit(batch.clone());
+        }
+        let _ = self.durable.clone().commit(batch);
     }
 
     /// Whether message `seq` of `conv`, sent as `cmid`, is on the durable copy and on the
@@ -90,14 +144,32 @@ impl SimDisk {
         (has(&self.durable), has(&self.replica))
     }
 
-    /// A crash of the chat service: live state becomes what was durable.
+    /// A crash of the chat service: live state becomes what was durable (under group
+    /// commit, plus a drawn prefix of the batches no sync covered).
     pub fn crash(&self) {
+        let lagged =
+            std::mem::take(&mut self.lag.lock().unwrap_or_else(|p| p.into_inner()).durable);
+        if let Some(rng) = &self.group {
+            let keep = rng
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .random_range(0..=lagged.len());
+            let kept: Vec<Write> = lagged.into_iter().take(keep).flatten().collect();
+            if !self.async_replication {
+                let _ = self.replica.clone().commit(kept.clone());
+            }
+            let _ = self.durable.clone().commit(kept);
+        }
+        self.live.replace_with(&self.durable);
+    }
+
+    /// Batches applied but not yet durable (group commit or the planted lag).
+    pub fn unsynced_batches(&self) -> usize {
         self.lag
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .durable
-            .clear();
-        self.live.replace_with(&self.durable);
+            .len()
     }
 
     /// A region failover: the other region's replica becomes the truth.
@@ -150,16 +222,38 @@ impl KvStore for SimDisk {
         }
         self.live.commit(batch.clone())?;
         let mut lag = self.lag.lock().unwrap_or_else(|p| p.into_inner());
+        if self.async_replication {
+            lag.replica.extend(batch.iter().cloned());
+        }
+        if self.group.is_some() {
+            // Durable and replicated by the sync round that covers it.
+            lag.durable.push(batch);
+            return Ok(());
+        }
         if self.ack_before_persist {
-            lag.durable.extend(batch.iter().cloned());
+            lag.durable.push(batch.clone());
         } else {
             self.durable.commit(batch.clone())?;
         }
-        if self.async_replication {
-            lag.replica.extend(batch);
-        } else {
+        if !self.async_replication {
             self.replica.commit(batch)?;
         }
+        Ok(())
+    }
+
+    fn syncer(&self) -> Option<Arc<dyn Syncer>> {
+        self.group
+            .is_some()
+            .then(|| Arc::new(DiskSync(self.clone())) as Arc<dyn Syncer>)
+    }
+}
+
+/// The group-commit handle of a `SimDisk`.
+struct DiskSync(SimDisk);
+
+impl Syncer for DiskSync {
+    fn sync(&self) -> Result<(), StoreError> {
+        self.0.sync_now();
         Ok(())
     }
 }
@@ -235,6 +329,32 @@ mod tests {
         d.inject_errors(0.0, 7);
         d.commit(put(b"a")).expect("commit once errors stop");
         assert!(d.get(Table::Meta, b"a").expect("get").is_some());
+    }
+
+    #[test]
+    fn under_group_commit_only_a_sync_makes_batches_durable_and_a_crash_keeps_a_prefix() {
+        let mut kept = std::collections::BTreeSet::new();
+        for seed in 0..40 {
+            let mut d = SimDisk::new(false, false).torn_group_commit(seed);
+            let sync = d.syncer().expect("a syncer");
+            d.commit(put(b"a")).expect("commit");
+            sync.sync().expect("sync");
+            d.commit(put(b"b")).expect("commit");
+            d.commit(put(b"c")).expect("commit");
+            d.flush(); // the chat service's timer: no sync
+            assert_eq!(d.unsynced_batches(), 2);
+            d.crash();
+            let has = |k: &[u8]| d.get(Table::Meta, k).expect("get").is_some();
+            assert!(has(b"a"), "synced survives");
+            assert!(
+                !has(b"c") || has(b"b"),
+                "a prefix, never a later batch alone"
+            );
+            kept.insert((has(b"b"), has(b"c")));
+            d.failover();
+            assert!(has(b"a"), "synced is replicated");
+        }
+        assert_eq!(kept.len(), 3, "the seed draws none, some and all: {kept:?}");
     }
 
     #[test]

@@ -79,6 +79,17 @@ pub struct Topology {
     /// host ordering) instead of their fixed order.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub random_order: bool,
+    /// Group commit in the chat service's store: commits are durable only once a sync
+    /// round (taking this many simulated ms, the fsync) covers them, and every answer
+    /// waits for it. A crash keeps a seeded prefix of the batches no sync covered (lost
+    /// or partly kept unsynced writes). Unset: every commit is durable when it returns.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group_commit_ms: Option<u64>,
+    /// With `group_commit_ms`: the disk, not the server's overlay, holds the unsynced
+    /// batches, and a crash keeps a seeded prefix of them (torn writes) instead of losing
+    /// them all.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub torn_writes: bool,
 }
 
 impl Default for Topology {
@@ -90,6 +101,8 @@ impl Default for Topology {
             latency_ms: [1, 20],
             tcp_segments: TCP_CAPACITY,
             random_order: false,
+            group_commit_ms: None,
+            torn_writes: false,
         }
     }
 }

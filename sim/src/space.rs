@@ -302,6 +302,16 @@ pub fn draw(sc: &Scenario, seed: u64) -> Result<Drawn, String> {
     out.topology.random_order = d.chance(order_p);
     d.explain
         .push(("random_order".into(), out.topology.random_order.to_string()));
+    let group_p = d.float("group_commit_probability");
+    out.topology.group_commit_ms = if d.chance(group_p) {
+        out.topology.torn_writes = d.chance(0.5);
+        d.explain
+            .push(("torn_writes".into(), out.topology.torn_writes.to_string()));
+        Some(d.int("fsync_ms"))
+    } else {
+        d.explain.push(("group_commit".into(), "false".into()));
+        None
+    };
     out.server =
         Some(toml::Table::try_from(&limits).map_err(|e| format!("encoding drawn limits: {e}"))?);
     // Knobs that ended up adjusted by others are explained by their final value.

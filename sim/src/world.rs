@@ -97,16 +97,29 @@ fn run_logged(
         bugs.enable(b)?;
     }
     let opts = &RunOptions { bugs };
-    let disk = SimDisk::new(
+    let mut disk = SimDisk::new(
         opts.bugs.ack_before_persist,
         opts.bugs.async_replication_failover,
     );
+    // Group commit, unless the planted bug acks before persisting (which it models by a
+    // disk that lags without syncs).
+    let group_commit_ms = sc
+        .topology
+        .group_commit_ms
+        .filter(|_| !opts.bugs.ack_before_persist);
+    if group_commit_ms.is_some() {
+        disk = if sc.topology.torn_writes {
+            disk.torn_group_commit(seed ^ 0x6772_6f75_7063_6f6d)
+        } else {
+            disk.overlay_group_commit()
+        };
+    }
     let pushes: Arc<Mutex<Vec<crate::ledger::PushRecord>>> = Arc::default();
     let sink_pushes = pushes.clone();
     let hub = Hub::new(
         limits.clone(),
         secret.clone(),
-        Box::new(disk.clone()),
+        disk.store(),
         Some(Box::new(move |p| {
             if let Ok(mut v) = sink_pushes.lock() {
                 v.push((now_ms(), p.user.to_string(), p.pending, p.preview.clone()));
@@ -278,6 +291,30 @@ fn run_logged(
             let disk = disk.clone();
             let faults = faults.clone();
             async move {
+                if let Some(ms) = group_commit_ms {
+                    // Group-commit rounds: each takes `ms` (the fsync; a crash during it
+                    // loses the round) and a paused chat service starts none until it
+                    // resumes.
+                    let hub = hub.clone();
+                    let faults = faults.clone();
+                    tokio::task::spawn_local(async move {
+                        let mut retry = false;
+                        loop {
+                            if !retry {
+                                hub.commit_wanted().await;
+                            }
+                            while faults.frozen("chat", now_ms()) {
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            }
+                            let fsync = Duration::from_millis(ms.max(1));
+                            retry = hub.sync_round(false, fsync).await.is_err();
+                            if retry {
+                                // Nothing was released; the same round again, later.
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            }
+                        }
+                    });
+                }
                 loop {
                     tokio::time::sleep(Duration::from_millis(250)).await;
                     if faults.frozen("chat", now_ms()) {
