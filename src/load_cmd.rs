@@ -447,7 +447,8 @@ impl Drop for Child {
 /// `chatsim bench load`: finds the highest sustained delivery rate of the model (a
 /// `chatsim serve --memory` child process on loopback, so its CPU and memory figures are
 /// its own), measures latency at half of it, and runs the same half-rate load against the
-/// bare relay (another child), so the model's overhead shows as a ratio.
+/// bare relay and against `serve`'s durable default (redb with group commit; two more
+/// children), so the model's overhead and the store's cost show as ratios.
 pub fn bench_load(users: usize, secs: u64, slo_p99_ms: f64) -> Result<()> {
     let data = std::env::temp_dir().join(format!("chatsim-bench-{}", run_id()));
     let data_s = data.to_string_lossy().to_string();
@@ -472,6 +473,21 @@ pub fn bench_load(users: usize, secs: u64, slo_p99_ms: f64) -> Result<()> {
     )?;
     let relay = Child::start(
         &["serve", "--baseline", "relay", "--listen", "127.0.0.1:0"],
+        server_pin,
+    )?;
+    // The durable default of `serve` (redb, group commit), sharing the model's secret.
+    let durable_dir = data.join("durable");
+    let secret_file = data.join("secret").to_string_lossy().to_string();
+    let durable = Child::start(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            &durable_dir.to_string_lossy(),
+            "--secret-file",
+            &secret_file,
+        ],
         server_pin,
     )?;
     let raw = std::fs::read_to_string(data.join("secret")).context("reading the child's secret")?;
@@ -548,9 +564,11 @@ pub fn bench_load(users: usize, secs: u64, slo_p99_ms: f64) -> Result<()> {
         let half = max_rate / 2.0;
         let m = run(&model.addr, half, "model-half", true).await?;
         let r = run(&relay.addr, half, "relay-half", false).await?;
-        anyhow::Ok((max_s, m, r, first_memory, stopped_by))
+        let d = run(&durable.addr, half, "durable-half", true).await?;
+        let d_ok = ok(&d);
+        anyhow::Ok((max_s, m, r, (d, d_ok), first_memory, stopped_by))
     });
-    let (max_s, m, r, first_memory, stopped_by) = result?;
+    let (max_s, m, r, (d, d_ok), first_memory, stopped_by) = result?;
     let ms = |us: u64| us as f64 / 1000.0;
     println!("\nchatsim bench load: {users} connections (1:1 pairs) on loopback; server = `chatsim serve --memory` child process");
     println!(
@@ -587,7 +605,11 @@ pub fn bench_load(users: usize, secs: u64, slo_p99_ms: f64) -> Result<()> {
     }
     println!("| target | sent msgs/s | delivered msgs/s | p50 ms | p99 ms | p99.9 ms | connections | KiB/conn | CPU µs/msg |");
     println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
-    for (name, s) in [("model, half of max", &m), ("bare relay, same load", &r)] {
+    for (name, s) in [
+        ("model, half of max", &m),
+        ("bare relay, same load", &r),
+        ("model, durable store (group commit), same load", &d),
+    ] {
         let (conns, kib, cpu) = s
             .server
             .as_ref()
@@ -618,8 +640,27 @@ pub fn bench_load(users: usize, secs: u64, slo_p99_ms: f64) -> Result<()> {
         m.deliver_us.p50 as f64 / r.deliver_us.p50.max(1) as f64,
         m.deliver_us.p99 as f64 / r.deliver_us.p99.max(1) as f64
     );
+    println!(
+        "durable store vs memory at half the memory max ({:.0} msgs/s): p99 {:.2} ms vs {:.2} ms ({:.2}x); {}",
+        m.sent_per_s,
+        ms(d.deliver_us.p99),
+        ms(m.deliver_us.p99),
+        d.deliver_us.p99 as f64 / m.deliver_us.p99.max(1) as f64,
+        if d_ok {
+            format!("meets the p99 <= {slo_p99_ms} ms SLO with every message delivered")
+        } else {
+            format!(
+                "MISSES the SLO ({})",
+                d.invalid_reason.clone().unwrap_or_else(|| format!(
+                    "p99 {:.2} ms > {slo_p99_ms} ms",
+                    ms(d.deliver_us.p99)
+                ))
+            )
+        }
+    );
     drop(model);
     drop(relay);
+    drop(durable);
     let _ = std::fs::remove_dir_all(&data);
     Ok(())
 }
