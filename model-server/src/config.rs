@@ -142,11 +142,14 @@ pub struct Bugs {
     /// aid left on: the server sees only ciphertext, but its log must not carry content).
     #[serde(default)]
     pub log_content: bool,
+    /// The server lets in a token that has expired (the expiry check is skipped).
+    #[serde(default)]
+    pub accept_expired_tokens: bool,
 }
 
 impl Bugs {
     /// Every bug name, as given to `--bug`.
-    pub const NAMES: [&'static str; 13] = [
+    pub const NAMES: [&'static str; 14] = [
         "ack-before-persist",
         "no-dedup",
         "order-by-client-clock",
@@ -160,6 +163,7 @@ impl Bugs {
         "stale-group-members",
         "inbox-outside-commit",
         "log-content",
+        "accept-expired-tokens",
     ];
 
     /// Switches on the bug called `name`.
@@ -178,6 +182,7 @@ impl Bugs {
             "stale-group-members" => &mut self.stale_group_members,
             "inbox-outside-commit" => &mut self.inbox_outside_commit,
             "log-content" => &mut self.log_content,
+            "accept-expired-tokens" => &mut self.accept_expired_tokens,
             other => {
                 return Err(format!(
                     "unknown bug '{other}'; known: {}",
@@ -205,6 +210,7 @@ impl Bugs {
             self.stale_group_members,
             self.inbox_outside_commit,
             self.log_content,
+            self.accept_expired_tokens,
         ];
         Self::NAMES
             .iter()

@@ -172,7 +172,9 @@ async fn connect(ctx: &Ctx, k: DeviceKey, gw: &str) -> Result<Ws, String> {
         )
         .await
         .map_err(|e| e.to_string())?;
-        let auth = json!({"type":"auth","payload":{"user_id":user_name(k.0),"device_id":device_name(k.1),"auth_token":ctx.token(k.0, k.1)}});
+        let sent_ms = now_ms();
+        let (token, expiry) = ctx.session_token(k, sent_ms);
+        let auth = json!({"type":"auth","payload":{"user_id":user_name(k.0),"device_id":device_name(k.1),"auth_token":token}});
         ws.send(Message::text(auth.to_string()))
             .await
             .map_err(|e| e.to_string())?;
@@ -181,6 +183,27 @@ async fn connect(ctx: &Ctx, k: DeviceKey, gw: &str) -> Result<Ws, String> {
                 Some(Ok(Message::Text(t))) => match serde_json::from_str::<ServerFrame>(t.as_str())
                 {
                     Ok(ServerFrame::AuthSuccess { .. }) => {
+                        // The server checked the token somewhere between our send and
+                        // now: if its clock read past the expiry all that while, it let in
+                        // an expired token.
+                        if let Some(exp) = expiry {
+                            let now = now_ms();
+                            let lowest = ctx.clock.min_reading(sent_ms, now);
+                            if lowest >= exp {
+                                ctx.ledger.borrow_mut().breach(
+                                    crate::invariant::ViolationKind::Auth,
+                                    now,
+                                    None,
+                                    Some(dev(k)),
+                                    None,
+                                    "a token past its expiry refused".into(),
+                                    format!(
+                                        "auth_success for a token that expired {} ms before the server read it",
+                                        lowest - exp
+                                    ),
+                                );
+                            }
+                        }
                         if ctx.plan.links.contains_key(&k) {
                             let now = now_ms();
                             ctx.ledger
@@ -192,7 +215,11 @@ async fn connect(ctx: &Ctx, k: DeviceKey, gw: &str) -> Result<Ws, String> {
                         return Ok(ws);
                     }
                     Ok(ServerFrame::Error { payload }) => {
-                        return Err(format!("auth refused: {}", payload.message))
+                        if payload.message.contains("expired") {
+                            // Log in again: the next attempt gets a fresh token.
+                            ctx.session_tokens.borrow_mut().remove(&k);
+                        }
+                        return Err(format!("auth refused: {}", payload.message));
                     }
                     _ => continue,
                 },

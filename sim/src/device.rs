@@ -71,6 +71,9 @@ pub struct Ctx {
     pub retention_ms: u64,
     /// The server clock's steps the plan's clock jumps will make.
     pub clock: crate::horizon::ServerClock,
+    /// With `client.token_life_ms`: each device's session token expiry, in server-clock
+    /// ms after the epoch (kept across reconnects until refused).
+    pub session_tokens: RefCell<BTreeMap<DeviceKey, i64>>,
 }
 
 impl Ctx {
@@ -81,6 +84,27 @@ impl Ctx {
             &device_name(d).as_str().into(),
             Millis(EPOCH_MS + self.end_ms + 86_400_000),
         )
+    }
+
+    /// The token a device authenticates its WebSocket with at simulated `now`, and its
+    /// expiry by the server's clock (`None`: it outlives the run). With a token life, the
+    /// device keeps the one it has, or logs in for a new one (minted by the server's clock).
+    pub(crate) fn session_token(&self, k: DeviceKey, now: u64) -> (String, Option<i64>) {
+        let Some(life) = self.sc.client.token_life_ms else {
+            return (self.token(k.0, k.1), None);
+        };
+        let exp = *self
+            .session_tokens
+            .borrow_mut()
+            .entry(k)
+            .or_insert_with(|| self.clock.reading(now) + life as i64);
+        let token = mint(
+            &self.secret,
+            &user_name(k.0).as_str().into(),
+            &device_name(k.1).as_str().into(),
+            Millis((EPOCH_MS as i64 + exp).max(0) as u64),
+        );
+        (token, Some(exp))
     }
 
     /// Moves sends whose tap time has come into the device's outbox. Offline-first: a tap

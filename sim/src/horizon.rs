@@ -54,6 +54,21 @@ impl ServerClock {
         self.steps.last().map(|s| s.0)
     }
 
+    /// The server clock's reading at simulated `t`, in ms after the epoch.
+    pub fn reading(&self, t: u64) -> i64 {
+        t as i64 + self.offset_at(t)
+    }
+
+    /// The lowest reading of the server clock at any time in `[a, b]` (within a stretch
+    /// between steps it only grows, so only `a` and the steps inside count).
+    pub fn min_reading(&self, a: u64, b: u64) -> i64 {
+        self.steps
+            .iter()
+            .filter(|s| s.0 > a && s.0 <= b)
+            .map(|&(at, o)| at as i64 + o)
+            .fold(self.reading(a), i64::min)
+    }
+
     /// The offset in effect at simulated `t`.
     fn offset_at(&self, t: u64) -> i64 {
         self.steps
@@ -158,6 +173,21 @@ impl Horizon {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_lowest_reading_over_a_window_sees_a_step_back_inside_it() {
+        let c = ServerClock::from_jumps(vec![(1_000, -600), (2_000, 5_000)]);
+        assert_eq!(c.reading(500), 500);
+        assert_eq!(c.reading(1_000), 400);
+        assert_eq!(c.min_reading(900, 1_500), 400, "the step back at 1 s");
+        assert_eq!(
+            c.min_reading(1_100, 2_500),
+            500,
+            "readings grow within a stretch"
+        );
+        assert_eq!(c.min_reading(2_100, 2_200), 2_100 + 4_400);
+    }
+
     use super::ServerClock;
 
     #[test]

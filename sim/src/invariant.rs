@@ -38,11 +38,13 @@ pub enum ViolationKind {
     Panic,
     /// After the quiet phase, something was still pending or presence had not converged.
     Liveness,
+    /// The server let a device in with a token that had expired by its own clock.
+    Auth,
 }
 
 impl ViolationKind {
     /// Every kind, in report order.
-    pub const ALL: [ViolationKind; 13] = [
+    pub const ALL: [ViolationKind; 14] = [
         ViolationKind::Loss,
         ViolationKind::Duplicate,
         ViolationKind::Order,
@@ -56,6 +58,7 @@ impl ViolationKind {
         ViolationKind::StorageLeak,
         ViolationKind::Panic,
         ViolationKind::Liveness,
+        ViolationKind::Auth,
     ];
 
     /// Name as written in scenario files.
@@ -74,6 +77,7 @@ impl ViolationKind {
             ViolationKind::StorageLeak => "storage_leak",
             ViolationKind::Panic => "panic",
             ViolationKind::Liveness => "liveness",
+            ViolationKind::Auth => "auth",
         }
     }
 }

@@ -73,6 +73,8 @@ pub const KNOBS: &[Knob] = &[
     k("start_jitter_ms", 0.0, 3000.0, 0.0, 600000.0, "spread of app starts"),
     // Simulation.
     k("random_order_probability", 0.5, 0.5, 0.0, 1.0, "chance hosts run in a seeded random order each step"),
+    k("short_token_probability", 0.3, 0.3, 0.0, 1.0, "chance session tokens expire within the run"),
+    k("token_life_ms", 2000.0, 60000.0, 500.0, 2592000000.0, "a short token life, when drawn"),
     // Store.
     k("group_commit_probability", 0.5, 0.5, 0.0, 1.0, "chance the store groups commits (answers wait for a sync round; a crash keeps a prefix of the unsynced batches)"),
     k("fsync_ms", 0.0, 20.0, 0.0, 10000.0, "how long one group-commit sync round takes"),

@@ -134,6 +134,12 @@ pub struct ClientConfig {
     /// Page size the phone asks for in `sync` (`limit`); 0: none (the server's cap).
     #[serde(default)]
     pub sync_limit: usize,
+    /// How long a session token lasts, ms by the server's clock (the login service and
+    /// the chat server share a clock). Unset: a token outlives the run. Set: a phone keeps
+    /// its token across reconnects until the server refuses it as expired, then logs in
+    /// again; the oracle flags an expired token the server let in (`auth`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_life_ms: Option<u64>,
 }
 
 impl Default for ClientConfig {
@@ -149,6 +155,7 @@ impl Default for ClientConfig {
             start_jitter_ms: 500,
             sync_after_seq_probability: 0.0,
             sync_limit: 0,
+            token_life_ms: None,
         }
     }
 }

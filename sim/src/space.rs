@@ -312,6 +312,14 @@ pub fn draw(sc: &Scenario, seed: u64) -> Result<Drawn, String> {
         d.explain.push(("group_commit".into(), "false".into()));
         None
     };
+    let token_p = d.float("short_token_probability");
+    out.client.token_life_ms = if d.chance(token_p) {
+        Some(d.log_int("token_life_ms", 1))
+    } else {
+        d.explain
+            .push(("token_life_ms".into(), "the whole run".into()));
+        None
+    };
     out.server =
         Some(toml::Table::try_from(&limits).map_err(|e| format!("encoding drawn limits: {e}"))?);
     // Knobs that ended up adjusted by others are explained by their final value.

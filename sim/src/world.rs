@@ -264,6 +264,7 @@ fn run_logged(
                 .map(|f| (f.at_ms, f.skew_ms.unwrap_or(0)))
                 .collect(),
         ),
+        session_tokens: RefCell::default(),
     });
 
     let mut builder = turmoil::Builder::new();

@@ -37,7 +37,12 @@ impl<S: KvStore> ChatCore<S> {
         if !is_valid_id(p.user_id.as_str()) || !is_valid_id(p.device_id.as_str()) {
             return Err(Reject::new(401, "invalid user_id or device_id"));
         }
-        if let Err(e) = auth::verify(&self.secret, &p.auth_token, &p.user_id, &p.device_id, now) {
+        let verified =
+            match auth::verify(&self.secret, &p.auth_token, &p.user_id, &p.device_id, now) {
+                Err(auth::AuthError::Expired) if self.bugs.accept_expired_tokens => Ok(()),
+                v => v,
+            };
+        if let Err(e) = verified {
             tracing::info!(user = %p.user_id, device = %p.device_id, error = %e, "auth refused");
             return Err(Reject::new(401, format!("auth refused: {e}")));
         }
