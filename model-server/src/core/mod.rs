@@ -85,6 +85,9 @@ pub struct Close {
     /// Commits made before the close: under group commit the final frames wait until
     /// they are durable (see `ChatCore::hold_until_synced`).
     pub after: u64,
+    /// The core that made the close (see `ChatCore::incarnation`): after a restart its
+    /// commits may be lost, so its final frames are dropped.
+    pub incarnation: u64,
 }
 
 /// A wake-up for a user with no online device. Carries no content, by construction: it has
@@ -261,6 +264,10 @@ pub struct ChatCore<S: KvStore> {
     durable: u64,
     /// Connections whose next frame waits for a sync (woken by `released`).
     held: BTreeSet<ConnId>,
+    /// Push wake-ups waiting for the commits made before them: (count, request).
+    held_pushes: Vec<(u64, PushRequest)>,
+    /// Which core this is since the process started (a restart makes the next).
+    incarnation: u64,
 }
 
 /// An error that becomes an `error` frame to the client.
@@ -307,7 +314,20 @@ impl<S: KvStore> ChatCore<S> {
             events: None,
             durable: u64::MAX,
             held: BTreeSet::new(),
+            held_pushes: Vec::new(),
+            incarnation: 0,
         }
+    }
+
+    /// Which core this is: 0 for the first, one more for each restart (`Hub::restart_core`
+    /// sets it). What an older core committed but did not sync may be lost.
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
+    /// Sets the incarnation (a restart: the old one's plus one).
+    pub fn set_incarnation(&mut self, n: u64) {
+        self.incarnation = n;
     }
 
     /// Group commit: from now on the store's commits are durable only once the runtime
@@ -335,6 +355,11 @@ impl<S: KvStore> ChatCore<S> {
             self.durable = upto;
             let held = std::mem::take(&mut self.held);
             self.fx.wake.extend(held);
+            let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held_pushes)
+                .into_iter()
+                .partition(|(after, _)| *after <= upto);
+            self.held_pushes = waiting;
+            self.fx.push.extend(ready.into_iter().map(|(_, p)| p));
         }
         self.take_fx()
     }
@@ -738,6 +763,13 @@ impl<S: KvStore> ChatCore<S> {
     // ---- internals shared by the handler modules ----
 
     fn take_fx(&mut self) -> Effects {
+        if self.db.commits > self.durable && !self.fx.push.is_empty() {
+            // Group commit: a wake-up for a message waits for the sync that covers it.
+            let after = self.db.commits;
+            let pushes = std::mem::take(&mut self.fx.push);
+            self.held_pushes
+                .extend(pushes.into_iter().map(|p| (after, p)));
+        }
         std::mem::take(&mut self.fx)
     }
 
@@ -824,6 +856,7 @@ impl<S: KvStore> ChatCore<S> {
             reason,
             final_frames,
             after: self.db.commits,
+            incarnation: self.incarnation,
         });
         self.forget_conn(conn, now);
     }

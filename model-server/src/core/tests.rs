@@ -2834,3 +2834,21 @@ fn under_group_commit_a_close_names_the_commits_its_last_frames_wait_for() {
         "the ack of c2 waits for its own sync"
     );
 }
+
+#[test]
+fn under_group_commit_a_push_waits_for_the_sync_that_covers_its_message() {
+    let mut h = Harness::new();
+    let alice = h.login("alice", "phone");
+    let bob = h.login("bob", "phone");
+    h.disconnect(bob);
+    h.core.hold_until_synced();
+    h.pushes.clear();
+    h.say(alice, "bob", "c1", "eA");
+    assert!(
+        h.pushes.is_empty(),
+        "no wake-up for a message a crash could still lose"
+    );
+    let fx = h.core.released(h.core.commits());
+    assert_eq!(fx.push.len(), 1, "the wake-up goes with the sync");
+    assert_eq!(fx.push[0].user.as_str(), "bob");
+}

@@ -208,26 +208,26 @@ impl Hub {
         in_thread: bool,
         fsync_time: Duration,
     ) -> Result<bool, StoreError> {
-        let Some(syncer) = lock(&self.syncer).clone() else {
-            return Ok(false);
-        };
-        let (target, restarts) = {
+        // The target, the core it belongs to and that core's syncer, read together.
+        let (target, incarnation, syncer) = {
             let c = lock(&self.core);
+            let Some(syncer) = lock(&self.syncer).clone() else {
+                return Ok(false);
+            };
             if c.commits() <= c.durable_commits() {
                 return Ok(false);
             }
-            (c.commits(), self.durable.borrow().0)
+            (c.commits(), c.incarnation(), syncer)
         };
         if !fsync_time.is_zero() {
             tokio::time::sleep(fsync_time).await;
-            if self.durable.borrow().0 != restarts {
+            if self.durable.borrow().0 != incarnation {
                 // The process "died" during the fsync: its round is lost with it.
                 return Ok(true);
             }
         }
         if in_thread {
-            let s = syncer.clone();
-            tokio::task::spawn_blocking(move || s.sync())
+            tokio::task::spawn_blocking(move || syncer.sync())
                 .await
                 .map_err(|e| StoreError::Backend(format!("sync task: {e}")))??;
         } else {
@@ -235,14 +235,14 @@ impl Hub {
         }
         let fx = {
             let mut c = lock(&self.core);
-            if self.durable.borrow().0 != restarts {
+            if c.incarnation() != incarnation {
                 // The core was replaced meanwhile: its own numbering is durable already.
                 return Ok(true);
             }
             c.released(target)
         };
         self.durable.send_if_modified(|d| {
-            let newer = d.0 == restarts && target > d.1;
+            let newer = d.0 == incarnation && target > d.1;
             if newer {
                 d.1 = target;
             }
@@ -278,22 +278,28 @@ impl Hub {
         self.sync_wanted.notified().await;
     }
 
-    /// Waits (up to `timeout`) until the first `after` commits are durable; false if they
-    /// did not become so in time or the core restarted meanwhile (they may be lost).
-    pub async fn settled(&self, after: u64, timeout: Duration) -> bool {
+    /// Waits (up to `timeout`) until the first `after` commits of core `incarnation` are
+    /// durable; false if they did not become so in time or that core was replaced (its
+    /// unsynced commits may be lost).
+    pub async fn settled(&self, incarnation: u64, after: u64, timeout: Duration) -> bool {
         if !self.grouping() {
             return true;
         }
         let mut rx = self.durable.subscribe();
-        let restarts = rx.borrow().0;
-        if lock(&self.core).durable_commits() >= after {
-            return true;
+        {
+            let c = lock(&self.core);
+            if c.incarnation() != incarnation {
+                return false;
+            }
+            if c.durable_commits() >= after {
+                return true;
+            }
         }
         self.sync_wanted.notify_one();
         let wait = async {
-            rx.wait_for(|d| d.0 != restarts || d.1 >= after)
+            rx.wait_for(|d| d.0 != incarnation || d.1 >= after)
                 .await
-                .map(|d| d.0 == restarts)
+                .map(|d| d.0 == incarnation)
                 .unwrap_or(false)
         };
         tokio::time::timeout(timeout, wait).await.unwrap_or(false)
@@ -301,8 +307,11 @@ impl Hub {
 
     /// `settled` for every commit made so far (an HTTP answer about what it just wrote).
     pub async fn settled_now(&self, timeout: Duration) -> bool {
-        let after = lock(&self.core).commits();
-        self.settled(after, timeout).await
+        let (incarnation, after) = {
+            let c = lock(&self.core);
+            (c.incarnation(), c.commits())
+        };
+        self.settled(incarnation, after, timeout).await
     }
 
     /// Runs `f` with the core locked (tests, metrics, the simulator's faults and oracle).
@@ -334,8 +343,10 @@ impl Hub {
         // What the old core committed is durable or lost now; a sync round begun before
         // this restart must not release the new core's frames (see `sync_round`).
         core.continue_commits_after(guard.commits());
+        let incarnation = guard.incarnation() + 1;
+        core.set_incarnation(incarnation);
         let commits = core.commits();
-        self.durable.send_modify(|d| *d = (d.0 + 1, commits));
+        self.durable.send_modify(|d| *d = (incarnation, commits));
         // A connection task of the old core may still read a frame before it sees its
         // close: its id must not name a new connection (one user acting as another).
         core.continue_conn_ids_after(last_conn);
@@ -354,6 +365,7 @@ impl Hub {
                 reason: crate::core::CloseReason::GatewayDown,
                 final_frames: Vec::new(),
                 after: 0,
+                incarnation: 0,
             });
             sig.notify.notify_one();
         }
@@ -571,6 +583,21 @@ impl Server {
         // Graceful shutdown: every connection gets a close frame; give them a moment.
         let now = self.now();
         self.hub.act(|c| c.gateway_down(&self.cfg.gateway, now));
+        if self.cfg.run_timers && self.hub.grouping() {
+            // The group-commit loop has stopped: sync what is left, so the last acks and
+            // the close frames' final frames go out (a few rounds at most).
+            let in_thread = self.cfg.spawner == Spawner::Tokio;
+            for _ in 0..20 {
+                match self.hub.sync_round(in_thread, Duration::ZERO).await {
+                    Ok(false) => break,
+                    Ok(true) => {}
+                    Err(e) => {
+                        tracing::error!(error = %e, "group commit at shutdown: sync failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        }
         for _ in 0..50 {
             if self.active.load(std::sync::atomic::Ordering::Relaxed) == 0 {
                 break;

@@ -62,17 +62,15 @@ impl Server {
                 }
                 _ => Err((404, "no such route; the WebSocket endpoint is /ws".into())),
             };
-        // Group commit: a media answer tells of writes (an upload prepared, a chunk
-        // stored) that must be durable first.
-        let result = match result {
-            Ok(r) if path.starts_with("/v1/media") => {
-                if self.hub.settled_now(self.cfg.write_timeout).await {
-                    Ok(r)
-                } else {
-                    Err((503, "storage unavailable: not durable; retry".to_string()))
-                }
-            }
-            other => other,
+        // Group commit: a media answer (success or error) tells of the store's state (an
+        // upload prepared, a chunk stored, the byte an upload is at), which must be
+        // durable first.
+        let result = if path.starts_with("/v1/media")
+            && !self.hub.settled_now(self.cfg.write_timeout).await
+        {
+            Err((503, "storage unavailable: not durable; retry".to_string()))
+        } else {
+            result
         };
         let _ = match result {
             Ok((code, ct, body)) => http::respond(&mut stream, code, ct, &body).await,
@@ -148,6 +146,12 @@ impl Server {
                 .media_open(&user, id, now)
                 .map_err(media_err)
         });
+        // Group commit: serve only bytes (and answers) that are durable.
+        let opened = if self.hub.settled_now(self.cfg.write_timeout).await {
+            opened
+        } else {
+            Err((503, "storage unavailable: not durable; retry".to_string()))
+        };
         let size = match opened {
             Ok((_file_type, size)) => size,
             Err((code, msg)) => {

@@ -95,7 +95,10 @@ where
                 if let Some(mut close) = close {
                     // Group commit: the last frames may tell of writes not yet durable.
                     if !close.final_frames.is_empty()
-                        && !server.hub.settled(close.after, write_timeout).await
+                        && !server
+                            .hub
+                            .settled(close.incarnation, close.after, write_timeout)
+                            .await
                     {
                         close.final_frames.clear();
                     }
