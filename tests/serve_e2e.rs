@@ -262,6 +262,51 @@ async fn restart_with_durable_store_loses_nothing_acked() {
 }
 
 #[tokio::test]
+async fn a_kill_mid_burst_loses_nothing_acked_under_group_commit() {
+    // `serve`'s default store groups commits: acks wait for the fsync that covers them.
+    // Kill the process (SIGKILL) while a burst is half acked: every acked message must
+    // be there after the restart, each once, and the unacked ones may be missing.
+    let dir = tempfile::tempdir().expect("tmp");
+    let srv = ServerProc::start(dir.path(), &[]);
+    let (bob, _) = Client::login(&srv, "bob", "phone").await;
+    drop(bob);
+    let (mut alice, _) = Client::login(&srv, "alice", "phone").await;
+    for i in 0..90 {
+        alice
+            .say("bob", &format!("b{i}"), &ct(&format!("burst {i}")))
+            .await;
+    }
+    let mut acked = std::collections::BTreeSet::new();
+    while acked.len() < 30 {
+        let ack = alice.recv_type("message_ack").await;
+        acked.insert(ack["payload"]["seq"].as_u64().expect("seq"));
+    }
+    drop(srv); // SIGKILL mid-burst
+    let srv = ServerProc::start(dir.path(), &[]);
+    let (mut bob, _) = Client::login(&srv, "bob", "phone").await;
+    bob.send(json!({"type":"sync","payload":{"conversation_id":"dm:alice:bob","limit":200}}))
+        .await;
+    let page = bob.recv_type("sync_page").await;
+    let kept: Vec<u64> = page["payload"]["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .map(|m| m["seq"].as_u64().expect("seq"))
+        .collect();
+    let distinct: std::collections::BTreeSet<u64> = kept.iter().copied().collect();
+    assert_eq!(distinct.len(), kept.len(), "no seq twice: {kept:?}");
+    for seq in &acked {
+        assert!(
+            distinct.contains(seq),
+            "acked seq {seq} lost in the kill (kept {kept:?})"
+        );
+    }
+    // What survived is a prefix of the conversation: seqs 1..=n, no gaps.
+    assert_eq!(kept, (1..=kept.len() as u64).collect::<Vec<_>>());
+    srv.stop();
+}
+
+#[tokio::test]
 async fn health_metrics_and_graceful_shutdown() {
     let dir = tempfile::tempdir().expect("tmp");
     let srv = ServerProc::start(dir.path(), &["--memory"]);
