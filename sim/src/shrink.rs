@@ -190,7 +190,11 @@ pub fn shrink(
             for (key, v) in &cur {
                 if def.get(key) != Some(v) {
                     let mut t = cur.clone();
-                    t.insert(key.clone(), def[key].clone());
+                    // A default that is unset (`token_life_ms`) is not written: remove it.
+                    match def.get(key) {
+                        Some(d) => t.insert(key.clone(), d.clone()),
+                        None => t.remove(key),
+                    };
                     if let Ok(cfg) = t.try_into() {
                         let mut c = best.clone();
                         c.client = cfg;
