@@ -59,6 +59,15 @@ pub enum ClientFrame {
     Settings { payload: SettingsPayload },
     /// Prepare a media upload over the socket (same as `POST /v1/media:prepare`).
     MediaPrepare { payload: MediaPreparePayload },
+    /// Remove one of this user's devices (itself or another): it is logged out, its
+    /// tokens stop working and nothing more waits for it.
+    DeviceUnlink { payload: DeviceUnlinkPayload },
+}
+
+/// `device_unlink.payload`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeviceUnlinkPayload {
+    pub device_id: crate::ids::DeviceId,
 }
 
 /// `auth.payload`.
@@ -219,6 +228,10 @@ pub enum ServerFrame {
     },
     MediaPrepared {
         payload: MediaPrepared,
+    },
+    /// Answer to `device_unlink`: the device is removed, durably.
+    DeviceUnlinked {
+        payload: DeviceUnlinkPayload,
     },
     Error {
         payload: ErrorPayload,

@@ -331,7 +331,7 @@ impl<S: KvStore> ChatCore<S> {
         }
     }
 
-    fn keeps_history(&self, msg: &StoredMessage) -> Result<bool, Reject> {
+    pub(super) fn keeps_history(&self, msg: &StoredMessage) -> Result<bool, Reject> {
         if self.cfg.keep_history {
             return Ok(true);
         }

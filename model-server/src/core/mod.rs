@@ -14,6 +14,7 @@ mod presence;
 pub mod ratelimit;
 pub mod registry;
 mod session;
+mod unlink;
 
 pub use media::{MediaError, MediaStatus};
 
@@ -47,13 +48,15 @@ pub enum CloseReason {
     /// A store commit failed while handling one of its frames: frames pipelined behind it
     /// are not handled, so the client resends its outbox in order after reconnecting.
     StorageUnavailable,
+    /// The device was unlinked (by itself or another device of its user).
+    Unlinked,
 }
 
 impl CloseReason {
     /// WebSocket close code to use (RFC 6455 / IANA registry).
     pub fn ws_code(&self) -> u16 {
         match self {
-            CloseReason::AuthTimeout | CloseReason::Unauthorized => 1008,
+            CloseReason::AuthTimeout | CloseReason::Unauthorized | CloseReason::Unlinked => 1008,
             CloseReason::HeartbeatTimeout => 1001,
             CloseReason::SlowConsumer => 1013,
             CloseReason::Replaced => 1000,
@@ -72,6 +75,7 @@ impl CloseReason {
             CloseReason::Replaced => "replaced by a newer connection",
             CloseReason::GatewayDown => "gateway going away",
             CloseReason::StorageUnavailable => "storage unavailable",
+            CloseReason::Unlinked => "device unlinked",
         }
     }
 }
@@ -591,6 +595,9 @@ impl<S: KvStore> ChatCore<S> {
             }
             ClientFrame::Typing { payload } => self.handle_typing(&sess, payload, now),
             ClientFrame::Settings { payload } => self.handle_settings(conn, &sess, payload, now),
+            ClientFrame::DeviceUnlink { payload } => {
+                self.handle_device_unlink(conn, &sess, payload, now)
+            }
             ClientFrame::MediaPrepare { payload } => {
                 let prepared = self
                     .media_prepare(&sess.user, payload, now)

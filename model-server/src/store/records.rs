@@ -150,6 +150,14 @@ pub struct UserRecord {
     pub home_region: Option<String>,
 }
 
+/// A device of a user. Linked devices are stored as `{}`; an unlinked one keeps a
+/// tombstone so that its old tokens cannot log it in (and register it) again.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unlinked_at: Option<u64>,
+}
+
 /// A group.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GroupRecord {
@@ -286,15 +294,27 @@ impl<S: KvStore> Records<S> {
         Ok(out)
     }
 
-    /// Registered devices of `user`, in order.
+    /// Registered (linked) devices of `user`, in order; unlinked ones are left out.
     pub fn devices(&self, user: &UserId) -> Result<Vec<DeviceId>, StoreError> {
         let prefix = key(&[user.as_str()], None);
         let mut out = Vec::new();
-        for (k, _) in self.kv.scan(Table::Devices, &prefix, &prefix, 1024)? {
+        for (k, v) in self.kv.scan(Table::Devices, &prefix, &prefix, 1024)? {
             let parts = key_parts(&k, 2).ok_or_else(|| corrupt(Table::Devices, "key"))?;
-            out.push(DeviceId(parts[1].clone()));
+            let rec: DeviceRecord = dec(Table::Devices, &v)?;
+            if rec.unlinked_at.is_none() {
+                out.push(DeviceId(parts[1].clone()));
+            }
         }
         Ok(out)
+    }
+
+    /// The record of one device: `None` if it never logged in nor was linked.
+    pub fn device(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+    ) -> Result<Option<DeviceRecord>, StoreError> {
+        Ok(get_json!(self, Table::Devices, device_key(user, device)))
     }
 
     pub fn user(&self, user: &UserId) -> Result<UserRecord, StoreError> {
