@@ -82,6 +82,15 @@ fn explain(sc: &Scenario, seed: u64) -> String {
                         c.op, c.user, c.group, c.at_ms
                     ));
                 }
+                for u in &d.scenario.workload.unlinks {
+                    out.push_str(&format!(
+                        "    unlink u{}/d{} by d{} at {} ms\n",
+                        u.user,
+                        u.device,
+                        u.requester(),
+                        u.at_ms
+                    ));
+                }
             }
             for f in sim::plan::Plan::draw(&d.scenario, seed).faults {
                 out.push_str(&format!(

@@ -145,11 +145,19 @@ pub struct Bugs {
     /// The server lets in a token that has expired (the expiry check is skipped).
     #[serde(default)]
     pub accept_expired_tokens: bool,
+    /// Unlinking a device does not revoke its tokens: an old token logs it in (and
+    /// registers it) again.
+    #[serde(default)]
+    pub unlinked_tokens_work: bool,
+    /// Unlinking a device leaves the inbox copies that waited for it: their bodies stay
+    /// until retention.
+    #[serde(default)]
+    pub unlink_keeps_copies: bool,
 }
 
 impl Bugs {
     /// Every bug name, as given to `--bug`.
-    pub const NAMES: [&'static str; 14] = [
+    pub const NAMES: [&'static str; 16] = [
         "ack-before-persist",
         "no-dedup",
         "order-by-client-clock",
@@ -164,6 +172,8 @@ impl Bugs {
         "inbox-outside-commit",
         "log-content",
         "accept-expired-tokens",
+        "unlinked-tokens-work",
+        "unlink-keeps-copies",
     ];
 
     /// Switches on the bug called `name`.
@@ -183,6 +193,8 @@ impl Bugs {
             "inbox-outside-commit" => &mut self.inbox_outside_commit,
             "log-content" => &mut self.log_content,
             "accept-expired-tokens" => &mut self.accept_expired_tokens,
+            "unlinked-tokens-work" => &mut self.unlinked_tokens_work,
+            "unlink-keeps-copies" => &mut self.unlink_keeps_copies,
             other => {
                 return Err(format!(
                     "unknown bug '{other}'; known: {}",
@@ -211,6 +223,8 @@ impl Bugs {
             self.inbox_outside_commit,
             self.log_content,
             self.accept_expired_tokens,
+            self.unlinked_tokens_work,
+            self.unlink_keeps_copies,
         ];
         Self::NAMES
             .iter()

@@ -117,6 +117,19 @@ pub async fn run_device(ctx: Rc<Ctx>, k: DeviceKey) {
                     }
                 }
             }
+            Err(why) if why.contains("device unlinked") => {
+                // Logged out for good: the app shows its login screen and stops.
+                ctx.ledger.borrow_mut().trace(
+                    now_ms(),
+                    dev(k),
+                    "logged_out",
+                    None,
+                    None,
+                    None,
+                    why,
+                );
+                return;
+            }
             Err(why) => {
                 attempt += 1;
                 ctx.ledger.borrow_mut().device(k).connect_failures += 1;
@@ -204,6 +217,30 @@ async fn connect(ctx: &Ctx, k: DeviceKey, gw: &str) -> Result<Ws, String> {
                                 );
                             }
                         }
+                        // An unlinked device's token must not work any more: not for an
+                        // auth sent after its user saw the unlink answered.
+                        let unlinked = ctx
+                            .ledger
+                            .borrow()
+                            .unlinks
+                            .get(&k)
+                            .and_then(|u| u.confirmed_ms)
+                            .filter(|c| *c <= sent_ms);
+                        if let Some(c) = unlinked {
+                            ctx.ledger.borrow_mut().breach(
+                                crate::invariant::ViolationKind::Auth,
+                                now_ms(),
+                                None,
+                                Some(dev(k)),
+                                None,
+                                "an unlinked device's token refused".into(),
+                                format!(
+                                    "auth_success for {} sent {} ms after its unlink was answered",
+                                    dev(k),
+                                    sent_ms - c
+                                ),
+                            );
+                        }
                         if ctx.plan.links.contains_key(&k) {
                             let now = now_ms();
                             ctx.ledger
@@ -253,6 +290,8 @@ struct Session {
     heartbeats: std::collections::VecDeque<Vec<String>>,
     /// Membership changes requested on this connection.
     membership_sent: std::collections::BTreeSet<usize>,
+    /// Devices this connection asked to unlink.
+    unlinks_sent: std::collections::BTreeSet<DeviceKey>,
     /// Own messages whose status to ask for, and when asking is allowed again (after a 429).
     status_wanted: std::collections::BTreeSet<String>,
     status_next_at: u64,
@@ -297,6 +336,7 @@ async fn session(
         acks_since_heartbeat: Vec::new(),
         heartbeats: Default::default(),
         membership_sent: Default::default(),
+        unlinks_sent: Default::default(),
         status_wanted: Default::default(),
         status_next_at: 0,
         status_asked: Default::default(),
@@ -511,6 +551,32 @@ async fn session(
             }
             let f = json!({"type": format!("group_{}", c.op),
                 "payload":{"group_id":gid,"user_ids":[user_name(c.user)]}});
+            if let Err(e) = send(&mut ws, f.to_string()).await {
+                return End::Lost(e);
+            }
+        }
+        // Unlink a device of this user (this one, or another), again on each connection
+        // until the answer arrives.
+        for (&target, &(at, by)) in &ctx.plan.unlinks {
+            let done = ctx
+                .ledger
+                .borrow()
+                .unlinks
+                .get(&target)
+                .is_some_and(|u| u.confirmed_ms.is_some());
+            if k != (target.0, by) || at > now || done || !s.unlinks_sent.insert(target) {
+                continue;
+            }
+            {
+                let mut l = ctx.ledger.borrow_mut();
+                l.unlinks
+                    .entry(target)
+                    .or_default()
+                    .requested_ms
+                    .get_or_insert(now);
+                l.trace(now, dev(k), "device_unlink", None, None, None, dev(target));
+            }
+            let f = json!({"type":"device_unlink","payload":{"device_id":device_name(target.1)}});
             if let Err(e) = send(&mut ws, f.to_string()).await {
                 return End::Lost(e);
             }
@@ -850,6 +916,24 @@ async fn on_frame(
                         format!("{} {}", c.op, user_name(c.user)),
                     );
                 }
+            }
+        }
+        ServerFrame::DeviceUnlinked { payload } => {
+            let now = now_ms();
+            let target = ctx
+                .plan
+                .unlinks
+                .keys()
+                .find(|t| t.0 == k.0 && device_name(t.1) == payload.device_id.as_str())
+                .copied();
+            if let Some(t) = target {
+                let mut l = ctx.ledger.borrow_mut();
+                l.unlinks
+                    .entry(t)
+                    .or_default()
+                    .confirmed_ms
+                    .get_or_insert(now);
+                l.trace(now, dev(k), "device_unlinked", None, None, None, dev(t));
             }
         }
         ServerFrame::Error { payload } => {

@@ -109,6 +109,15 @@ pub struct MembershipLog {
     pub confirmed_ms: Option<u64>,
 }
 
+/// A `[[workload.unlinks]]` entry as the phones saw it.
+#[derive(Clone, Debug, Default)]
+pub struct UnlinkLog {
+    /// When the request first left the asking phone.
+    pub requested_ms: Option<u64>,
+    /// When the `device_unlinked` answer first reached it.
+    pub confirmed_ms: Option<u64>,
+}
+
 /// The whole run's record.
 #[derive(Debug, Default)]
 pub struct Ledger {
@@ -129,6 +138,8 @@ pub struct Ledger {
     pub membership: Vec<MembershipLog>,
     /// Largest outbound queue seen on any connection after any step: (frames, bytes).
     pub max_queue: (u64, u64),
+    /// Per device unlinked during the run.
+    pub unlinks: BTreeMap<DeviceKey, UnlinkLog>,
 }
 
 /// Breaches kept per kind (the first ones are the useful witnesses).

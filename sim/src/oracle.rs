@@ -396,6 +396,9 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
                 if r.linked_at(k).is_none() {
                     continue; // never logged in: reported under liveness
                 }
+                if r.unlink_asked(k) {
+                    continue; // promised nothing more from its unlink on
+                }
                 let got: BTreeSet<u64> = l
                     .devices
                     .get(&k)
@@ -602,6 +605,39 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
         }
     }
 
+    // 3e. Unlinked devices: once its user saw the unlink answered, a device shows nothing
+    // first transmitted later (the server must neither copy to it, deliver to it nor let
+    // it sync).
+    for (k, dl) in &l.devices {
+        let Some(at) = r.unlinked_at(*k) else {
+            continue;
+        };
+        for sh in dl.shown.values() {
+            let Some(&i) = l.send_by_message.get(&sh.message_id) else {
+                continue;
+            };
+            if (plan.sends[i].user, plan.sends[i].device) == *k {
+                continue;
+            }
+            if l.sends[i].first_attempt_ms.is_some_and(|t| t >= at) {
+                let dev = dkey(*k);
+                push(
+                    &mut out,
+                    Violation {
+                        kind: ViolationKind::NonMember,
+                        conversation: Some(sh.conv.clone()),
+                        device: Some(dev.clone()),
+                        expected: format!(
+                            "{dev}, unlinked at {at} ms, shows nothing sent after that"
+                        ),
+                        seen: format!("{} ({}) shown at {} ms", sh.message_id, sh.cmid, sh.at_ms),
+                        context: context_of(o, Some(&sh.conv), Some(&dev), Some(&sh.cmid)),
+                    },
+                );
+            }
+        }
+    }
+
     // 3b. Receipts converge (messages shown in the last `RECEIPT_GRACE_MS` are not judged): a 1:1 message every recipient device shows is at least
     // delivered (✓✓) on every device of its sender by the end, even when the receipt was
     // pushed while the sender's socket was down.
@@ -614,17 +650,25 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
         }
         // Shown on every recipient device, early enough for the receipt to travel back
         // (and for a sender that was away to reconnect and ask) before the run ends.
-        let everywhere = (0..plan.devices_per_user).all(|d| {
-            l.devices
-                .get(&(*to, d))
-                .and_then(|dl| dl.shown.get(mid))
-                .is_some_and(|x| x.cmid == s.cmid && x.at_ms + RECEIPT_GRACE_MS <= o.end_ms)
-        });
+        // (Devices being unlinked are left out: they may never show it.)
+        let judged: Vec<usize> = (0..plan.devices_per_user)
+            .filter(|d| !r.unlink_asked((*to, *d)))
+            .collect();
+        let everywhere = !judged.is_empty()
+            && judged.iter().all(|d| {
+                l.devices
+                    .get(&(*to, *d))
+                    .and_then(|dl| dl.shown.get(mid))
+                    .is_some_and(|x| x.cmid == s.cmid && x.at_ms + RECEIPT_GRACE_MS <= o.end_ms)
+            });
         if !everywhere {
             continue;
         }
         for d in 0..plan.devices_per_user {
             let k = (s.user, d);
+            if r.unlink_asked(k) {
+                continue;
+            }
             let best = l
                 .devices
                 .get(&k)
@@ -678,6 +722,9 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
             continue;
         }
         let k = (s.user, s.device);
+        if r.unlink_asked(k) {
+            continue;
+        }
         let got = l
             .devices
             .get(&k)
@@ -809,7 +856,8 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
     }
 
     // 6b. Storage drains: an inbox copy of a message every device of its user shows (well
-    // before the end) must be gone.
+    // before the end) must be gone; a device seen unlinked counts as showing it (nothing
+    // may wait for it).
     // (Read once: 6c looks at the same rows.)
     let inbox_rows = o
         .store
@@ -828,6 +876,7 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
         let mid = format!("{}#{seq}", parts[1]);
         let everywhere = (0..plan.devices_per_user).all(|d| {
             r.linked_at((u, d)).is_none()
+                || r.unlinked_at((u, d)).is_some()
                 || l.devices
                     .get(&(u, d))
                     .and_then(|dl| dl.shown.get(&mid))
@@ -927,7 +976,7 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
 
     // 7. Liveness: after the quiet phase nothing is pending and everyone is back online.
     for (k, dl) in &l.devices {
-        if !dl.outbox.is_empty() {
+        if !dl.outbox.is_empty() && !r.unlink_asked(*k) {
             let dev = dkey(*k);
             let cmids: Vec<&str> = dl
                 .outbox

@@ -50,6 +50,9 @@ pub struct Plan {
     pub links: std::collections::BTreeMap<(usize, usize), u64>,
     /// Membership changes during the run, in scenario order.
     pub membership: Vec<MembershipChange>,
+    /// Devices unlinked during the run: (user, device) -> (from when it is asked for,
+    /// the asking device of the same user).
+    pub unlinks: std::collections::BTreeMap<(usize, usize), (u64, usize)>,
 }
 
 /// Name of user `i`.
@@ -163,6 +166,11 @@ impl Plan {
                 .map(|l| ((l.user, l.device), l.at_ms))
                 .collect(),
             membership: w.membership.clone(),
+            unlinks: w
+                .unlinks
+                .iter()
+                .map(|u| ((u.user, u.device), (u.at_ms, u.requester())))
+                .collect(),
         }
     }
 

@@ -8,7 +8,10 @@
 //! - an acked group message reaches every device of every member at creation, except
 //!   users removed from the group during the run (they are promised nothing more of it),
 //!   and reaches users added during the run if it was tapped after the admin saw the add;
-//! - a device linked during the run gets every message tapped after its first login.
+//! - a device linked during the run gets every message tapped after its first login;
+//! - a device whose unlink was asked for is promised nothing more (only its own sends,
+//!   which it shows from their ack on), and once its user saw the unlink answered it must
+//!   show nothing tapped later.
 
 use crate::ledger::{DeviceKey, Ledger};
 use crate::plan::{Plan, Target};
@@ -91,9 +94,26 @@ impl<'a> Reference<'a> {
         }
     }
 
+    /// Was device `k` asked to be unlinked during the run (whether or not it happened)?
+    pub fn unlink_asked(&self, k: DeviceKey) -> bool {
+        self.ledger
+            .unlinks
+            .get(&k)
+            .is_some_and(|u| u.requested_ms.is_some())
+    }
+
+    /// When the user of device `k` saw its unlink answered: from then on the server holds
+    /// it unlinked.
+    pub fn unlinked_at(&self, k: DeviceKey) -> Option<u64> {
+        self.ledger.unlinks.get(&k).and_then(|u| u.confirmed_ms)
+    }
+
     /// Must device `k` show send `i` (acked or not)?
     pub fn required(&self, i: usize, k: DeviceKey) -> bool {
         let s = &self.plan.sends[i];
+        if self.unlink_asked(k) && k != (s.user, s.device) {
+            return false;
+        }
         let Some(linked) = self.linked_at(k) else {
             return false;
         };
@@ -117,7 +137,7 @@ impl<'a> Reference<'a> {
     /// Does device `k` take part in the conversation of send `i` from its first message on
     /// (so it must end with seq 1..n)? Otherwise its promise starts later (see `required`).
     pub fn from_the_start(&self, i: usize, k: DeviceKey) -> bool {
-        if self.linked_at(k) != Some(0) {
+        if self.linked_at(k) != Some(0) || self.unlink_asked(k) {
             return false;
         }
         let s = &self.plan.sends[i];

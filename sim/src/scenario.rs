@@ -192,6 +192,30 @@ pub struct Workload {
     /// Members added to or removed from groups during the run, by the group's admin.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub membership: Vec<MembershipChange>,
+    /// Devices unlinked from their account during the run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unlinks: Vec<Unlink>,
+}
+
+/// A device unlinked mid-run (`[[workload.unlinks]]`): device `by` of the same user (the
+/// device itself, logging out, when `by` is left out) sends `device_unlink` once it is
+/// connected at or after `at_ms`, and again on each new connection until it is answered.
+/// The unlinked phone keeps its old token and keeps trying it, as a stolen phone would.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Unlink {
+    pub user: usize,
+    pub device: usize,
+    pub at_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<usize>,
+}
+
+impl Unlink {
+    /// The device that asks.
+    pub fn requester(&self) -> usize {
+        self.by.unwrap_or(self.device)
+    }
 }
 
 /// A device linked mid-run (`[[workload.links]]`).
@@ -667,6 +691,48 @@ impl Scenario {
                 ));
             }
         }
+        for u in &w.unlinks {
+            let bad = |m: String| Err((None, "[[workload.unlinks]]", m));
+            if u.user >= w.users
+                || u.device >= w.devices_per_user
+                || u.requester() >= w.devices_per_user
+                || u.at_ms > self.duration_ms
+            {
+                return bad(format!(
+                    "an unlink needs user < users ({}), device and by < devices_per_user ({}) \
+                     and at_ms within duration_ms ({})",
+                    w.users, w.devices_per_user, self.duration_ms
+                ));
+            }
+            let dev = format!("u{}/d{}", u.user, u.device);
+            if w.unlinks
+                .iter()
+                .filter(|x| x.user == u.user && x.device == u.device)
+                .count()
+                > 1
+            {
+                return bad(format!("device {dev} is unlinked twice"));
+            }
+            if w.links
+                .iter()
+                .any(|l| l.user == u.user && l.device == u.device)
+            {
+                return bad(format!(
+                    "device {dev} is both linked and unlinked during the run; pick one"
+                ));
+            }
+            if u.requester() != u.device
+                && w.unlinks
+                    .iter()
+                    .any(|x| x.user == u.user && x.device == u.requester())
+            {
+                return bad(format!(
+                    "device {dev} is to be unlinked by u{}/d{}, which is itself unlinked",
+                    u.user,
+                    u.requester()
+                ));
+            }
+        }
         for c in &w.membership {
             let bad = |m: String| Err((None, "[[workload.membership]]", m));
             let Some(g) = w.groups.get(c.group) else {
@@ -928,6 +994,33 @@ mod tests {
         let past = format!("{within}[server]\ngroup_cap = 3\n");
         let s = Scenario::parse(&past, "g.toml").expect("past the cap");
         assert_eq!(s.workload.groups[0].grow_at_ms, Some(500));
+    }
+
+    #[test]
+    fn unlinks_are_checked_and_point_at_their_table() {
+        let base =
+            "name = \"x\"\nduration_ms = 1000\n[workload]\nusers = 2\ndevices_per_user = 2\n";
+        let ok = format!("{base}[[workload.unlinks]]\nuser = 1\ndevice = 1\nby = 0\nat_ms = 500\n");
+        let s = Scenario::parse(&ok, "u.toml").expect("parses");
+        assert_eq!(s.workload.unlinks[0].requester(), 0);
+        for (bad, says) in [
+            (
+                "user = 1\ndevice = 2\nat_ms = 500\n",
+                "device and by < devices_per_user",
+            ),
+            ("user = 1\ndevice = 1\nat_ms = 5000\n", "within duration_ms"),
+        ] {
+            let text = format!("{base}[[workload.unlinks]]\n{bad}");
+            let e = Scenario::parse(&text, "u.toml").expect_err("bad unlink");
+            assert!(e.message.contains(says), "{e}");
+            assert_eq!(e.line, 6, "points at [[workload.unlinks]]: {e}");
+        }
+        let twice = format!("{ok}[[workload.unlinks]]\nuser = 1\ndevice = 1\nat_ms = 600\n");
+        let e = Scenario::parse(&twice, "u.toml").expect_err("twice");
+        assert!(e.message.contains("unlinked twice"), "{e}");
+        let chained = format!("{base}[[workload.unlinks]]\nuser = 1\ndevice = 1\nby = 0\nat_ms = 500\n[[workload.unlinks]]\nuser = 1\ndevice = 0\nat_ms = 600\n");
+        let e = Scenario::parse(&chained, "u.toml").expect_err("by an unlinked device");
+        assert!(e.message.contains("itself unlinked"), "{e}");
     }
 
     #[test]

@@ -137,10 +137,16 @@ pub fn shrink(
             }
         }
         // Operations during the run, all at once, then one by one.
-        if !w.links.is_empty() || !w.membership.is_empty() {
+        if !w.links.is_empty() || !w.membership.is_empty() || !w.unlinks.is_empty() {
             let mut c = best.clone();
             c.workload.links.clear();
             c.workload.membership.clear();
+            c.workload.unlinks.clear();
+            cands.push(c);
+        }
+        for i in 0..w.unlinks.len() {
+            let mut c = best.clone();
+            c.workload.unlinks.remove(i);
             cands.push(c);
         }
         for i in 0..w.links.len() {
@@ -167,6 +173,10 @@ pub fn shrink(
         if w.devices_per_user > 1 {
             let mut c = best.clone();
             c.workload.devices_per_user = 1;
+            c.workload.links.retain(|l| l.device < 1);
+            c.workload
+                .unlinks
+                .retain(|u| u.device < 1 && u.requester() < 1);
             cands.push(c);
         }
         if best.topology.client_hosts > 1 {
@@ -239,6 +249,7 @@ fn cut_users(sc: &Scenario, to: usize) -> Scenario {
     c.workload.users = to;
     c.workload.links.retain(|l| l.user < to);
     c.workload.membership.retain(|m| m.user < to);
+    c.workload.unlinks.retain(|u| u.user < to);
     let mut gi = 0;
     while gi < c.workload.groups.len() {
         let g = &mut c.workload.groups[gi];

@@ -11,7 +11,7 @@
 //! `name = [min, max]` in `[swarm.space]` (within the knob's hard limits).
 
 pub use crate::knobs::{check_bounds, Knob, KNOBS};
-use crate::scenario::{GroupLoad, Link, MembershipChange, Scenario};
+use crate::scenario::{GroupLoad, Link, MembershipChange, Scenario, Unlink};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
@@ -320,6 +320,30 @@ pub fn draw(sc: &Scenario, seed: u64) -> Result<Drawn, String> {
             .push(("token_life_ms".into(), "the whole run".into()));
         None
     };
+    // Devices unlinked mid-run (drawn last, so earlier draws keep their seeds): a second..
+    // fourth device not linked mid-run, by the user's first device or by itself.
+    let unlink_p = d.float("unlink_probability");
+    let mut unlinks = Vec::new();
+    for u in 0..users {
+        for dev in 1..devices {
+            let linked_later = out
+                .workload
+                .links
+                .iter()
+                .any(|l| l.user == u && l.device == dev);
+            if !linked_later && d.chance(unlink_p) {
+                let at_ms = d.rng.random_range(0..=dur * 4 / 5);
+                let by = d.chance(0.5).then_some(0);
+                unlinks.push(Unlink {
+                    user: u,
+                    device: dev,
+                    at_ms,
+                    by,
+                });
+            }
+        }
+    }
+    out.workload.unlinks = unlinks;
     out.server =
         Some(toml::Table::try_from(&limits).map_err(|e| format!("encoding drawn limits: {e}"))?);
     // Knobs that ended up adjusted by others are explained by their final value.

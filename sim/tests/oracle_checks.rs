@@ -385,3 +385,90 @@ fn a_missing_message_is_excused_only_if_retention_may_have_expired_it() {
         .push((acked_at, acked_at + 1));
     assert!(kinds(&o).contains(&ViolationKind::Loss));
 }
+
+/// u1's phone unlinks u1's laptop at 3 s; u0 and u1 keep talking.
+fn run_with_unlink() -> Outcome {
+    let sc = Scenario::parse(
+        r#"
+name = "unlinked"
+duration_ms = 10000
+quiet_ms = 20000
+[workload]
+users = 2
+devices_per_user = 2
+messages_per_user = 5
+send_window_ms = [0, 9000]
+[[workload.unlinks]]
+user = 1
+device = 1
+by = 0
+at_ms = 3000
+"#,
+        "unlinked.toml",
+    )
+    .expect("parses");
+    let (r, o) = sim::run_seed(&sc, 3, &RunOptions::default()).expect("runs");
+    assert!(r.passed, "{:?}", r.failures);
+    o
+}
+
+#[test]
+fn an_unlinked_device_showing_a_later_message_is_non_member_and_owes_nothing_else() {
+    let o = run_with_unlink();
+    let at = o.ledger.unlinks[&(1, 1)]
+        .confirmed_ms
+        .expect("the unlink was answered");
+    // A message first sent after the unlink, as the phone u1/d0 shows it.
+    let (i, mid) = o
+        .ledger
+        .sends
+        .iter()
+        .enumerate()
+        .find_map(|(i, s)| {
+            let a = s.acked.as_ref()?;
+            (s.first_attempt_ms? > at && o.plan.sends[i].user == 0).then(|| (i, a.2.clone()))
+        })
+        .expect("a send after the unlink");
+    let sh = o.ledger.devices[&(1, 0)].shown[&mid].clone();
+    // The unlinked laptop owes nothing: not showing it is no loss...
+    assert!(!o.ledger.devices[&(1, 1)].shown.contains_key(&mid));
+    assert!(kinds(&o).is_empty());
+    // ...but showing it is a breach of the unlink.
+    let mut bad = o;
+    bad.ledger
+        .devices
+        .get_mut(&(1, 1))
+        .expect("laptop")
+        .shown
+        .insert(mid.clone(), sh);
+    assert!(
+        kinds(&bad).contains(&ViolationKind::NonMember),
+        "send {i} shown on the unlinked laptop"
+    );
+}
+
+#[test]
+fn an_inbox_copy_left_waiting_for_an_unlinked_device_is_a_storage_leak() {
+    let mut o = run_with_unlink();
+    // A message the phone shows and the laptop never did, with a copy still waiting for
+    // the laptop alone.
+    let laptop = &o.ledger.devices[&(1, 1)].shown;
+    let (conv, seq) = o.ledger.devices[&(1, 0)]
+        .shown
+        .values()
+        .find(|s| s.sender == 0 && !laptop.contains_key(&s.message_id))
+        .map(|s| (s.conv.clone(), s.seq))
+        .expect("u1's phone shows a message of u0");
+    o.store
+        .commit(vec![Write::Put(
+            Table::Inbox,
+            inbox_key(
+                &"u1".into(),
+                &model_server::ids::ConversationId(conv),
+                model_server::ids::Seq(seq),
+            ),
+            b"{\"acked\":[\"d0\"]}".to_vec(),
+        )])
+        .expect("commit");
+    assert!(kinds(&o).contains(&ViolationKind::StorageLeak));
+}

@@ -113,3 +113,18 @@ fn truncated_media_is_caught_as_a_lost_file() {
         r.violations
     );
 }
+
+#[test]
+fn unlinked_tokens_that_still_work_are_an_auth_breach() {
+    passes_without_bugs("device-unlink");
+    caught_at("device-unlink", "unlinked-tokens-work", ViolationKind::Auth);
+}
+
+#[test]
+fn an_unlink_that_keeps_the_copies_waiting_for_it_leaks_storage() {
+    caught_at(
+        "device-unlink",
+        "unlink-keeps-copies",
+        ViolationKind::StorageLeak,
+    );
+}

@@ -63,7 +63,8 @@ fn every_planted_bug_is_caught_by_the_plain_swarm_within_100_seeds() {
         "early-delivery-receipt" => Some(ViolationKind::FalseReceipt),
         "forget-delivery-acks" => Some(ViolationKind::Redelivery),
         "stale-group-members" => Some(ViolationKind::NonMember),
-        "accept-expired-tokens" => Some(ViolationKind::Auth),
+        "accept-expired-tokens" | "unlinked-tokens-work" => Some(ViolationKind::Auth),
+        "unlink-keeps-copies" => Some(ViolationKind::StorageLeak),
         _ => None,
     };
     let bugs: Vec<&'static str> = model_server::config::Bugs::NAMES.to_vec();

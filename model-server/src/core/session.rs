@@ -47,7 +47,9 @@ impl<S: KvStore> ChatCore<S> {
             return Err(Reject::new(401, format!("auth refused: {e}")));
         }
         let record = self.db.device(&p.user_id, &p.device_id)?;
-        if record.as_ref().is_some_and(|r| r.unlinked_at.is_some()) {
+        if record.as_ref().is_some_and(|r| r.unlinked_at.is_some())
+            && !self.bugs.unlinked_tokens_work
+        {
             // Its tokens were revoked with it: a leaked token must not re-register it.
             tracing::info!(user = %p.user_id, device = %p.device_id, "auth refused: unlinked");
             return Err(Reject::new(401, "auth refused: device unlinked"));
@@ -68,7 +70,7 @@ impl<S: KvStore> ChatCore<S> {
         let was_online = self.reg.is_online(&p.user_id);
         // Register the device and home region durably before telling the client it is in.
         let mut batch = Vec::new();
-        if record.is_none() {
+        if record.is_none() || record.as_ref().is_some_and(|r| r.unlinked_at.is_some()) {
             batch.push(Write::Put(
                 Table::Devices,
                 device_key(&p.user_id, &p.device_id),

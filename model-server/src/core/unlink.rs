@@ -50,7 +50,7 @@ impl<S: KvStore> ChatCore<S> {
                 }),
             )];
             let mut from: Option<(ConversationId, Seq)> = None;
-            loop {
+            while !self.bugs.unlink_keeps_copies {
                 // `from` is inclusive: after the first page, its first row was seen.
                 let skip = usize::from(from.is_some());
                 let limit = SCAN_PAGE + skip;
