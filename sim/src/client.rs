@@ -287,7 +287,9 @@ struct Session {
     acks_since_heartbeat: Vec<String>,
     /// Per heartbeat in flight, the acks sent before it: its `heartbeat_ack` proves the
     /// server read them (frames on one connection are handled in order).
-    heartbeats: std::collections::VecDeque<Vec<String>>,
+    heartbeats: std::collections::VecDeque<(u64, Vec<String>)>,
+    /// When this session began (its `auth_success` had arrived).
+    began: u64,
     /// Membership changes requested on this connection.
     membership_sent: std::collections::BTreeSet<usize>,
     /// Devices this connection asked to unlink.
@@ -335,6 +337,7 @@ async fn session(
         last_typing: None,
         acks_since_heartbeat: Vec::new(),
         heartbeats: Default::default(),
+        began: now,
         membership_sent: Default::default(),
         unlinks_sent: Default::default(),
         status_wanted: Default::default(),
@@ -641,7 +644,7 @@ async fn session(
         if now >= s.last_heartbeat + cfg.heartbeat_ms {
             s.last_heartbeat = now;
             let acks = std::mem::take(&mut s.acks_since_heartbeat);
-            s.heartbeats.push_back(acks);
+            s.heartbeats.push_back((now, acks));
             // Bounded like every other write: a heartbeat stuck behind a stalled stream
             // must end the session, not hang the phone.
             if let Err(e) = send(&mut ws, r#"{"type":"heartbeat"}"#.to_string()).await {
@@ -885,9 +888,14 @@ async fn on_frame(
         }
         ServerFrame::HeartbeatAck { .. } => {
             // Everything acked before the oldest heartbeat in flight has been read.
-            if let Some(acks) = s.heartbeats.pop_front() {
+            if let Some((sent, acks)) = s.heartbeats.pop_front() {
                 let mut l = ctx.ledger.borrow_mut();
-                l.device(k).acks_confirmed.extend(acks);
+                let d = l.device(k);
+                d.acks_confirmed.extend(acks);
+                match d.answered.last_mut() {
+                    Some(last) if last.0 == s.began => last.1 = sent,
+                    _ => d.answered.push((s.began, sent)),
+                }
             }
         }
         ServerFrame::GroupUpdate { payload } => {

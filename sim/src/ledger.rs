@@ -77,6 +77,10 @@ pub struct DeviceLog {
     pub group_recipients: BTreeMap<String, u64>,
     /// Pending syncs this device finished: (first request sent, last page received).
     pub syncs: Vec<(u64, u64)>,
+    /// Per connection that heard a `heartbeat_ack`: (when its session began, after
+    /// `auth_success`; when the latest heartbeat answered on it was sent). The server
+    /// handled that heartbeat after everything it had queued before on the connection.
+    pub answered: Vec<(u64, u64)>,
 }
 
 /// Per planned send: when it was tapped, acked, delivered and read.

@@ -115,7 +115,7 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
     // A device is excused a message it does not show only if the message may have
     // expired before the device could fetch it: no pending sync of that device both
     // began after the sender saw the ack (so after the store) and finished before then.
-    let excused_on = |i: usize, k: DeviceKey| {
+    let excused_file = |i: usize, k: DeviceKey| {
         let (Some(e), Some(acked_at)) = (expires(i), l.sends[i].acked.as_ref().map(|a| a.3)) else {
             return false;
         };
@@ -124,6 +124,22 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
                 .iter()
                 .any(|(start, done)| *start >= acked_at && *done < e)
         })
+    };
+    // Nor is a device that was connected when the message was stored and still there
+    // after: a connection authenticated before the first attempt that later answered a
+    // heartbeat sent after the ack. The server queued the message on it live at the
+    // store, ahead of that answer, and frames on a connection are never dropped without
+    // closing it. (Its file may still have expired before the download: `excused_file`.)
+    let excused_on = |i: usize, k: DeviceKey| {
+        let live = match (l.sends[i].first_attempt_ms, l.sends[i].acked.as_ref()) {
+            (Some(first), Some(a)) => l.devices.get(&k).is_some_and(|d| {
+                d.answered
+                    .iter()
+                    .any(|(began, hb)| *began < first && *hb > a.3)
+            }),
+            _ => false,
+        };
+        !live && excused_file(i, k)
     };
 
     // 0. What the phones, the disk and the world saw broken while the run went on
@@ -242,7 +258,7 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
                 let Some(dl) = l.devices.get(&k) else {
                     continue;
                 };
-                if !dl.shown.contains_key(mid) || excused_on(i, k) {
+                if !dl.shown.contains_key(mid) || excused_file(i, k) {
                     continue; // a loss (reported), or a file deleted with its message
                 }
                 let seen = match dl.media.get(&i) {

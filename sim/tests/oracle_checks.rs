@@ -369,14 +369,30 @@ fn a_missing_message_is_excused_only_if_retention_may_have_expired_it() {
     dl.shown.remove(&mid);
     assert!(kinds(&o).contains(&ViolationKind::Loss));
     // Had retention been a second, the server may rightly have deleted it before that
-    // device came for it: not a loss, nor a gap.
+    // device came for it (had it not been connected all along): not a loss, nor a gap.
     o.limits.retention_ms = 1_000;
+    let answered = std::mem::take(&mut o.ledger.devices.get_mut(&key).expect("device").answered);
     let k = kinds(&o);
     assert!(!k.contains(&ViolationKind::Loss), "{k:?}");
     assert!(!k.contains(&ViolationKind::Order), "{k:?}");
+    // A device connected from before the first attempt until a heartbeat answered after
+    // the ack got it live at the store, whatever retention did later: a loss.
+    let first = o.ledger.sends[i].first_attempt_ms.expect("attempted");
+    let acked_at = o.ledger.sends[i].acked.as_ref().expect("acked").3;
+    assert!(
+        answered.iter().any(|(b, h)| *b < first && *h > acked_at),
+        "the crafted run keeps {key:?} connected through the send: {answered:?}"
+    );
+    o.ledger.devices.get_mut(&key).expect("device").answered = answered;
+    assert!(kinds(&o).contains(&ViolationKind::Loss));
+    o.ledger
+        .devices
+        .get_mut(&key)
+        .expect("device")
+        .answered
+        .clear();
     // But a device that finished a pending sync after the ack and before the message could
     // expire should have had it: a loss again.
-    let acked_at = o.ledger.sends[i].acked.as_ref().expect("acked").3;
     o.ledger
         .devices
         .get_mut(&key)
