@@ -77,7 +77,18 @@ pub async fn run_device(ctx: Rc<Ctx>, k: DeviceKey) {
                     gw.as_str(),
                 );
                 backoff = cfg.backoff_initial_ms;
-                match session(&ctx, k, ws, &mut rng, ctl.generation).await {
+                // A session that has not ended (the run stopped first) ends at u64::MAX.
+                let began = now_ms();
+                ctx.ledger
+                    .borrow_mut()
+                    .device(k)
+                    .sessions
+                    .push((began, u64::MAX));
+                let end = session(&ctx, k, ws, &mut rng, ctl.generation).await;
+                if let Some(last) = ctx.ledger.borrow_mut().device(k).sessions.last_mut() {
+                    last.1 = now_ms();
+                }
+                match end {
                     End::Done => return,
                     End::Vanished(ws) => {
                         ctx.ledger.borrow_mut().trace(
@@ -558,6 +569,32 @@ async fn session(
                 return End::Lost(e);
             }
         }
+        // Near the end of a long quiet phase, each user's first device asks for the
+        // presence of the next user (one subscription: its answer cannot be shed on an
+        // idle connection). The oracle compares the answer with who was connected.
+        if k.1 == 0 && ctx.plan.users > 1 && presence_probe_at(ctx).is_some_and(|t| now >= t) {
+            let first = ctx.ledger.borrow_mut().device(k).probe.is_none();
+            if first {
+                let x = (k.0 + 1) % ctx.plan.users;
+                {
+                    let mut l = ctx.ledger.borrow_mut();
+                    l.device(k).probe = Some((now, x, s.began));
+                    l.trace(
+                        now,
+                        dev(k),
+                        "presence_subscribe",
+                        None,
+                        None,
+                        None,
+                        user_name(x),
+                    );
+                }
+                let f = json!({"type":"presence_subscribe","payload":{"user_ids":[user_name(x)]}});
+                if let Err(e) = send(&mut ws, f.to_string()).await {
+                    return End::Lost(e);
+                }
+            }
+        }
         // Unlink a device of this user (this one, or another), again on each connection
         // until the answer arrives.
         for (&target, &(at, by)) in &ctx.plan.unlinks {
@@ -683,6 +720,12 @@ async fn session(
             _ = tokio::time::sleep(Duration::from_millis(session_wake_in(ctx, k, &s, now, slow.is_some()))) => {}
         }
     }
+}
+
+/// When phones probe presence: 4 s before the end, if the quiet phase lasts at least 10 s
+/// (so every fault is long over and connections are idle).
+pub fn presence_probe_at(ctx: &Ctx) -> Option<u64> {
+    (ctx.sc.quiet_ms >= 10_000).then(|| ctx.end_ms.saturating_sub(4_000))
 }
 
 /// Longest a phone waits for one frame to leave before it gives the socket up. Without
@@ -1055,6 +1098,17 @@ async fn on_frame(
                     payload.delivered, payload.recipients, payload.read
                 ),
             );
+        }
+        ServerFrame::Presence { payload } => {
+            let now = now_ms();
+            let mut l = ctx.ledger.borrow_mut();
+            let d = l.device(k);
+            if let Some((_, x, began)) = d.probe {
+                if began == s.began && payload.user_id.as_str() == user_name(x) {
+                    let online = payload.status == model_server::protocol::PresenceStatus::Online;
+                    d.probe_answers.push((now, online));
+                }
+            }
         }
         ServerFrame::Typing { payload } => {
             ctx.ledger.borrow_mut().trace(

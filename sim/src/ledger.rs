@@ -81,6 +81,13 @@ pub struct DeviceLog {
     /// `auth_success`; when the latest heartbeat answered on it was sent). The server
     /// handled that heartbeat after everything it had queued before on the connection.
     pub answered: Vec<(u64, u64)>,
+    /// Its sessions: (began, after `auth_success`; ended, `u64::MAX` while it lasts).
+    pub sessions: Vec<(u64, u64)>,
+    /// The presence probe near the end of the quiet phase: (sent, the user asked about,
+    /// when the probing session began).
+    pub probe: Option<(u64, usize, u64)>,
+    /// `presence` frames about the probed user on the probing session: (received, online).
+    pub probe_answers: Vec<(u64, bool)>,
 }
 
 /// Per planned send: when it was tapped, acked, delivered and read.

@@ -1032,6 +1032,58 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
             );
         }
     }
+    // 7b. Presence answers the truth: the probe near the end (see `client`) gets an answer,
+    // and it says online whenever a device of that user was connected from before the
+    // probe until well after the answer (so the server held its connection throughout).
+    for (k, dl) in &l.devices {
+        let Some((sent, x, began)) = dl.probe else {
+            continue;
+        };
+        let dev = dkey(*k);
+        let through = |from: u64, to: u64| {
+            (0..plan.devices_per_user).any(|d| {
+                l.devices
+                    .get(&(x, d))
+                    .is_some_and(|xd| xd.sessions.iter().any(|(b, e)| *b < from && *e > to))
+            })
+        };
+        for (at, online) in &dl.probe_answers {
+            if !online && through(sent, at.saturating_add(2_000)) {
+                push(
+                    &mut out,
+                    Violation {
+                        kind: ViolationKind::Liveness,
+                        conversation: None,
+                        device: Some(dev.clone()),
+                        expected: format!(
+                            "presence of {} online: a device of theirs was connected from before the probe at {sent} ms until after the answer",
+                            user_name(x)
+                        ),
+                        seen: format!("offline at {at} ms"),
+                        context: context(o, None, Some(&dev)),
+                    },
+                );
+            }
+        }
+        let heard_after = dl.answered.iter().any(|(b, hb)| *b == began && *hb > sent);
+        if dl.probe_answers.is_empty() && heard_after {
+            push(
+                &mut out,
+                Violation {
+                    kind: ViolationKind::Liveness,
+                    conversation: None,
+                    device: Some(dev.clone()),
+                    expected: format!(
+                        "a presence frame for {} answering presence_subscribe at {sent} ms",
+                        user_name(x)
+                    ),
+                    seen: "none, though a later heartbeat was answered on the same connection"
+                        .into(),
+                    context: context(o, None, Some(&dev)),
+                },
+            );
+        }
+    }
     for (u, online) in o.online_at_end.iter().enumerate() {
         if !online {
             push(

@@ -83,7 +83,8 @@ pub fn narrate(trace: &[TraceEvent], filter: &Filter) -> Vec<Line> {
         }
     }
     for (i, e) in trace.iter().enumerate() {
-        if !filter.keeps(e) {
+        // The end-of-run presence probe checks the server; it is not part of the story.
+        if !filter.keeps(e) || e.event == "presence_subscribe" {
             continue;
         }
         let conv = e.conv.clone().unwrap_or_default();
@@ -196,6 +197,12 @@ pub fn narrate(trace: &[TraceEvent], filter: &Filter) -> Vec<Line> {
                 "throttled, not queued: a keystroke storm costs the server almost nothing",
             ),
             "typing_seen" => (format!("sees \"{} is typing…\" in {conv}", e.detail), ""),
+            "device_unlink" => (
+                format!("asks the server to unlink {}", e.detail),
+                "an unlinked device's tokens stop working, and nothing waits for it any more",
+            ),
+            "device_unlinked" => (format!("{} is unlinked, durably", e.detail), ""),
+            "logged_out" => ("is logged out: its old token is refused".to_string(), ""),
             "fault" => {
                 // Count the sockets a fault knocks off when it starts, not when it ends.
                 let starts = e.detail.split_whitespace().nth(1) != Some("ends");

@@ -488,3 +488,31 @@ fn an_inbox_copy_left_waiting_for_an_unlinked_device_is_a_storage_leak() {
         .expect("commit");
     assert!(kinds(&o).contains(&ViolationKind::StorageLeak));
 }
+
+#[test]
+fn a_presence_probe_answered_offline_for_a_connected_user_or_not_at_all_is_liveness() {
+    let o = run();
+    let (k, answers) = o
+        .ledger
+        .devices
+        .iter()
+        .find_map(|(k, d)| {
+            (d.probe.is_some() && !d.probe_answers.is_empty())
+                .then_some((*k, d.probe_answers.clone()))
+        })
+        .expect("a device probed presence near the end and heard the answer");
+    assert!(answers.iter().all(|(_, online)| *online), "{answers:?}");
+    // Answered "offline" while the user was connected all along.
+    let mut bad = run();
+    bad.ledger.devices.get_mut(&k).expect("d").probe_answers[0].1 = false;
+    assert!(kinds(&bad).contains(&ViolationKind::Liveness));
+    // Not answered, though the connection answered a later heartbeat.
+    let mut bad = run();
+    bad.ledger
+        .devices
+        .get_mut(&k)
+        .expect("d")
+        .probe_answers
+        .clear();
+    assert!(kinds(&bad).contains(&ViolationKind::Liveness));
+}
