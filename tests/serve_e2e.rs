@@ -388,6 +388,22 @@ async fn media_lane_uploads_resume_and_download_only_for_members() {
         b.recv_type("message").await["payload"]["media_id"],
         media_id
     );
+    // Bob's laptop is unlinked: its unexpired token no longer downloads anything.
+    let (_laptop, _) = Client::login(&srv, "bob", "laptop").await;
+    let laptop = srv.token("bob", "laptop");
+    let get_as =
+        |tok: &str| format!("GET {url} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok}\r\n\r\n");
+    assert!(http(&srv.addr, &get_as(&laptop))
+        .await
+        .starts_with("HTTP/1.1 200"));
+    b.send(json!({"type":"device_unlink","payload":{"device_id":"laptop"}}))
+        .await;
+    b.recv_type("device_unlinked").await;
+    let refused = http(&srv.addr, &get_as(&laptop)).await;
+    assert!(
+        refused.starts_with("HTTP/1.1 401") && refused.contains("device unlinked"),
+        "{refused}"
+    );
     srv.stop();
 }
 

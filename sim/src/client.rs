@@ -77,18 +77,7 @@ pub async fn run_device(ctx: Rc<Ctx>, k: DeviceKey) {
                     gw.as_str(),
                 );
                 backoff = cfg.backoff_initial_ms;
-                // A session that has not ended (the run stopped first) ends at u64::MAX.
-                let began = now_ms();
-                ctx.ledger
-                    .borrow_mut()
-                    .device(k)
-                    .sessions
-                    .push((began, u64::MAX));
-                let end = session(&ctx, k, ws, &mut rng, ctl.generation).await;
-                if let Some(last) = ctx.ledger.borrow_mut().device(k).sessions.last_mut() {
-                    last.1 = now_ms();
-                }
-                match end {
+                match session(&ctx, k, ws, &mut rng, ctl.generation).await {
                     End::Done => return,
                     End::Vanished(ws) => {
                         ctx.ledger.borrow_mut().trace(
@@ -722,10 +711,11 @@ async fn session(
     }
 }
 
-/// When phones probe presence: 4 s before the end, if the quiet phase lasts at least 10 s
+/// When phones probe presence: 9 s before the end (room for a heartbeat of up to 8 s to
+/// prove a connection was held past the answer), if the quiet phase lasts at least 15 s
 /// (so every fault is long over and connections are idle).
 pub fn presence_probe_at(ctx: &Ctx) -> Option<u64> {
-    (ctx.sc.quiet_ms >= 10_000).then(|| ctx.end_ms.saturating_sub(4_000))
+    (ctx.sc.quiet_ms >= 15_000).then(|| ctx.end_ms.saturating_sub(9_000))
 }
 
 /// Longest a phone waits for one frame to leave before it gives the socket up. Without

@@ -79,7 +79,7 @@ pub const KNOBS: &[Knob] = &[
     k("group_commit_probability", 0.5, 0.5, 0.0, 1.0, "chance the store groups commits (answers wait for a sync round; a crash keeps a prefix of the unsynced batches)"),
     k("fsync_ms", 0.0, 20.0, 0.0, 10000.0, "how long one group-commit sync round takes"),
     // Operations (drawn last).
-    k("unlink_probability", 0.0, 0.3, 0.0, 1.0, "chance a second..fourth device is unlinked mid-run (by the first device or itself)"),
+    k("unlink_probability", 0.0, 0.3, 0.0, 1.0, "chance each device but the first is unlinked mid-run (by the first device or itself)"),
 ];
 
 /// Checks `[swarm.space]` bounds: known names, `min <= max`, within the hard limits.

@@ -81,8 +81,6 @@ pub struct DeviceLog {
     /// `auth_success`; when the latest heartbeat answered on it was sent). The server
     /// handled that heartbeat after everything it had queued before on the connection.
     pub answered: Vec<(u64, u64)>,
-    /// Its sessions: (began, after `auth_success`; ended, `u64::MAX` while it lasts).
-    pub sessions: Vec<(u64, u64)>,
     /// The presence probe near the end of the quiet phase: (sent, the user asked about,
     /// when the probing session began).
     pub probe: Option<(u64, usize, u64)>,

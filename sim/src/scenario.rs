@@ -733,6 +733,19 @@ impl Scenario {
                 ));
             }
         }
+        for u in 0..w.users {
+            let gone = w.unlinks.iter().filter(|x| x.user == u).count();
+            if gone > 0 && gone >= w.devices_per_user {
+                return Err((
+                    None,
+                    "[[workload.unlinks]]",
+                    format!(
+                        "every device of u{u} is unlinked; keep at least one (devices_per_user = {})",
+                        w.devices_per_user
+                    ),
+                ));
+            }
+        }
         for c in &w.membership {
             let bad = |m: String| Err((None, "[[workload.membership]]", m));
             let Some(g) = w.groups.get(c.group) else {
@@ -1021,6 +1034,9 @@ mod tests {
         let chained = format!("{base}[[workload.unlinks]]\nuser = 1\ndevice = 1\nby = 0\nat_ms = 500\n[[workload.unlinks]]\nuser = 1\ndevice = 0\nat_ms = 600\n");
         let e = Scenario::parse(&chained, "u.toml").expect_err("by an unlinked device");
         assert!(e.message.contains("itself unlinked"), "{e}");
+        let all = format!("{base}[[workload.unlinks]]\nuser = 1\ndevice = 1\nat_ms = 500\n[[workload.unlinks]]\nuser = 1\ndevice = 0\nat_ms = 600\n");
+        let e = Scenario::parse(&all, "u.toml").expect_err("no device left");
+        assert!(e.message.contains("keep at least one"), "{e}");
     }
 
     #[test]

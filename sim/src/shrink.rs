@@ -174,9 +174,7 @@ pub fn shrink(
             let mut c = best.clone();
             c.workload.devices_per_user = 1;
             c.workload.links.retain(|l| l.device < 1);
-            c.workload
-                .unlinks
-                .retain(|u| u.device < 1 && u.requester() < 1);
+            c.workload.unlinks.clear(); // a user's only device is never unlinked
             cands.push(c);
         }
         if best.topology.client_hosts > 1 {

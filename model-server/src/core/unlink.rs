@@ -6,7 +6,7 @@
 use super::outbound::FrameClass;
 use super::registry::Session;
 use super::{ChatCore, CloseReason, Handled, Reject};
-use crate::ids::{is_valid_id, ConnId, ConversationId, Millis, Seq};
+use crate::ids::{is_valid_id, ConnId, ConversationId, DeviceId, Millis, Seq, UserId};
 use crate::protocol::{DeviceUnlinkPayload, ServerFrame};
 use crate::store::records::{device_key, enc, group_cursor_key, inbox_key, msg_key, DeviceRecord};
 use crate::store::{KvStore, Table, Write};
@@ -15,6 +15,16 @@ use crate::store::{KvStore, Table, Write};
 const SCAN_PAGE: usize = 1024;
 
 impl<S: KvStore> ChatCore<S> {
+    /// Whether `device` of `user` was unlinked: its tokens then work nowhere, the media
+    /// lane included.
+    pub fn device_unlinked(&self, user: &UserId, device: &DeviceId) -> Result<bool, String> {
+        if self.bugs.unlinked_tokens_work {
+            return Ok(false);
+        }
+        let rec = self.db.device(user, device).map_err(|e| e.to_string())?;
+        Ok(rec.is_some_and(|r| r.unlinked_at.is_some()))
+    }
+
     /// `device_unlink`: in one commit, the device becomes a tombstone (its tokens stop
     /// working), every inbox copy that only it had left to ack is removed (and a body
     /// nobody else waits for with it), and its shared-log cursors go. Then its live

@@ -22,9 +22,15 @@ impl Server {
             .ok_or((401, "missing Authorization: Bearer <token>".to_string()))?;
         let (user, device) = auth::claims(token).ok_or((401, "malformed token".to_string()))?;
         let now = self.now();
-        auth::verify(lock(&self.hub.core).secret(), token, &user, &device, now)
+        let core = lock(&self.hub.core);
+        auth::verify(core.secret(), token, &user, &device, now)
             .map_err(|e| (401, e.to_string()))?;
-        Ok(user)
+        // An unlinked device's tokens are revoked here too (PROTOCOL §4.15).
+        match core.device_unlinked(&user, &device) {
+            Ok(false) => Ok(user),
+            Ok(true) => Err((401, "device unlinked".to_string())),
+            Err(e) => Err((503, format!("storage unavailable: {e}"))),
+        }
     }
 
     /// Answers one plain HTTP request.
