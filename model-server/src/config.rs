@@ -153,11 +153,15 @@ pub struct Bugs {
     /// until retention.
     #[serde(default)]
     pub unlink_keeps_copies: bool,
+    /// `typing` notices also go to the typist's own devices (a filter written the wrong
+    /// way round).
+    #[serde(default)]
+    pub typing_to_own_devices: bool,
 }
 
 impl Bugs {
     /// Every bug name, as given to `--bug`.
-    pub const NAMES: [&'static str; 16] = [
+    pub const NAMES: [&'static str; 17] = [
         "ack-before-persist",
         "no-dedup",
         "order-by-client-clock",
@@ -174,6 +178,7 @@ impl Bugs {
         "accept-expired-tokens",
         "unlinked-tokens-work",
         "unlink-keeps-copies",
+        "typing-to-own-devices",
     ];
 
     /// Switches on the bug called `name`.
@@ -195,6 +200,7 @@ impl Bugs {
             "accept-expired-tokens" => &mut self.accept_expired_tokens,
             "unlinked-tokens-work" => &mut self.unlinked_tokens_work,
             "unlink-keeps-copies" => &mut self.unlink_keeps_copies,
+            "typing-to-own-devices" => &mut self.typing_to_own_devices,
             other => {
                 return Err(format!(
                     "unknown bug '{other}'; known: {}",
@@ -225,6 +231,7 @@ impl Bugs {
             self.accept_expired_tokens,
             self.unlinked_tokens_work,
             self.unlink_keeps_copies,
+            self.typing_to_own_devices,
         ];
         Self::NAMES
             .iter()

@@ -488,9 +488,11 @@ async fn session(
             if due <= now {
                 s.last_typing = Some(now);
                 let conv = &ctx.send_conv[i];
-                ctx.ledger
-                    .borrow_mut()
-                    .trace(now, dev(k), "typing", Some(conv), None, None, "");
+                {
+                    let mut l = ctx.ledger.borrow_mut();
+                    l.typed.insert((k.0, conv.clone()));
+                    l.trace(now, dev(k), "typing", Some(conv), None, None, "");
+                }
                 let f = json!({"type":"typing","payload":{"conversation_id":conv}});
                 if let Err(e) = send(&mut ws, f.to_string()).await {
                     return End::Lost(e);
@@ -1101,6 +1103,7 @@ async fn on_frame(
             }
         }
         ServerFrame::Typing { payload } => {
+            check_typing(ctx, k, &payload);
             ctx.ledger.borrow_mut().trace(
                 now_ms(),
                 dev(k),
@@ -1187,6 +1190,43 @@ fn others_in(ctx: &Ctx, conv: &str, sender: usize) -> Vec<usize> {
     (0..ctx.plan.users)
         .filter(|u| *u != sender && ctx.user_convs.get(u).is_some_and(|c| c.contains(conv)))
         .collect()
+}
+
+/// A typing notice goes only to the other participants' devices, and only after that
+/// user typed in that conversation.
+fn check_typing(ctx: &Ctx, k: DeviceKey, p: &model_server::protocol::TypingNotice) {
+    let conv = p.conversation_id.as_str();
+    let typist = p
+        .user_id
+        .as_str()
+        .strip_prefix('u')
+        .and_then(|x| x.parse::<usize>().ok());
+    let member = ctx.user_convs.get(&k.0).is_some_and(|c| c.contains(conv));
+    let mut l = ctx.ledger.borrow_mut();
+    let typed = typist.is_some_and(|t| l.typed.contains(&(t, conv.to_string())));
+    let wrong = if typist == Some(k.0) {
+        Some("the typist's own device")
+    } else if !member {
+        Some("a device whose user is not in the conversation")
+    } else if !typed {
+        Some("a notice for a user who never typed there")
+    } else {
+        None
+    };
+    if let Some(what) = wrong {
+        l.breach(
+            crate::invariant::ViolationKind::Typing,
+            now_ms(),
+            Some(conv),
+            Some(dev(k)),
+            None,
+            format!(
+                "typing of {} in {conv} only on the other participants' devices, after they typed",
+                p.user_id.as_str()
+            ),
+            format!("reached {what}"),
+        );
+    }
 }
 
 /// A receipt must not claim more than happened: ✓✓ only once some recipient device shows

@@ -40,11 +40,14 @@ pub enum ViolationKind {
     Liveness,
     /// The server let a device in with a token that had expired by its own clock.
     Auth,
+    /// A `typing` notice reached the typist's own device, a non-participant, or claimed a
+    /// user typed who never did in that conversation.
+    Typing,
 }
 
 impl ViolationKind {
     /// Every kind, in report order.
-    pub const ALL: [ViolationKind; 14] = [
+    pub const ALL: [ViolationKind; 15] = [
         ViolationKind::Loss,
         ViolationKind::Duplicate,
         ViolationKind::Order,
@@ -59,6 +62,7 @@ impl ViolationKind {
         ViolationKind::Panic,
         ViolationKind::Liveness,
         ViolationKind::Auth,
+        ViolationKind::Typing,
     ];
 
     /// Name as written in scenario files.
@@ -78,6 +82,7 @@ impl ViolationKind {
             ViolationKind::Panic => "panic",
             ViolationKind::Liveness => "liveness",
             ViolationKind::Auth => "auth",
+            ViolationKind::Typing => "typing",
         }
     }
 }

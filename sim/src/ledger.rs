@@ -149,6 +149,8 @@ pub struct Ledger {
     pub max_queue: (u64, u64),
     /// Per device unlinked during the run.
     pub unlinks: BTreeMap<DeviceKey, UnlinkLog>,
+    /// (user, conversation) pairs in which a phone of that user sent a `typing` notice.
+    pub typed: std::collections::BTreeSet<(usize, String)>,
 }
 
 /// Breaches kept per kind (the first ones are the useful witnesses).

@@ -65,6 +65,7 @@ fn every_planted_bug_is_caught_by_the_plain_swarm_within_100_seeds() {
         "stale-group-members" => Some(ViolationKind::NonMember),
         "accept-expired-tokens" | "unlinked-tokens-work" => Some(ViolationKind::Auth),
         "unlink-keeps-copies" => Some(ViolationKind::StorageLeak),
+        "typing-to-own-devices" => Some(ViolationKind::Typing),
         _ => None,
     };
     let bugs: Vec<&'static str> = model_server::config::Bugs::NAMES.to_vec();

@@ -266,7 +266,7 @@ impl<S: KvStore> ChatCore<S> {
         p: TypingPayload,
         now: Millis,
     ) -> Handled {
-        let (others, conv) = match p.conversation_id.kind() {
+        let (mut others, conv) = match p.conversation_id.kind() {
             Some(ConversationKind::Direct(a, b)) if a == sess.user || b == sess.user => {
                 (vec![if a == sess.user { b } else { a }], p.conversation_id)
             }
@@ -286,6 +286,9 @@ impl<S: KvStore> ChatCore<S> {
             }
             _ => return Err(Reject::new(403, "not a member of this conversation")),
         };
+        if self.bugs.typing_to_own_devices {
+            others.push(sess.user.clone());
+        }
         // Throttle: at most one typing notice per user per conversation per interval.
         let k = (sess.user.clone(), conv.clone());
         if let Some(last) = self.typing_last.get(&k) {
