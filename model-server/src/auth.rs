@@ -117,6 +117,31 @@ pub fn verify(
     Ok(())
 }
 
+/// The proof a gateway node presents on its link to the chat service: an HMAC with the
+/// server secret over `link1.<gateway>`. Its own domain (`link1.`, never `v1.`), so a link
+/// proof is no client token and no client token is a link proof.
+pub fn link_proof(secret: &Secret, gateway: &str) -> String {
+    let sig = secret
+        .mac(&format!("link1.{gateway}"))
+        .finalize()
+        .into_bytes();
+    URL_SAFE_NO_PAD.encode(sig)
+}
+
+/// Checks a gateway's link proof (constant time).
+pub fn verify_link_proof(secret: &Secret, gateway: &str, proof: &str) -> Result<(), AuthError> {
+    if proof.len() > 128 || !is_valid_id(gateway) {
+        return Err(AuthError::Malformed);
+    }
+    let sig = URL_SAFE_NO_PAD
+        .decode(proof)
+        .map_err(|_| AuthError::Malformed)?;
+    secret
+        .mac(&format!("link1.{gateway}"))
+        .verify_slice(&sig)
+        .map_err(|_| AuthError::BadSignature)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,6 +190,24 @@ mod tests {
             verify(&s, "garbage", &"alice".into(), &"phone".into(), Millis(1)),
             Err(AuthError::Malformed)
         );
+    }
+
+    #[test]
+    fn a_link_proof_names_one_gateway_and_is_no_client_token() {
+        let s = secret();
+        let p = link_proof(&s, "gw-1");
+        assert_eq!(verify_link_proof(&s, "gw-1", &p), Ok(()));
+        assert_eq!(
+            verify_link_proof(&s, "gw-2", &p),
+            Err(AuthError::BadSignature)
+        );
+        let other = Secret::new(b"another-secret-of-20".to_vec()).expect("ok");
+        assert_eq!(
+            verify_link_proof(&other, "gw-1", &p),
+            Err(AuthError::BadSignature)
+        );
+        let client = mint(&s, &"gw-1".into(), &"gw-1".into(), Millis(1_000));
+        assert!(verify_link_proof(&s, "gw-1", &client).is_err());
     }
 
     #[test]

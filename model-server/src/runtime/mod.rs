@@ -7,6 +7,7 @@
 
 pub mod faults;
 pub mod http;
+pub mod link;
 pub mod listener;
 mod metrics;
 mod routes;
@@ -405,6 +406,66 @@ impl Hub {
         *lock(&self.fullest)
     }
 
+    /// Current time by `clock`, stepped by an armed clock fault.
+    pub fn now_on(&self, clock: &Clock) -> Millis {
+        let now = clock.now();
+        match self.faults() {
+            Some(f) => Millis(now.0.saturating_add_signed(f.clock_offset_ms())),
+            None => now,
+        }
+    }
+
+    /// One text frame a client sent on `conn` through `gateway`, with the after-commit
+    /// fault point: when it fires, the chat service crashes before the ack and fan-out
+    /// the frame queued are carried out.
+    pub(crate) fn client_text(&self, gateway: &GatewayId, conn: ConnId, text: &str, now: Millis) {
+        let mut core = lock(&self.core);
+        let stored = core.stats().messages_stored;
+        let fx = core.on_text(conn, text, now);
+        let committed = core.stats().messages_stored > stored;
+        drop(core);
+        if let Some(f) = self.faults().filter(|_| committed) {
+            if f.after_commit(gateway) {
+                // The ack and the fan-out die with the process.
+                f.crash(self);
+                return;
+            }
+        }
+        self.apply(fx);
+    }
+
+    /// A binary frame on `conn` (not part of the client protocol).
+    pub(crate) fn client_binary(&self, conn: ConnId, now: Millis) {
+        let fx = lock(&self.core).on_binary(conn, now);
+        self.apply(fx);
+    }
+
+    /// Forgets a connection whose transport is gone, in the hub and the core.
+    pub(crate) fn forget(&self, conn: ConnId, now: Millis) {
+        lock(&self.conns).remove(&conn);
+        let fx = lock(&self.core).disconnected(conn, now);
+        self.apply(fx);
+    }
+
+    /// Registers the signal a connection's writer waits on.
+    fn watch_conn(&self, conn: ConnId) -> Arc<ConnSignal> {
+        let sig = Arc::new(ConnSignal::default());
+        lock(&self.conns).insert(conn, sig.clone());
+        sig
+    }
+
+    /// The frames a close may still write: none when, under group commit, the commits
+    /// they tell of did not become durable within `timeout`.
+    async fn closing_frames(&self, close: &Close, timeout: Duration) -> Vec<String> {
+        if close.final_frames.is_empty()
+            || self.settled(close.incarnation, close.after, timeout).await
+        {
+            close.final_frames.clone()
+        } else {
+            Vec::new()
+        }
+    }
+
     /// Carries out what the core asked for.
     fn apply(&self, fx: Effects) {
         if self.grouping() {
@@ -514,11 +575,7 @@ impl Server {
 
     /// Current time on this server's clock (stepped by an armed clock fault).
     pub fn now(&self) -> Millis {
-        let now = self.clock.now();
-        match self.hub.faults() {
-            Some(f) => Millis(now.0.saturating_add_signed(f.clock_offset_ms())),
-            None => now,
-        }
+        self.hub.now_on(&self.clock)
     }
 
     /// Runs `f` with the core locked.

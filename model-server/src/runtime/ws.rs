@@ -7,75 +7,43 @@
 //! peer cannot hold the task forever; the core's own timers close silent ones.
 
 use super::http::{self, Head, Prefixed};
-use super::{lock, ConnSignal, Server};
+use super::{lock, Server};
+use crate::ids::ConnId;
+use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
 
 /// Serves one upgraded connection until it closes.
 pub(super) async fn run<St>(server: Arc<Server>, mut stream: St, head: Head)
 where
     St: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let path = head.path.split('?').next().unwrap_or("");
-    if path != "/ws" && path != "/" {
-        let _ = http::respond(
-            &mut stream,
-            404,
-            "application/json",
-            &http::error_json(404, "WebSocket endpoint is /ws"),
-        )
-        .await;
+    if !endpoint_ok(&mut stream, &head).await {
         return;
     }
     if lock(&server.hub.conns).len() >= server.cfg.max_connections {
-        let _ = http::respond(
-            &mut stream,
-            503,
-            "application/json",
-            &http::error_json(503, "too many connections"),
-        )
-        .await;
+        refuse(&mut stream, 503, "too many connections").await;
         return;
     }
     let now = server.now();
     let Some(conn) = lock(&server.hub.core).connect(&server.cfg.gateway, now) else {
-        let _ = http::respond(
-            &mut stream,
-            503,
-            "application/json",
-            &http::error_json(503, "gateway is not serving"),
-        )
-        .await;
+        refuse(&mut stream, 503, "gateway is not serving").await;
         return;
     };
     let limits_max = server
         .hub
         .with_core(|c| c.limits().max_transport_frame_bytes);
-    let cfg = WebSocketConfig::default()
-        .read_buffer_size(server.cfg.ws_buffer_bytes)
-        .write_buffer_size(0)
-        .max_write_buffer_size(4 * 1024 * 1024)
-        .max_message_size(Some(limits_max))
-        .max_frame_size(Some(limits_max));
-    let _active = ActiveGuard::new(&server);
-    let sig = Arc::new(ConnSignal::default());
-    lock(&server.hub.conns).insert(conn, sig.clone());
-    let ws = match tokio_tungstenite::accept_async_with_config(
-        Prefixed::new(head.raw, stream),
-        Some(cfg),
-    )
-    .await
-    {
-        Ok(ws) => ws,
-        Err(e) => {
-            tracing::debug!(%conn, error = %e, "websocket handshake failed");
-            finish(&server, conn);
-            return;
-        }
+    let _active = ActiveGuard::new(&server.active);
+    let sig = server.hub.watch_conn(conn);
+    let Some(ws) = handshake(stream, head, limits_max, server.cfg.ws_buffer_bytes, conn).await
+    else {
+        server.hub.forget(conn, server.now());
+        return;
     };
     let (mut tx, mut rx) = ws.split();
     let write_timeout = server.cfg.write_timeout;
@@ -92,27 +60,11 @@ where
                     tokio::time::sleep(d).await;
                 }
                 let close = lock(&sig.close).take();
-                if let Some(mut close) = close {
+                if let Some(close) = close {
                     // Group commit: the last frames may tell of writes not yet durable.
-                    if !close.final_frames.is_empty()
-                        && !server
-                            .hub
-                            .settled(close.incarnation, close.after, write_timeout)
-                            .await
-                    {
-                        close.final_frames.clear();
-                    }
-                    let send_all = async {
-                        for f in close.final_frames {
-                            tx.feed(Message::text(f)).await?;
-                        }
-                        tx.send(Message::Close(Some(CloseFrame {
-                            code: CloseCode::from(close.reason.ws_code()),
-                            reason: close.reason.as_str().into(),
-                        })))
-                        .await
-                    };
-                    let _ = tokio::time::timeout(write_timeout, send_all).await;
+                    let last = server.hub.closing_frames(&close, write_timeout).await;
+                    let (code, why) = (close.reason.ws_code(), close.reason.as_str());
+                    write_close(&mut tx, last, code, why, write_timeout).await;
                     return Ending::Closed;
                 }
                 let frames = lock(&server.hub.core).drain(conn, batch);
@@ -124,27 +76,12 @@ where
                 } else {
                     Vec::new()
                 };
-                let send_all = async {
-                    for f in frames {
-                        tx.feed(Message::text(f)).await?;
-                    }
-                    tx.flush().await
-                };
-                match tokio::time::timeout(write_timeout, send_all).await {
-                    Ok(Ok(())) => {
-                        if let Some(f) = faults {
-                            if f.after_write(gateway, &written) {
-                                f.crash(&server.hub);
-                            }
-                        }
-                    }
-                    Ok(Err(e)) => {
-                        tracing::debug!(%conn, error = %e, "write failed");
-                        return Ending::Closed;
-                    }
-                    Err(_) => {
-                        tracing::info!(%conn, "write timed out; dropping connection");
-                        return Ending::Closed;
+                if !write_batch(&mut tx, frames, write_timeout, conn).await {
+                    return Ending::Closed;
+                }
+                if let Some(f) = faults {
+                    if f.after_write(gateway, &written) {
+                        f.crash(&server.hub);
                     }
                 }
             }
@@ -156,35 +93,12 @@ where
                     tokio::time::sleep(d).await;
                 }
                 let now = server.now();
-                let fx = match msg {
-                    Some(Ok(Message::Text(t))) => {
-                        let mut core = lock(&server.hub.core);
-                        let stored = core.stats().messages_stored;
-                        let fx = core.on_text(conn, t.as_str(), now);
-                        let committed = core.stats().messages_stored > stored;
-                        drop(core);
-                        if let Some(f) = faults.filter(|_| committed) {
-                            if f.after_commit(gateway) {
-                                // The ack and the fan-out die with the process.
-                                f.crash(&server.hub);
-                                continue;
-                            }
-                        }
-                        fx
-                    }
-                    Some(Ok(Message::Binary(_))) => lock(&server.hub.core).on_binary(conn, now),
-                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
-                    Some(Ok(Message::Close(_))) | None => return Ending::Closed,
-                    Some(Err(tokio_tungstenite::tungstenite::Error::Capacity(e))) => {
-                        tracing::debug!(%conn, error = %e, "frame over transport limit");
-                        return Ending::TooBig;
-                    }
-                    Some(Err(e)) => {
-                        tracing::debug!(%conn, error = %e, "read failed");
-                        return Ending::Closed;
-                    }
-                };
-                server.hub.apply(fx);
+                match classify(conn, msg) {
+                    Incoming::Text(t) => server.hub.client_text(gateway, conn, t.as_str(), now),
+                    Incoming::Binary => server.hub.client_binary(conn, now),
+                    Incoming::Skip => {}
+                    Incoming::End(e) => return e,
+                }
             }
         };
         tokio::select! {
@@ -194,47 +108,187 @@ where
         }
     };
     if ending == Ending::TooBig {
-        // Past the transport limit: we cannot read the frame to answer 413, so close with
-        // 1009 (message too big), as RFC 6455 says. A frame the writer had started stays
-        // whole in tungstenite's buffer and goes out before the close.
-        let close = Message::Close(Some(CloseFrame {
-            code: CloseCode::Size,
-            reason: "frame too large".into(),
-        }));
-        let _ = tokio::time::timeout(write_timeout, tx.send(close)).await;
-        // Read and discard the rest of the oversized frame for a moment, so the client
-        // sees our close frame rather than a TCP reset.
-        if let Ok(ws) = tx.reunite(rx) {
-            discard_input(ws.into_inner()).await;
+        close_too_big(tx, rx, write_timeout).await;
+    }
+    server.hub.forget(conn, server.now());
+}
+
+/// The upgraded socket of one connection.
+pub(super) type Socket<St> = WebSocketStream<Prefixed<St>>;
+
+/// Answers 404 unless the upgrade asks for the WebSocket endpoint.
+pub(super) async fn endpoint_ok<St: AsyncWrite + Unpin>(stream: &mut St, head: &Head) -> bool {
+    let path = head.path.split('?').next().unwrap_or("");
+    if path == "/ws" || path == "/" {
+        return true;
+    }
+    refuse(stream, 404, "WebSocket endpoint is /ws").await;
+    false
+}
+
+/// Answers a refused upgrade with a JSON error.
+pub(super) async fn refuse<St: AsyncWrite + Unpin>(stream: &mut St, code: u16, msg: &str) {
+    let _ = http::respond(
+        stream,
+        code,
+        "application/json",
+        &http::error_json(code, msg),
+    )
+    .await;
+}
+
+/// Completes the WebSocket handshake with buffers of `buffer` bytes and frames of at most
+/// `max_frame` bytes; `None` (logged) when the client fails it.
+pub(super) async fn handshake<St>(
+    stream: St,
+    head: Head,
+    max_frame: usize,
+    buffer: usize,
+    conn: ConnId,
+) -> Option<Socket<St>>
+where
+    St: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let cfg = WebSocketConfig::default()
+        .read_buffer_size(buffer)
+        .write_buffer_size(0)
+        .max_write_buffer_size(4 * 1024 * 1024)
+        .max_message_size(Some(max_frame))
+        .max_frame_size(Some(max_frame));
+    match tokio_tungstenite::accept_async_with_config(Prefixed::new(head.raw, stream), Some(cfg))
+        .await
+    {
+        Ok(ws) => Some(ws),
+        Err(e) => {
+            tracing::debug!(%conn, error = %e, "websocket handshake failed");
+            None
         }
     }
-    finish(&server, conn);
+}
+
+/// What the reader got from the socket.
+pub(super) enum Incoming {
+    Text(tokio_tungstenite::tungstenite::Utf8Bytes),
+    Binary,
+    /// Control frames: nothing to hand on.
+    Skip,
+    End(Ending),
+}
+
+/// Sorts one read from the socket.
+pub(super) fn classify(
+    conn: ConnId,
+    msg: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>,
+) -> Incoming {
+    match msg {
+        Some(Ok(Message::Text(t))) => Incoming::Text(t),
+        Some(Ok(Message::Binary(_))) => Incoming::Binary,
+        Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => Incoming::Skip,
+        Some(Ok(Message::Close(_))) | None => Incoming::End(Ending::Closed),
+        Some(Err(tokio_tungstenite::tungstenite::Error::Capacity(e))) => {
+            tracing::debug!(%conn, error = %e, "frame over transport limit");
+            Incoming::End(Ending::TooBig)
+        }
+        Some(Err(e)) => {
+            tracing::debug!(%conn, error = %e, "read failed");
+            Incoming::End(Ending::Closed)
+        }
+    }
+}
+
+/// Writes `frames` and flushes within `timeout`; false (logged) when that failed and the
+/// connection must end.
+pub(super) async fn write_batch<Si>(
+    tx: &mut Si,
+    frames: Vec<String>,
+    timeout: std::time::Duration,
+    conn: ConnId,
+) -> bool
+where
+    Si: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
+{
+    let send_all = async {
+        for f in frames {
+            tx.feed(Message::text(f)).await?;
+        }
+        tx.flush().await
+    };
+    match tokio::time::timeout(timeout, send_all).await {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            tracing::debug!(%conn, error = %e, "write failed");
+            false
+        }
+        Err(_) => {
+            tracing::info!(%conn, "write timed out; dropping connection");
+            false
+        }
+    }
+}
+
+/// Writes `last` frames, then a close frame, within `timeout`.
+pub(super) async fn write_close<Si>(
+    tx: &mut Si,
+    last: Vec<String>,
+    code: u16,
+    reason: &str,
+    timeout: std::time::Duration,
+) where
+    Si: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
+{
+    let send_all = async {
+        for f in last {
+            tx.feed(Message::text(f)).await?;
+        }
+        tx.send(Message::Close(Some(CloseFrame {
+            code: CloseCode::from(code),
+            reason: reason.into(),
+        })))
+        .await
+    };
+    let _ = tokio::time::timeout(timeout, send_all).await;
+}
+
+/// Past the transport limit we cannot read the frame to answer 413, so we close with 1009
+/// (message too big), as RFC 6455 says. A frame the writer had started stays whole in
+/// tungstenite's buffer and goes out before the close.
+pub(super) async fn close_too_big<St>(
+    mut tx: SplitSink<Socket<St>, Message>,
+    rx: SplitStream<Socket<St>>,
+    timeout: std::time::Duration,
+) where
+    St: AsyncRead + AsyncWrite + Unpin,
+{
+    write_close(&mut tx, Vec::new(), 1009, "frame too large", timeout).await;
+    // Read and discard the rest of the oversized frame for a moment, so the client sees
+    // our close frame rather than a TCP reset.
+    if let Ok(ws) = tx.reunite(rx) {
+        discard_input(ws.into_inner()).await;
+    }
 }
 
 /// Why a connection's task ends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Ending {
+pub(super) enum Ending {
     /// Closed by either side, or a write failed or timed out.
     Closed,
     /// The client sent a frame past the transport limit: close with 1009.
     TooBig,
 }
 
-/// Counts this gateway's running connection tasks (graceful shutdown waits for zero).
-struct ActiveGuard<'a>(&'a Server);
+/// Counts a gateway's running connection tasks (graceful shutdown waits for zero).
+pub(super) struct ActiveGuard<'a>(&'a std::sync::atomic::AtomicUsize);
 
 impl<'a> ActiveGuard<'a> {
-    fn new(s: &'a Server) -> Self {
-        s.active.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        ActiveGuard(s)
+    pub(super) fn new(count: &'a std::sync::atomic::AtomicUsize) -> Self {
+        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        ActiveGuard(count)
     }
 }
 
 impl Drop for ActiveGuard<'_> {
     fn drop(&mut self) {
-        self.0
-            .active
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -250,12 +304,4 @@ async fn discard_input<S: AsyncRead + Unpin>(mut s: S) {
             _ => break,
         }
     }
-}
-
-/// Forgets the connection in the runtime and the core.
-fn finish(server: &Server, conn: crate::ids::ConnId) {
-    lock(&server.hub.conns).remove(&conn);
-    let now = server.now();
-    let fx = lock(&server.hub.core).disconnected(conn, now);
-    server.hub.apply(fx);
 }
