@@ -114,32 +114,34 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
         |i: usize| expires(i).is_some_and(|e| l.sends[i].last_attempt_ms.is_some_and(|a| a >= e));
     // A device is excused a message it does not show only if the message may have
     // expired before the device could fetch it: no pending sync of that device both
-    // began after the sender saw the ack (so after the store) and finished before then.
-    let excused_file = |i: usize, k: DeviceKey| {
-        let (Some(e), Some(acked_at)) = (expires(i), l.sends[i].acked.as_ref().map(|a| a.3)) else {
+    // began after the message was known stored (`stored`: the ack the sender saw, or,
+    // for a copy whose ack never came, the first time any device showed it) and finished
+    // before the message may have expired.
+    let excused_file = |i: usize, k: DeviceKey, stored: u64| {
+        let Some(e) = expires(i) else {
             return false;
         };
         !l.devices.get(&k).is_some_and(|d| {
             d.syncs
                 .iter()
-                .any(|(start, done)| *start >= acked_at && *done < e)
+                .any(|(start, done)| *start >= stored && *done < e)
         })
     };
     // Nor is a device that was connected when the message was stored and still there
     // after: a connection authenticated before the first attempt that later answered a
-    // heartbeat sent after the ack. The server queued the message on it live at the
-    // store, ahead of that answer, and frames on a connection are never dropped without
-    // closing it. (Its file may still have expired before the download: `excused_file`.)
-    let excused_on = |i: usize, k: DeviceKey| {
-        let live = match (l.sends[i].first_attempt_ms, l.sends[i].acked.as_ref()) {
-            (Some(first), Some(a)) => l.devices.get(&k).is_some_and(|d| {
+    // heartbeat sent after the message was known stored. The server queued the message on
+    // it live at the store, ahead of that answer, and frames on a connection are never
+    // dropped without closing it. (Its file may still have expired before the download:
+    // `excused_file`.)
+    let excused_on = |i: usize, k: DeviceKey, stored: u64| {
+        let live = l.sends[i].first_attempt_ms.is_some_and(|first| {
+            l.devices.get(&k).is_some_and(|d| {
                 d.answered
                     .iter()
-                    .any(|(began, hb)| *began < first && *hb > a.3)
-            }),
-            _ => false,
-        };
-        !live && excused_file(i, k)
+                    .any(|(began, hb)| *began < first && *hb > stored)
+            })
+        });
+        !live && excused_file(i, k, stored)
     };
 
     // 0. What the phones, the disk and the world saw broken while the run went on
@@ -192,7 +194,7 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
 
     // 1. No loss: every acked message is shown on every device the design promises it to.
     for (i, s) in plan.sends.iter().enumerate() {
-        let Some((conv, seq, mid, _)) = &l.sends[i].acked else {
+        let Some((conv, seq, mid, acked_at)) = &l.sends[i].acked else {
             continue;
         };
         for u in r.participants(i) {
@@ -208,7 +210,7 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
                         .get(mid)
                         .is_some_and(|x| x.cmid == s.cmid && x.sender == s.user)
                 });
-                if !shown && !excused_on(i, k) {
+                if !shown && !excused_on(i, k, *acked_at) {
                     let dev = dkey(k);
                     push(
                         &mut out,
@@ -240,7 +242,7 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
     // 1b. A file is part of its message: every recipient device that shows a message with
     // media has downloaded exactly the bytes that were sent.
     for (i, s) in plan.sends.iter().enumerate() {
-        let Some((conv, seq, mid, _)) = &l.sends[i].acked else {
+        let Some((conv, seq, mid, acked_at)) = &l.sends[i].acked else {
             continue;
         };
         if s.media_bytes == 0 {
@@ -258,7 +260,7 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
                 let Some(dl) = l.devices.get(&k) else {
                     continue;
                 };
-                if !dl.shown.contains_key(mid) || excused_file(i, k) {
+                if !dl.shown.contains_key(mid) || excused_file(i, k, *acked_at) {
                     continue; // a loss (reported), or a file deleted with its message
                 }
                 let seen = match dl.media.get(&i) {
@@ -368,8 +370,19 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
             }
         }
     }
+    // When each seq was known stored: its ack, or the first time a device showed it.
+    let mut stored_at: BTreeMap<(&str, u64), u64> = BTreeMap::new();
+    for sl in &l.sends {
+        if let Some((c, q, _, t)) = &sl.acked {
+            stored_at.insert((c.as_str(), *q), *t);
+        }
+    }
     for dl in l.devices.values() {
         for sh in dl.shown.values() {
+            let t = stored_at
+                .entry((sh.conv.as_str(), sh.seq))
+                .or_insert(sh.at_ms);
+            *t = (*t).min(sh.at_ms);
             if let Some(&i) = send_of.get(&(sh.sender, sh.cmid.as_str())) {
                 seq_send.insert((sh.conv.as_str(), sh.seq), i);
                 if expirable(i) {
@@ -378,6 +391,13 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
             }
         }
     }
+    // The sending device gets no inbox copy of its own message: it learns the message's
+    // seq from the ack alone. So it cannot show a copy whose ack it never saw (one stored
+    // again after retention let the first copy and its dedup record go).
+    let own_unacked_copy = |i: usize, k: DeviceKey, q: u64| {
+        (plan.sends[i].user, plan.sends[i].device) == k
+            && l.sends[i].acked.as_ref().map(|a| a.1) != Some(q)
+    };
     for (conv, (users, rep)) in &members {
         let seqs = &seqs_by_conv[conv];
         let acked = &acked_by_conv[conv];
@@ -431,9 +451,12 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
                 let missing = if expirable_in.contains(conv.as_str()) {
                     seqs.range(lo..=n).any(|q| {
                         !got.contains(q)
-                            && !seq_send
-                                .get(&(conv.as_str(), *q))
-                                .is_some_and(|i| excused_on(*i, k))
+                            && !seq_send.get(&(conv.as_str(), *q)).is_some_and(|i| {
+                                own_unacked_copy(*i, k, *q)
+                                    || stored_at
+                                        .get(&(conv.as_str(), *q))
+                                        .is_some_and(|t| excused_on(*i, k, *t))
+                            })
                     })
                 } else {
                     got.range(lo..=n).count() as u64 != n.saturating_sub(lo) + 1

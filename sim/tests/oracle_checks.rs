@@ -402,6 +402,75 @@ fn a_missing_message_is_excused_only_if_retention_may_have_expired_it() {
     assert!(kinds(&o).contains(&ViolationKind::Loss));
 }
 
+#[test]
+fn a_copy_whose_ack_never_came_is_excused_a_gap_only_if_it_may_have_expired_before_a_sync() {
+    let mut o = run();
+    let (i, conv, seq, mid) = acked(&o, false);
+    let sender = (o.plan.sends[i].user, o.plan.sends[i].device);
+    let key = *o
+        .ledger
+        .devices
+        .iter()
+        .find(|(k, d)| **k != sender && d.shown.contains_key(&mid) && d.outbox.is_empty())
+        .expect("another device shows it")
+        .0;
+    // The sender never saw the ack (the seq is known from what the other devices show),
+    // and one recipient device does not show it.
+    o.ledger.sends[i].acked = None;
+    o.ledger.sends[i].seqs_seen.clear();
+    let dl = o.ledger.devices.get_mut(&key).expect("device");
+    dl.shown.remove(&mid);
+    dl.answered.clear();
+    o.limits.retention_ms = 1_000;
+    let first_shown = o
+        .ledger
+        .devices
+        .values()
+        .filter_map(|d| d.shown.get(&mid))
+        .map(|s| s.at_ms)
+        .min()
+        .expect("shown somewhere");
+    // It may have expired before the device came for it: no gap.
+    let k = kinds(&o);
+    assert!(
+        !k.contains(&ViolationKind::Order),
+        "{conv} seq {seq}: {k:?}"
+    );
+    // A pending sync that began after a device showed it (so after the store) and ended
+    // before it could expire should have brought it: a gap.
+    o.ledger
+        .devices
+        .get_mut(&key)
+        .expect("device")
+        .syncs
+        .push((first_shown, first_shown + 1));
+    assert!(kinds(&o).contains(&ViolationKind::Order));
+}
+
+#[test]
+fn the_sending_device_owes_only_the_copy_it_was_acked() {
+    // The sending device learns a copy's seq only from its ack: with no ack, it owes no
+    // copy of its own message (the server keeps it no inbox copy)...
+    let mut o = run();
+    let (i, _, _, mid) = acked(&o, false);
+    let sender = (o.plan.sends[i].user, o.plan.sends[i].device);
+    o.limits.retention_ms = 1_000;
+    let acked_at = o.ledger.sends[i].acked.as_ref().expect("acked").3;
+    let dl = o.ledger.devices.get_mut(&sender).expect("sender");
+    dl.shown.remove(&mid);
+    // (A sync after the ack and before expiry: retention excuses nothing here.)
+    dl.syncs.push((acked_at, acked_at + 1));
+    let k = kinds(&o);
+    assert!(
+        k.contains(&ViolationKind::Order),
+        "the acked copy is owed: {k:?}"
+    );
+    o.ledger.sends[i].acked = None;
+    o.ledger.sends[i].seqs_seen.clear();
+    let k = kinds(&o);
+    assert!(!k.contains(&ViolationKind::Order), "{k:?}");
+}
+
 /// u1's phone unlinks u1's laptop at 3 s; u0 and u1 keep talking.
 fn run_with_unlink() -> Outcome {
     let sc = Scenario::parse(
