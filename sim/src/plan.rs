@@ -220,6 +220,20 @@ fn draw_swarm(
             max_ms: None,
             point: None,
         };
+        // Tiered, one network fault in three cuts a gateway's link to the chat service
+        // instead of a client's link to the gateway (drawn only then: untiered seeds keep
+        // their faults).
+        let client = if sc.topology.tiered
+            && matches!(
+                kind,
+                FaultKind::Partition | FaultKind::Hold | FaultKind::Flaky | FaultKind::Latency
+            )
+            && rng.random_bool(1.0 / 3.0)
+        {
+            "chat".to_string()
+        } else {
+            client
+        };
         match kind {
             FaultKind::Partition | FaultKind::Hold => {
                 f.a = Some(client);

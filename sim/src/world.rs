@@ -11,6 +11,8 @@ use crate::scenario::{FaultKind, Scenario};
 use model_server::auth::Secret;
 use model_server::core::Stats;
 use model_server::ids::{ConversationId, GroupId, Millis, UserId};
+use model_server::runtime::link::gateway::TurmoilConnector;
+use model_server::runtime::link::{ChatLinks, GatewayNode, LinkConfig};
 use model_server::runtime::{Clock, FaultPoints, Hub, RuntimeConfig, Server, Spawner};
 use model_server::store::MemoryStore;
 use model_server::Limits;
@@ -21,6 +23,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub use crate::scenario::TCP_CAPACITY;
+
+/// Port of the chat service's gateway links on host `chat` (tiered topology).
+const LINK_PORT: u16 = 9000;
 
 /// Secret the simulated identity service signs tokens with.
 pub const SIM_SECRET: &[u8] = b"chatsim-simulation-secret";
@@ -137,7 +142,8 @@ fn run_logged(
         secret.clone(),
         opts.bugs.clone(),
     ));
-    if plan.faults.iter().any(|f| f.kind.inside_server()) {
+    let armed = plan.faults.iter().any(|f| f.kind.inside_server());
+    if armed {
         // Armed only when the timeline uses them: otherwise the server runs unhooked.
         hub.arm_faults(faults.clone());
     }
@@ -282,7 +288,8 @@ fn run_logged(
         .tcp_capacity(sc.topology.tcp_segments)
         .build();
 
-    // The chat service's timers.
+    let tiered = sc.topology.tiered;
+    // The chat service's timers and, tiered, its end of the gateway links.
     {
         let hub = hub.clone();
         let disk = disk.clone();
@@ -292,6 +299,20 @@ fn run_logged(
             let disk = disk.clone();
             let faults = faults.clone();
             async move {
+                if tiered {
+                    let links = ChatLinks::new(
+                        hub.clone(),
+                        LinkConfig::default(),
+                        Clock::starting_at(EPOCH_MS + now_ms()),
+                        Spawner::Local,
+                    );
+                    let listener = turmoil::net::TcpListener::bind(("0.0.0.0", LINK_PORT)).await?;
+                    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+                    tokio::task::spawn_local(async move {
+                        let _keep = stop_tx;
+                        links.serve(listener, stop).await;
+                    });
+                }
                 if let Some(ms) = group_commit_ms {
                     // Group-commit rounds: each takes `ms` (the fsync; a crash during it
                     // loses the round) and a paused chat service starts none until it
@@ -328,12 +349,17 @@ fn run_logged(
             }
         });
     }
+    let armed: Option<Arc<dyn FaultPoints>> = armed.then(|| faults.clone() as Arc<dyn FaultPoints>);
     for (gw, region) in sc.gateways() {
         let hub = hub.clone();
         let name = gw.clone();
+        let secret = secret.clone();
+        let armed = armed.clone();
         sim.host(name.as_str(), move || {
             let hub = hub.clone();
             let (gw, region) = (gw.clone(), region.clone());
+            let secret = secret.clone();
+            let armed = armed.clone();
             async move {
                 let listener = turmoil::net::TcpListener::bind(("0.0.0.0", 8080)).await?;
                 let cfg = RuntimeConfig {
@@ -343,8 +369,17 @@ fn run_logged(
                     run_timers: false,
                     ..RuntimeConfig::default()
                 };
-                let server = Server::on_hub(hub, cfg, Clock::starting_at(EPOCH_MS + now_ms()));
-                server.serve(listener).await;
+                let clock = Clock::starting_at(EPOCH_MS + now_ms());
+                if tiered {
+                    let node = GatewayNode::new(cfg, LinkConfig::default(), &secret, clock, armed);
+                    let chat = TurmoilConnector {
+                        host: "chat".into(),
+                        port: LINK_PORT,
+                    };
+                    node.serve(listener, chat).await;
+                } else {
+                    Server::on_hub(hub, cfg, clock).serve(listener).await;
+                }
                 Ok(())
             }
         });
@@ -468,7 +503,8 @@ fn run_logged(
                         }
                     } else if begin {
                         sim.crash(host.as_str());
-                        if host.starts_with("gw-") {
+                        if host.starts_with("gw-") && !tiered {
+                            // Tiered, the chat service learns it from the dead link.
                             hub.act(|c| c.gateway_down(&host.as_str().into(), now));
                         }
                     } else {
@@ -483,7 +519,9 @@ fn run_logged(
                         }
                         if begin {
                             sim.crash(gw.as_str());
-                            hub.act(|c| c.gateway_down(&gw.as_str().into(), now));
+                            if !tiered {
+                                hub.act(|c| c.gateway_down(&gw.as_str().into(), now));
+                            }
                         } else {
                             sim.bounce(gw.as_str());
                         }
@@ -494,7 +532,7 @@ fn run_logged(
                         disk.failover();
                         faults.restart(&hub);
                         for (gw, r) in sc.gateways() {
-                            if r == region {
+                            if r == region && !tiered {
                                 hub.act(|c| c.gateway_down(&gw.as_str().into(), now));
                             }
                         }
