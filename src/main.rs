@@ -2,6 +2,7 @@
 //! load generator and playback). This file only parses arguments and calls into the crates.
 
 mod capacity_cmd;
+mod cluster_cmd;
 mod load_cmd;
 mod play_cmd;
 mod run_cmd;
@@ -12,7 +13,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use model_server::auth;
 use model_server::ids::{DeviceId, Millis, UserId};
-use model_server::runtime::{self, Clock, RuntimeConfig, Server};
+use model_server::runtime::link::{ChatLinks, GatewayNode, LinkConfig, TcpConnector};
+use model_server::runtime::{self, Clock, RuntimeConfig, Server, Spawner};
 use model_server::store::{KvStore, MemoryStore, RedbStore};
 use model_server::Limits;
 use std::net::SocketAddr;
@@ -33,6 +35,9 @@ struct Cli {
 enum Cmd {
     /// Run the chat server (WebSocket at /ws, /health, /metrics, media lane).
     Serve(ServeArgs),
+    /// Start a local cluster on loopback: one chat service process and G gateway
+    /// processes linked to it; prints the endpoints and stops them all on Ctrl-C.
+    Cluster(cluster_cmd::ClusterArgs),
     /// Mint an auth token for a user's device.
     Token(TokenArgs),
     /// Run scenarios in the deterministic simulator and check the chat invariants.
@@ -127,9 +132,28 @@ struct ServeArgs {
     /// (no auth check, no store, no dedup), for measuring the model's overhead.
     #[arg(long, value_parser = ["relay"])]
     baseline: Option<String>,
-    /// Gateway name reported in routing and logs.
-    #[arg(long, default_value = "gw-1")]
-    gateway: String,
+    /// Which node this process runs: `all` (every node in one process, the default),
+    /// `chat` (the chat service: its store, sessions and queues; gateway nodes link to it
+    /// on --link-listen, and clients may still connect to it on --listen, where the media
+    /// lane is), or `gateway` (a gateway node: client sockets only, linked to the chat
+    /// service at --chat; it needs the chat service's secret file).
+    #[arg(long, default_value = "all", value_parser = ["all", "chat", "gateway"])]
+    role: String,
+    /// (role chat) Address gateway nodes link to (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:9000")]
+    link_listen: SocketAddr,
+    /// (role gateway) The chat service's link address (its --link-listen).
+    #[arg(long, default_value = "127.0.0.1:9000")]
+    chat: SocketAddr,
+    /// Stop when standard input closes (how `chatsim cluster` makes sure its nodes never
+    /// outlive it, even if it is killed).
+    #[arg(long, hide = true)]
+    stop_with_stdin: bool,
+    /// Gateway name reported in routing and logs; each gateway node needs its own (the
+    /// chat service refuses a second link under a name already linked) [default: gw-1;
+    /// with --role chat, `chat` names the clients connected to the chat service itself].
+    #[arg(long)]
+    gateway: Option<String>,
     /// Region of this gateway.
     #[arg(long, default_value = "region-1")]
     region: String,
@@ -183,6 +207,7 @@ fn run() -> Result<()> {
     match cli.cmd {
         Cmd::Serve(a) => serve(a),
         Cmd::Token(a) => token(a),
+        Cmd::Cluster(a) => cluster_cmd::cluster(a),
         Cmd::Bench(BenchCmd::Load {
             users,
             secs,
@@ -316,6 +341,9 @@ fn serve(a: ServeArgs) -> Result<()> {
             anyhow::Ok(())
         });
     }
+    if a.role == "gateway" {
+        return serve_gateway(a);
+    }
     let secret_path = a
         .secret_file
         .clone()
@@ -336,8 +364,9 @@ fn serve(a: ServeArgs) -> Result<()> {
         keep_history: a.keep_history,
         ..Limits::default()
     };
+    let default_name = if a.role == "chat" { "chat" } else { "gw-1" };
     let cfg = RuntimeConfig {
-        gateway: a.gateway.as_str().into(),
+        gateway: a.gateway.as_deref().unwrap_or(default_name).into(),
         region: a.region.as_str().into(),
         ..RuntimeConfig::default()
     };
@@ -362,14 +391,106 @@ fn serve(a: ServeArgs) -> Result<()> {
             "  token: chatsim token --user alice --device phone --secret-file {}",
             secret_path.display()
         );
+        let (stop_links, links_stop) = tokio::sync::watch::channel(false);
+        let links = if a.role == "chat" {
+            let link_listener = tokio::net::TcpListener::bind(a.link_listen)
+                .await
+                .with_context(|| format!("binding the link address {}", a.link_listen))?;
+            let link_addr = link_listener.local_addr()?;
+            println!("  links: gateway nodes link to {link_addr}");
+            println!(
+                "    chatsim serve --role gateway --chat {link_addr} --gateway gw-2 --listen 127.0.0.1:8081 --secret-file {}",
+                secret_path.display()
+            );
+            let links = ChatLinks::new(
+                server.hub().clone(),
+                LinkConfig::default(),
+                Clock::wall(),
+                Spawner::Tokio,
+            );
+            Some(tokio::spawn(links.serve(link_listener, links_stop)))
+        } else {
+            None
+        };
         let s2 = server.clone();
         let serving = tokio::spawn(server.clone().serve(listener));
-        shutdown_signal().await;
+        stop_requested(a.stop_with_stdin).await;
         eprintln!("chatsim serve: shutting down (closing connections)");
+        let _ = stop_links.send(true);
         s2.shutdown();
+        let _ = serving.await;
+        if let Some(l) = links {
+            let _ = l.await;
+        }
+        anyhow::Ok(())
+    })
+}
+
+/// `serve --role gateway`: a gateway node linked to the chat service at `--chat`.
+fn serve_gateway(a: ServeArgs) -> Result<()> {
+    // A gateway must prove itself with the chat service's own secret: never create one.
+    let Some(secret_path) = a.secret_file.clone() else {
+        bail!(
+            "serve --role gateway needs --secret-file: the chat service's secret file \
+             (the one its banner names, e.g. chatsim-data/secret)"
+        );
+    };
+    let text = std::fs::read_to_string(&secret_path)
+        .with_context(|| format!("reading secret file {}", secret_path.display()))?;
+    let secret = auth::Secret::new(text.trim().as_bytes().to_vec())
+        .map_err(|e| anyhow::anyhow!("{}: {e}", secret_path.display()))?;
+    let name = a.gateway.clone().unwrap_or_else(|| "gw-1".into());
+    if !model_server::ids::is_valid_id(&name) {
+        bail!("--gateway {name:?}: use letters, digits, '-' and '_' only");
+    }
+    let cfg = RuntimeConfig {
+        gateway: name.as_str().into(),
+        region: a.region.as_str().into(),
+        ..RuntimeConfig::default()
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(a.listen)
+            .await
+            .with_context(|| format!("binding {}", a.listen))?;
+        let addr = listener.local_addr()?;
+        let node = GatewayNode::new(cfg, LinkConfig::default(), &secret, Clock::wall(), None);
+        println!("chatsim serve: listening on {addr}");
+        println!(
+            "  gateway node {name} (region {}) linked to the chat service at {}",
+            a.region, a.chat
+        );
+        println!("  WebSocket  ws://{addr}/ws   health http://{addr}/health   metrics http://{addr}/metrics");
+        let n2 = node.clone();
+        let serving = tokio::spawn(node.serve(listener, TcpConnector(a.chat)));
+        stop_requested(a.stop_with_stdin).await;
+        eprintln!("chatsim serve: shutting down (closing connections)");
+        n2.shutdown();
         let _ = serving.await;
         anyhow::Ok(())
     })
+}
+
+/// Ctrl-C, SIGTERM or, with `stdin_eof`, the end of standard input.
+async fn stop_requested(stdin_eof: bool) {
+    if !stdin_eof {
+        return shutdown_signal().await;
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let mut buf = [0u8; 64];
+        let mut stdin = std::io::stdin();
+        while matches!(stdin.read(&mut buf), Ok(n) if n > 0) {}
+        let _ = tx.send(());
+    });
+    tokio::select! {
+        _ = shutdown_signal() => {}
+        _ = rx => {}
+    }
 }
 
 async fn shutdown_signal() {

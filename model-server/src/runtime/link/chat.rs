@@ -135,7 +135,23 @@ impl ChatLinks {
             }
         };
         let epoch = self.next_link.fetch_add(1, Ordering::Relaxed);
-        lock(&self.current).insert(gateway.clone(), epoch);
+        let taken = {
+            let mut cur = lock(&self.current);
+            let taken = cur.contains_key(&gateway);
+            if !taken {
+                cur.insert(gateway.clone(), epoch);
+            }
+            taken
+        };
+        if taken {
+            // Two nodes under one name would take each other's connections down; a
+            // restarted gateway gets in once its old link is declared dead (4 s).
+            let reason = format!("a gateway named {gateway} is linked already");
+            tracing::warn!(%gateway, %reason, "gateway link refused");
+            let _ = write_msg(&mut wr, &ToGateway::Refused { reason }).await;
+            let _ = wr.flush().await;
+            return;
+        }
         let now = self.hub.now_on(&self.clock);
         // Connections an older link of this gateway still had are gone with that link.
         self.hub.act(|c| {
