@@ -157,11 +157,17 @@ pub struct Bugs {
     /// way round).
     #[serde(default)]
     pub typing_to_own_devices: bool,
+    /// No inbox copy for a recipient whose every device is connected: the message goes
+    /// only to their live connections (an "optimisation" that trusts the registry; a
+    /// connection that is already dead, say behind a gateway cut off from the chat
+    /// service, loses it for good).
+    #[serde(default)]
+    pub no_inbox_when_online: bool,
 }
 
 impl Bugs {
     /// Every bug name, as given to `--bug`.
-    pub const NAMES: [&'static str; 17] = [
+    pub const NAMES: [&'static str; 18] = [
         "ack-before-persist",
         "no-dedup",
         "order-by-client-clock",
@@ -179,6 +185,7 @@ impl Bugs {
         "unlinked-tokens-work",
         "unlink-keeps-copies",
         "typing-to-own-devices",
+        "no-inbox-when-online",
     ];
 
     /// Switches on the bug called `name`.
@@ -201,6 +208,7 @@ impl Bugs {
             "unlinked-tokens-work" => &mut self.unlinked_tokens_work,
             "unlink-keeps-copies" => &mut self.unlink_keeps_copies,
             "typing-to-own-devices" => &mut self.typing_to_own_devices,
+            "no-inbox-when-online" => &mut self.no_inbox_when_online,
             other => {
                 return Err(format!(
                     "unknown bug '{other}'; known: {}",
@@ -232,6 +240,7 @@ impl Bugs {
             self.unlinked_tokens_work,
             self.unlink_keeps_copies,
             self.typing_to_own_devices,
+            self.no_inbox_when_online,
         ];
         Self::NAMES
             .iter()

@@ -128,3 +128,25 @@ fn an_unlink_that_keeps_the_copies_waiting_for_it_leaks_storage() {
         ViolationKind::StorageLeak,
     );
 }
+
+#[test]
+fn no_inbox_when_online_loses_what_a_cut_off_gateway_was_handed() {
+    passes_without_bugs("gateway-cut-off");
+    assert_eq!(
+        caught_at(
+            "gateway-cut-off",
+            "no-inbox-when-online",
+            ViolationKind::Loss
+        ),
+        1
+    );
+    // The same scenario with every gateway in-process (no link to cut) does not see it:
+    // the loss needs the window in which the chat service still routes to connections of
+    // a gateway that can no longer reach their phones.
+    let mut flat = scenario("gateway-cut-off");
+    flat.topology.tiered = false;
+    let mut opts = RunOptions::default();
+    opts.bugs.enable("no-inbox-when-online").expect("known bug");
+    let (r, _) = sim::run_seed(&flat, flat.seed, &opts).expect("runs");
+    assert!(r.passed, "untiered: {:?}", r.failures);
+}

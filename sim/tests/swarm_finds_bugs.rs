@@ -57,9 +57,10 @@ fn every_planted_bug_is_caught_by_the_plain_swarm_within_100_seeds() {
         "order-by-client-clock" => Some(ViolationKind::Order),
         "unbounded-outbound-queue" => Some(ViolationKind::QueueBound),
         "push-with-content" | "log-content" => Some(ViolationKind::Plaintext),
-        "truncated-media" | "skip-sync-on-reconnect" | "inbox-outside-commit" => {
-            Some(ViolationKind::Loss)
-        }
+        "truncated-media"
+        | "skip-sync-on-reconnect"
+        | "inbox-outside-commit"
+        | "no-inbox-when-online" => Some(ViolationKind::Loss),
         "early-delivery-receipt" => Some(ViolationKind::FalseReceipt),
         "forget-delivery-acks" => Some(ViolationKind::Redelivery),
         "stale-group-members" => Some(ViolationKind::NonMember),

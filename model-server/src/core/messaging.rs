@@ -163,6 +163,16 @@ impl<S: KvStore> ChatCore<S> {
             for r in &recipients {
                 inbox_users.push((r.clone(), InboxEntry::default()));
             }
+            if self.bugs.no_inbox_when_online {
+                let mut offline = Vec::new();
+                for (u, e) in inbox_users.drain(..) {
+                    let live = self.reg.user_conns(&u).len();
+                    if live == 0 || live < self.db.devices(&u)?.len() {
+                        offline.push((u, e));
+                    }
+                }
+                inbox_users = offline;
+            }
             // The sender's other devices need it too.
             let own = self.db.devices(&sess.user)?;
             if own.iter().any(|d| d != &sess.device) {
