@@ -78,6 +78,7 @@ pub fn cluster(a: ClusterArgs) -> Result<()> {
             cmd.arg("--memory");
         }
         let (chat, lines) = start(cmd, "chat")?;
+        let chat_http = chat.addr;
         let link_addr = lines
             .iter()
             .find_map(|l| l.trim().strip_prefix("links: gateway nodes link to "))
@@ -97,6 +98,8 @@ pub fn cluster(a: ClusterArgs) -> Result<()> {
                 .arg(listen.to_string())
                 .arg("--chat")
                 .arg(link_addr.to_string())
+                .arg("--chat-http")
+                .arg(chat_http.to_string())
                 .arg("--secret-file")
                 .arg(&secret);
             let (node, _) = start(cmd, &name)?;
@@ -134,7 +137,7 @@ pub fn cluster(a: ClusterArgs) -> Result<()> {
             secret.display()
         );
         println!(
-            "  clients connect to any gateway; the chat service's own port also serves clients and the media lane"
+            "  clients connect to any gateway (media requests pass through to the chat service)"
         );
         Ok(())
     })();

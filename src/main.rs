@@ -145,6 +145,10 @@ struct ServeArgs {
     /// (role gateway) The chat service's link address (its --link-listen).
     #[arg(long, default_value = "127.0.0.1:9000")]
     chat: SocketAddr,
+    /// (role gateway) The chat service's client/HTTP address (its --listen), where media
+    /// requests are passed through to; without it the gateway answers them 503.
+    #[arg(long)]
+    chat_http: Option<SocketAddr>,
     /// Stop when standard input closes (how `chatsim cluster` makes sure its nodes never
     /// outlive it, even if it is killed).
     #[arg(long, hide = true)]
@@ -399,7 +403,7 @@ fn serve(a: ServeArgs) -> Result<()> {
             let link_addr = link_listener.local_addr()?;
             println!("  links: gateway nodes link to {link_addr}");
             println!(
-                "    chatsim serve --role gateway --chat {link_addr} --gateway gw-2 --listen 127.0.0.1:8081 --secret-file {}",
+                "    chatsim serve --role gateway --chat {link_addr} --chat-http {addr} --gateway gw-2 --listen 127.0.0.1:8081 --secret-file {}",
                 secret_path.display()
             );
             let links = ChatLinks::new(
@@ -465,7 +469,11 @@ fn serve_gateway(a: ServeArgs) -> Result<()> {
         );
         println!("  WebSocket  ws://{addr}/ws   health http://{addr}/health   metrics http://{addr}/metrics");
         let n2 = node.clone();
-        let serving = tokio::spawn(node.serve(listener, TcpConnector(a.chat)));
+        let chat = TcpConnector {
+            link: a.chat,
+            media: a.chat_http,
+        };
+        let serving = tokio::spawn(node.serve(listener, chat));
         stop_requested(a.stop_with_stdin).await;
         eprintln!("chatsim serve: shutting down (closing connections)");
         n2.shutdown();

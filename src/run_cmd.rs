@@ -38,8 +38,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub jobs: Option<usize>,
     /// Run every scenario with the tiered topology (`[topology] tiered = true`): gateway
-    /// nodes reach the chat service over network links that faults can cut. Scenarios
-    /// with media are skipped (gateway nodes do not serve the media lane yet).
+    /// nodes reach the chat service over network links that faults can cut.
     #[arg(long)]
     pub tiered: bool,
     /// Print what each seed drew before its result: the design-space knobs of a swarm
@@ -162,13 +161,6 @@ pub fn run(a: RunArgs) -> Result<i32> {
     for f in &files {
         let mut sc = Scenario::load(f)?;
         if a.tiered {
-            if sc.workload.groups.iter().any(|g| g.media_messages > 0) {
-                println!(
-                    "{}: skipped under --tiered (its groups carry media, which gateway nodes do not serve yet)",
-                    sc.name
-                );
-                continue;
-            }
             sc.topology.tiered = true;
         }
         scenarios.push((f.clone(), sc));

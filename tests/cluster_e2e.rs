@@ -325,3 +325,46 @@ async fn a_chat_service_killed_and_restarted_from_its_data_dir_loses_nothing_ack
     assert_eq!(e["payload"]["code"], 409, "{e}");
     assert_eq!(e["payload"]["seq"], 4, "{e}");
 }
+
+#[tokio::test]
+async fn the_media_lane_passes_through_gateway_processes_and_stays_member_only() {
+    let cl = Cluster::start(2);
+    let (_, gw1) = cl.node("gw-1");
+    let (_, gw2) = cl.node("gw-2");
+    let alice = token(&cl.secret, "alice", "phone");
+    let body = r#"{"conversation_id":"dm:alice:bob","file_type":"video/mp4","file_size":10}"#;
+    let resp = http(&gw1, &format!(
+        "POST /v1/media:prepare HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {alice}\r\nContent-Length: {}\r\n\r\n{body}", body.len())).await;
+    assert!(resp.starts_with("HTTP/1.1 201"), "{resp}");
+    let v: Value =
+        serde_json::from_str(resp.split("\r\n\r\n").nth(1).expect("body")).expect("json");
+    let url = v["upload_url"].as_str().expect("url").to_string();
+    let put = format!(
+        "PUT {url} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {alice}\r\nContent-Range: bytes 0-9/10\r\nContent-Length: 10\r\n\r\n0123456789"
+    );
+    let done = http(&gw1, &put).await;
+    assert!(done.contains(r#""complete":true"#), "{done}");
+    // Downloaded through the other gateway process, by a member only.
+    let get =
+        |tok: &str| format!("GET {url} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok}\r\n\r\n");
+    let got = http(&gw2, &get(&token(&cl.secret, "bob", "phone"))).await;
+    assert!(
+        got.starts_with("HTTP/1.1 200") && got.ends_with("0123456789"),
+        "{got}"
+    );
+    let denied = http(&gw2, &get(&token(&cl.secret, "eve", "phone"))).await;
+    assert!(denied.starts_with("HTTP/1.1 403"), "{denied}");
+}
+
+/// One raw HTTP/1.1 exchange on loopback; the whole response as text.
+async fn http(addr: &str, req: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut out))
+        .await
+        .expect("response")
+        .expect("read");
+    String::from_utf8_lossy(&out).into_owned()
+}

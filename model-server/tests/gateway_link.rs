@@ -77,6 +77,7 @@ fn gateway_host(sim: &mut turmoil::Sim<'_>, name: &'static str, secret: &'static
         );
         let listener = turmoil::net::TcpListener::bind(("0.0.0.0", 8080)).await?;
         let chat = TurmoilConnector {
+            media_port: None,
             host: "chat".into(),
             port: LINK_PORT,
         };

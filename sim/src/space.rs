@@ -345,18 +345,11 @@ pub fn draw(sc: &Scenario, seed: u64) -> Result<Drawn, String> {
     }
     out.workload.unlinks = unlinks;
     // The tiered topology (drawn after everything else, so the other draws of a seed stay
-    // as they were): gateway nodes linked to the chat service over the network. Gateway
-    // nodes do not serve the media lane yet, so a tiered seed's groups carry no media.
+    // as they were): gateway nodes linked to the chat service over the network.
     let tiered_p = d.float("tiered_probability");
     out.topology.tiered = d.chance(tiered_p) || sc.topology.tiered;
     d.explain
         .push(("tiered".into(), out.topology.tiered.to_string()));
-    if out.topology.tiered {
-        for g in &mut out.workload.groups {
-            g.media_messages = 0;
-            g.media_bytes = 0;
-        }
-    }
     out.server =
         Some(toml::Table::try_from(&limits).map_err(|e| format!("encoding drawn limits: {e}"))?);
     // Knobs that ended up adjusted by others are explained by their final value.

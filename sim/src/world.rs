@@ -26,6 +26,8 @@ pub use crate::scenario::TCP_CAPACITY;
 
 /// Port of the chat service's gateway links on host `chat` (tiered topology).
 const LINK_PORT: u16 = 9000;
+/// Port of the chat service's HTTP side (the media lane) on host `chat` (tiered).
+const MEDIA_PORT: u16 = 8080;
 
 /// Secret the simulated identity service signs tokens with.
 pub const SIM_SECRET: &[u8] = b"chatsim-simulation-secret";
@@ -312,6 +314,19 @@ fn run_logged(
                         let _keep = stop_tx;
                         links.serve(listener, stop).await;
                     });
+                    // The media lane, which gateway nodes pass requests through to.
+                    let media = Server::http_only(
+                        hub.clone(),
+                        RuntimeConfig {
+                            gateway: "chat".into(),
+                            spawner: Spawner::Local,
+                            run_timers: false,
+                            ..RuntimeConfig::default()
+                        },
+                        Clock::starting_at(EPOCH_MS + now_ms()),
+                    );
+                    let listener = turmoil::net::TcpListener::bind(("0.0.0.0", MEDIA_PORT)).await?;
+                    tokio::task::spawn_local(media.serve(listener));
                 }
                 if let Some(ms) = group_commit_ms {
                     // Group-commit rounds: each takes `ms` (the fsync; a crash during it
@@ -375,6 +390,7 @@ fn run_logged(
                     let chat = TurmoilConnector {
                         host: "chat".into(),
                         port: LINK_PORT,
+                        media_port: Some(MEDIA_PORT),
                     };
                     node.serve(listener, chat).await;
                 } else {

@@ -518,6 +518,8 @@ pub struct Server {
     active: std::sync::atomic::AtomicUsize,
     /// Streams not (yet) upgraded to WebSocket (see `max_pending_streams`).
     pending: Arc<std::sync::atomic::AtomicUsize>,
+    /// HTTP only (the media lane behind gateway nodes): no WebSockets, no gateway.
+    http_only: bool,
 }
 
 /// Counts one pending (non-WebSocket) stream while it lives.
@@ -565,6 +567,23 @@ impl Server {
             shutdown,
             active: Default::default(),
             pending: Default::default(),
+            http_only: false,
+        })
+    }
+
+    /// The chat service's HTTP side alone (health, metrics, the media lane), which gateway
+    /// nodes pass media requests through to: WebSocket upgrades are refused (clients
+    /// connect to a gateway) and no gateway is registered.
+    pub fn http_only(hub: Arc<Hub>, cfg: RuntimeConfig, clock: Clock) -> Arc<Self> {
+        let (shutdown, _) = watch::channel(false);
+        Arc::new(Server {
+            hub,
+            cfg,
+            clock,
+            shutdown,
+            active: Default::default(),
+            pending: Default::default(),
+            http_only: true,
         })
     }
 
@@ -638,8 +657,10 @@ impl Server {
             }
         }
         // Graceful shutdown: every connection gets a close frame; give them a moment.
-        let now = self.now();
-        self.hub.act(|c| c.gateway_down(&self.cfg.gateway, now));
+        if !self.http_only {
+            let now = self.now();
+            self.hub.act(|c| c.gateway_down(&self.cfg.gateway, now));
+        }
         if self.cfg.run_timers && self.hub.grouping() {
             // The group-commit loop has stopped: sync what is left, so the last acks and
             // the close frames' final frames go out (a few rounds at most).
@@ -688,7 +709,15 @@ impl Server {
                 }
                 Err(_) => return,
             };
-        if head.is_websocket() {
+        if head.is_websocket() && self.http_only {
+            let _ = http::respond(
+                &mut stream,
+                404,
+                "application/json",
+                &http::error_json(404, "no WebSocket endpoint here: connect to a gateway"),
+            )
+            .await;
+        } else if head.is_websocket() {
             // From here on `max_connections` bounds it.
             drop(pending);
             ws::run(self, stream, head).await;

@@ -22,21 +22,42 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::{mpsc, oneshot, watch};
 
-/// How a gateway reaches the chat service.
+/// How a gateway reaches the chat service: its link, and the HTTP port that serves the
+/// media lane (which the gateway passes requests through to, byte for byte).
 pub trait Connector: Send + Sync + 'static {
     type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
     fn connect(&self) -> impl Future<Output = io::Result<Self::Stream>> + Send;
+    /// A connection to the chat service's HTTP port (the media lane), if it has one.
+    fn connect_media(&self) -> impl Future<Output = io::Result<Self::Stream>> + Send;
 }
 
-/// The chat service at a TCP address (the real runtime).
+/// The chat service at TCP addresses (the real runtime).
 #[derive(Clone, Debug)]
-pub struct TcpConnector(pub SocketAddr);
+pub struct TcpConnector {
+    /// Its link address (`serve --role chat --link-listen`).
+    pub link: SocketAddr,
+    /// Its client/HTTP address, where the media lane is (`--listen`); `None`: media
+    /// requests get 503.
+    pub media: Option<SocketAddr>,
+}
 
 impl Connector for TcpConnector {
     type Stream = tokio::net::TcpStream;
 
     async fn connect(&self) -> io::Result<Self::Stream> {
-        let s = tokio::net::TcpStream::connect(self.0).await?;
+        let s = tokio::net::TcpStream::connect(self.link).await?;
+        s.set_nodelay(true)?;
+        Ok(s)
+    }
+
+    async fn connect_media(&self) -> io::Result<Self::Stream> {
+        let Some(addr) = self.media else {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "no media address given (--chat-http)",
+            ));
+        };
+        let s = tokio::net::TcpStream::connect(addr).await?;
         s.set_nodelay(true)?;
         Ok(s)
     }
@@ -47,7 +68,10 @@ impl Connector for TcpConnector {
 #[derive(Clone, Debug)]
 pub struct TurmoilConnector {
     pub host: String,
+    /// Link port.
     pub port: u16,
+    /// HTTP port of the media lane on the same host, if served.
+    pub media_port: Option<u16>,
 }
 
 #[cfg(feature = "sim")]
@@ -56,6 +80,16 @@ impl Connector for TurmoilConnector {
 
     async fn connect(&self) -> io::Result<Self::Stream> {
         turmoil::net::TcpStream::connect((self.host.as_str(), self.port)).await
+    }
+
+    async fn connect_media(&self) -> io::Result<Self::Stream> {
+        let Some(port) = self.media_port else {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "the chat host serves no media lane",
+            ));
+        };
+        turmoil::net::TcpStream::connect((self.host.as_str(), port)).await
     }
 }
 
@@ -143,10 +177,10 @@ impl GatewayNode {
     /// Serves clients on `listener` and keeps a link to the chat service through
     /// `connector`, until `shutdown`.
     pub async fn serve<L: Listener, C: Connector>(self: Arc<Self>, listener: L, connector: C) {
+        let connector = Arc::new(connector);
         let me = self.clone();
-        self.cfg
-            .spawner
-            .spawn(async move { me.keep_link(connector).await });
+        let c = connector.clone();
+        self.cfg.spawner.spawn(async move { me.keep_link(c).await });
         let mut stop = self.shutdown.subscribe();
         loop {
             tokio::select! {
@@ -155,7 +189,8 @@ impl GatewayNode {
                 r = listener.accept() => match r {
                     Ok((stream, _peer)) => {
                         let me = self.clone();
-                        self.cfg.spawner.spawn(async move { me.stream(stream).await });
+                        let c = connector.clone();
+                        self.cfg.spawner.spawn(async move { me.stream(stream, c).await });
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "accept failed");
@@ -175,7 +210,7 @@ impl GatewayNode {
     }
 
     /// Makes the link, serves it until it dies, and makes it again, until shutdown.
-    async fn keep_link<C: Connector>(self: Arc<Self>, connector: C) {
+    async fn keep_link<C: Connector>(self: Arc<Self>, connector: Arc<C>) {
         let mut stop = self.shutdown.subscribe();
         let mut wait = self.link.retry_initial;
         loop {
@@ -377,7 +412,7 @@ impl GatewayNode {
     }
 
     /// Routes one accepted stream to the WebSocket or HTTP side.
-    async fn stream<St>(self: Arc<Self>, mut stream: St)
+    async fn stream<St, C: Connector>(self: Arc<Self>, mut stream: St, connector: Arc<C>)
     where
         St: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -396,12 +431,43 @@ impl GatewayNode {
         if head.is_websocket() {
             drop(pending);
             self.websocket(stream, head).await;
+        } else if head.path.starts_with("/v1/media") {
+            self.media(stream, head, &*connector).await;
         } else {
             self.http(&mut stream, &head).await;
         }
     }
 
-    /// Health and metrics of the gateway itself; the media lane is not forwarded yet.
+    /// Passes one media-lane request through to the chat service's HTTP port, byte for
+    /// byte both ways (the chat service authenticates it and answers `connection: close`),
+    /// bounded in time.
+    async fn media<St, C>(&self, mut client: St, head: Head, connector: &C)
+    where
+        St: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        C: Connector,
+    {
+        let up = tokio::time::timeout(self.link.hello_timeout, connector.connect_media()).await;
+        let Ok(Ok(mut up)) = up else {
+            let why = "media lane unreachable from this gateway; retry";
+            let _ = http::respond(
+                &mut client,
+                503,
+                "application/json",
+                &http::error_json(503, why),
+            )
+            .await;
+            return;
+        };
+        let limit = self.cfg.body_timeout + self.cfg.write_timeout * 4;
+        let _ = tokio::time::timeout(limit, async {
+            up.write_all(&head.raw).await?;
+            up.flush().await?;
+            tokio::io::copy_bidirectional(&mut client, &mut up).await
+        })
+        .await;
+    }
+
+    /// Health and metrics of the gateway itself.
     async fn http<St: AsyncWrite + Unpin>(&self, stream: &mut St, head: &Head) {
         let path = head.path.split('?').next().unwrap_or("");
         let linked = self.linked();
@@ -429,14 +495,6 @@ impl GatewayNode {
                     self.links_made()
                 )
                 .into_bytes(),
-            ),
-            _ if path.starts_with("/v1/media") => (
-                503,
-                "application/json",
-                http::error_json(
-                    503,
-                    "this gateway node does not serve the media lane yet; use the all-in-one server",
-                ),
             ),
             _ => (404, "application/json", http::error_json(404, "not found")),
         };
