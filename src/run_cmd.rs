@@ -37,10 +37,10 @@ pub struct RunArgs {
     /// Threads for many seeds [default: number of cores].
     #[arg(long)]
     pub jobs: Option<usize>,
-    /// Run every scenario with the tiered topology (`[topology] tiered = true`): gateway
-    /// nodes reach the chat service over network links that faults can cut.
+    /// Run every scenario with in-process gateways (`[topology] tiered = false`, the first
+    /// version's topology) instead of gateway nodes linked to the chat service.
     #[arg(long)]
-    pub tiered: bool,
+    pub in_process: bool,
     /// Print what each seed drew before its result: the design-space knobs of a swarm
     /// scenario with `[swarm.space]`, and every fault on its timeline (with many seeds, the
     /// failing ones only).
@@ -160,8 +160,8 @@ pub fn run(a: RunArgs) -> Result<i32> {
     let mut scenarios = Vec::new();
     for f in &files {
         let mut sc = Scenario::load(f)?;
-        if a.tiered {
-            sc.topology.tiered = true;
+        if a.in_process {
+            sc.topology.tiered = false;
         }
         scenarios.push((f.clone(), sc));
     }
@@ -171,7 +171,10 @@ pub fn run(a: RunArgs) -> Result<i32> {
             .unwrap_or(1)
     });
     let bug_flags: String = a.bugs.iter().map(|b| format!(" --bug {b}")).collect();
-    let replay_flags = format!("{bug_flags}{}", if a.tiered { " --tiered" } else { "" });
+    let replay_flags = format!(
+        "{bug_flags}{}",
+        if a.in_process { " --in-process" } else { "" }
+    );
     let mut rows = Vec::new();
     let mut failed_any = false;
     for (file, sc) in &scenarios {

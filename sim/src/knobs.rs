@@ -81,7 +81,7 @@ pub const KNOBS: &[Knob] = &[
     // Operations (drawn last).
     k("unlink_probability", 0.0, 0.3, 0.0, 1.0, "chance each device but the first is unlinked mid-run (by the first device or itself)"),
     // Topology (drawn last).
-    k("tiered_probability", 0.5, 0.5, 0.0, 1.0, "chance gateways are nodes of their own linked to the chat service over the network (links faults can cut)"),
+    k("tiered_probability", 0.75, 0.75, 0.0, 1.0, "chance gateways are nodes of their own linked to the chat service over the network (links faults can cut); otherwise in-process"),
 ];
 
 /// Checks `[swarm.space]` bounds: known names, `min <= max`, within the hard limits.

@@ -92,9 +92,14 @@ pub struct Topology {
     pub torn_writes: bool,
     /// Gateways are nodes of their own that reach the chat service over a network link
     /// (host `chat`), so faults between a gateway and `chat` cut that link (and the media
-    /// requests they pass through); unset, every gateway calls the chat service in-process.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    /// requests they pass through). The default; `false`: every gateway calls the chat
+    /// service in-process (the first version's topology).
+    #[serde(skip_serializing_if = "is_true")]
     pub tiered: bool,
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 impl Default for Topology {
@@ -108,7 +113,7 @@ impl Default for Topology {
             random_order: false,
             group_commit_ms: None,
             torn_writes: false,
-            tiered: false,
+            tiered: true,
         }
     }
 }
@@ -987,20 +992,12 @@ mod tests {
     }
 
     #[test]
-    fn tiered_topology_parses() {
-        let text = MIN.replace("[workload]", "[topology]\ntiered = true\n[workload]");
-        assert!(
-            Scenario::parse(&text, "t.toml")
-                .expect("parses")
-                .topology
-                .tiered
-        );
-        assert!(
-            !Scenario::parse(MIN, "t.toml")
-                .expect("parses")
-                .topology
-                .tiered
-        );
+    fn gateways_are_tiered_unless_a_scenario_says_in_process() {
+        let default = Scenario::parse(MIN, "t.toml").expect("parses");
+        assert!(default.topology.tiered);
+        let text = MIN.replace("[workload]", "[topology]\ntiered = false\n[workload]");
+        let flat = Scenario::parse(&text, "t.toml").expect("parses");
+        assert!(!flat.topology.tiered);
     }
 
     #[test]

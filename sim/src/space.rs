@@ -345,9 +345,11 @@ pub fn draw(sc: &Scenario, seed: u64) -> Result<Drawn, String> {
     }
     out.workload.unlinks = unlinks;
     // The tiered topology (drawn after everything else, so the other draws of a seed stay
-    // as they were): gateway nodes linked to the chat service over the network.
+    // as they were): gateway nodes linked to the chat service over the network, or (the
+    // rest of the seeds, and every seed of a scenario that says `tiered = false`) every
+    // gateway calling the chat service in-process.
     let tiered_p = d.float("tiered_probability");
-    out.topology.tiered = d.chance(tiered_p) || sc.topology.tiered;
+    out.topology.tiered = sc.topology.tiered && d.chance(tiered_p);
     d.explain
         .push(("tiered".into(), out.topology.tiered.to_string()));
     out.server =

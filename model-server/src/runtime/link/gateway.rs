@@ -182,6 +182,12 @@ impl GatewayNode {
         let c = connector.clone();
         self.cfg.spawner.spawn(async move { me.keep_link(c).await });
         let mut stop = self.shutdown.subscribe();
+        // Ready only once linked: until then connections wait in the listener's backlog
+        // (for at most the hello timeout) rather than being refused with 503.
+        let ready_by = tokio::time::Instant::now() + self.link.hello_timeout;
+        while self.links_made() == 0 && tokio::time::Instant::now() < ready_by && !*stop.borrow() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         loop {
             tokio::select! {
                 biased;
