@@ -13,6 +13,12 @@ pub struct LoadArgs {
     /// spread the shards over several servers (shard i loads target i mod T).
     #[arg(long = "target", default_value = "ws://127.0.0.1:8080")]
     pub targets: Vec<String>,
+    /// Another gateway of the same server (repeatable; e.g. the gateways `chatsim cluster`
+    /// prints): device connections alternate between --target and these by user number,
+    /// so the two users of a pair sit on different gateways and every message crosses
+    /// the chat service. Passed on to every process of --processes.
+    #[arg(long = "gateway", value_name = "URL")]
+    pub gateways: Vec<String>,
     /// File with the server's token secret (`chatsim serve` writes DATA_DIR/secret). One
     /// for every target, or one per --target in the same order.
     #[arg(long = "secret-file", default_value = "chatsim-data/secret")]
@@ -85,6 +91,12 @@ pub struct LoadArgs {
     /// Scrape http://HOST:PORT/metrics of the target for server figures.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub scrape_metrics: bool,
+    /// Scrape the server's figures here instead of at the target, e.g. the chat service of
+    /// a `chatsim cluster` (http://127.0.0.1:8080/metrics): its CPU and memory then stand
+    /// for that process alone, not the gateways'. A page without the chat service's
+    /// figures (a gateway node's) leaves them "not measured".
+    #[arg(long, value_name = "URL")]
+    pub metrics_url: Option<String>,
 }
 
 pub fn run_id() -> String {
@@ -174,6 +186,10 @@ pub fn print_summary(s: &Summary, dir: &std::path::Path) {
             f.connections, f.cpu_us_per_delivered
         );
         println!("  server memory: {}", f.memory_line());
+    } else {
+        println!(
+            "  server: CPU and memory not measured (no chat service metrics scraped; with a cluster, --metrics-url http://CHAT/metrics)"
+        );
     }
     if let (Some(r), Some(c)) = (&s.storm_reconnect_us, &s.storm_catch_up_us) {
         println!(
@@ -242,9 +258,11 @@ pub fn config(a: &LoadArgs) -> Result<LoadConfig> {
     let metrics_url = a
         .scrape_metrics
         .then(|| {
-            target
-                .strip_prefix("ws://")
-                .map(|h| format!("http://{}/metrics", h.trim_end_matches('/')))
+            a.metrics_url.clone().or_else(|| {
+                target
+                    .strip_prefix("ws://")
+                    .map(|h| format!("http://{}/metrics", h.trim_end_matches('/')))
+            })
         })
         .flatten();
     let (users, idle_devices, id) = match &a.shard {
@@ -258,6 +276,7 @@ pub fn config(a: &LoadArgs) -> Result<LoadConfig> {
     };
     Ok(LoadConfig {
         target,
+        gateways: a.gateways.clone(),
         idle_devices,
         source_ip: a.source_ip,
         fail_if: a.fail_if.clone(),
@@ -499,6 +518,7 @@ pub fn bench_load(users: usize, secs: u64, slo_p99_ms: f64) -> Result<()> {
     let result = rt.block_on(async {
         let run = |addr: &str, rate: f64, tag: &str, metrics: bool| {
             let cfg = LoadConfig {
+                gateways: Vec::new(),
                 target: format!("ws://{addr}"),
                 secret: secret.clone(),
                 users,

@@ -137,6 +137,7 @@ pub fn coordinate(a: &LoadArgs, conds: &[Condition]) -> Result<i32> {
             .args(["--users", &a.users.to_string()])
             .args(["--idle-devices", &a.idle_devices.to_string()])
             .args(["--shard", &format!("{i}/{n}")])
+            .args(a.gateways.iter().flat_map(|g| ["--gateway", g.as_str()]))
             .args(["--start-at", &start_at.to_string()])
             .args(["--run-id", &id])
             .args(["--rate", &a.rate.to_string()])
@@ -147,6 +148,11 @@ pub fn coordinate(a: &LoadArgs, conds: &[Condition]) -> Result<i32> {
             .args(["--max-errors", &a.max_errors.to_string()])
             .args(["--typing", &a.typing.to_string()])
             .args(["--scrape-metrics", &a.scrape_metrics.to_string()])
+            .args(
+                a.metrics_url
+                    .iter()
+                    .flat_map(|u| ["--metrics-url", u.as_str()]),
+            )
             .arg("--out")
             .arg(&dir)
             .stdout(file.try_clone()?)

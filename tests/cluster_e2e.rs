@@ -368,3 +368,52 @@ async fn http(addr: &str, req: &str) -> String {
         .expect("read");
     String::from_utf8_lossy(&out).into_owned()
 }
+
+#[test]
+fn a_load_run_spread_over_two_gateway_processes_delivers_everything_and_measures_the_chat_service()
+{
+    let cl = Cluster::start(2);
+    let (_, gw1) = cl.node("gw-1");
+    let (_, gw2) = cl.node("gw-2");
+    let (_, chat) = cl.node("chat");
+    let out = cl._dir.path().join("load");
+    let r = Command::new(env!("CARGO_BIN_EXE_chatsim"))
+        .args(["load", "--target", &format!("ws://{gw1}")])
+        .args(["--gateway", &format!("ws://{gw2}")])
+        .args(["--metrics-url", &format!("http://{chat}/metrics")])
+        .arg("--secret-file")
+        .arg(&cl.secret)
+        .args([
+            "--users",
+            "40",
+            "--rate",
+            "2",
+            "--ramp",
+            "2",
+            "--duration",
+            "3",
+        ])
+        .args(["--fail-if", "delivered_ratio<1"])
+        .arg("--out")
+        .arg(&out)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run chatsim load");
+    let text = String::from_utf8_lossy(&r.stdout);
+    assert!(
+        r.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    let s: Value =
+        serde_json::from_slice(&std::fs::read(out.join("summary.json")).expect("summary.json"))
+            .expect("json");
+    assert_eq!(s["target"], format!("ws://{gw1} ws://{gw2}"), "{s}");
+    assert!(s["delivered"].as_u64().expect("delivered") > 0, "{s}");
+    assert_eq!(s["delivered"], s["expected_deliveries"], "{s}");
+    assert_eq!(s["valid"], true, "{s}");
+    assert!(
+        text.contains("CPU µs per delivery"),
+        "the chat service was measured: {text}"
+    );
+}

@@ -30,6 +30,10 @@ use std::time::Duration;
 pub struct LoadConfig {
     /// `ws://HOST:PORT` of the server under test (loopback only).
     pub target: String,
+    /// Further `ws://HOST:PORT` entry points of the same server (the gateway nodes of a
+    /// `chatsim cluster`, loopback only): device connections are spread over `target`
+    /// and these by user number, so the two users of a pair sit on different gateways.
+    pub gateways: Vec<String>,
     pub secret: Secret,
     /// Goose users; each holds one device connection. Users pair up (u0-u1, u2-u3, ...)
     /// or form groups of `group_size`.
@@ -74,12 +78,14 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<report::Summary> {
         cfg.users >= 2,
         "at least two users are needed (senders need recipients)"
     );
-    anyhow::ensure!(
-        cfg.target.starts_with("ws://127.")
-            || cfg.target.starts_with("ws://localhost")
-            || cfg.target.starts_with("ws://[::1]"),
-        "load tests only target loopback addresses (ws://127.x.x.x, localhost or [::1])"
-    );
+    for t in std::iter::once(&cfg.target).chain(&cfg.gateways) {
+        anyhow::ensure!(
+            t.starts_with("ws://127.")
+                || t.starts_with("ws://localhost")
+                || t.starts_with("ws://[::1]"),
+            "{t}: load tests only target loopback addresses (ws://127.x.x.x, localhost or [::1])"
+        );
+    }
     anyhow::ensure!(
         cfg.rate_per_user > 0.0 && cfg.rate_per_user <= 1000.0,
         "rate per user must be in (0, 1000]"

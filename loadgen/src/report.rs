@@ -484,15 +484,32 @@ pub async fn scrape(url: &str) -> anyhow::Result<Scrape> {
     .await?;
     let mut body = String::new();
     tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut body)).await??;
-    let get = |name: &str| -> u64 {
-        body.lines()
-            .find_map(|l| {
-                l.strip_prefix(name)
-                    .and_then(|v| v.strip_prefix(' '))
-                    .and_then(|v| v.trim().parse().ok())
-            })
-            .unwrap_or(0)
+    parse_scrape(url, &body)
+}
+
+/// The chat service's figures from a Prometheus text page; an error when the page lacks
+/// them (a gateway node's page, another server's), never zeros in their place.
+pub fn parse_scrape(url: &str, body: &str) -> anyhow::Result<Scrape> {
+    let find = |name: &str| -> Option<u64> {
+        body.lines().find_map(|l| {
+            l.strip_prefix(name)
+                .and_then(|v| v.strip_prefix(' '))
+                .and_then(|v| v.trim().parse().ok())
+        })
     };
+    // A page without the chat service's own figures (a gateway node's, another server's)
+    // measures nothing: never read its absence as zero.
+    for name in [
+        "chatsim_messages_out_total",
+        "chatsim_process_cpu_microseconds_total",
+        "chatsim_process_resident_bytes",
+    ] {
+        anyhow::ensure!(
+            find(name).is_some(),
+            "{url} has no {name}: not the chat service's metrics"
+        );
+    }
+    let get = |name: &str| find(name).unwrap_or(0);
     Ok(Scrape {
         connections: get("chatsim_connections"),
         rss_bytes: get("chatsim_process_resident_bytes"),
@@ -672,7 +689,11 @@ pub fn write(
     let server = server_figures(scrapes, cfg.users + cfg.idle_devices, cfg.idle.as_secs());
     let summary = Summary {
         run_id: cfg.run_id.clone(),
-        target: cfg.target.clone(),
+        target: std::iter::once(&cfg.target)
+            .chain(&cfg.gateways)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(" "),
         users: cfg.users,
         group_size: cfg.group_size,
         rate_per_user: cfg.rate_per_user,
@@ -1183,5 +1204,20 @@ mod verdict_tests {
             ..healthy(&kinds)
         };
         assert!(verdict(&e).is_empty());
+    }
+}
+
+#[cfg(test)]
+mod scrape_tests {
+    use super::parse_scrape;
+
+    #[test]
+    fn a_page_without_the_chat_services_figures_measures_nothing() {
+        let gateway = "chatsim_gateway_connections 7\nchatsim_gateway_chat_link_up 1\n";
+        assert!(parse_scrape("http://gw/metrics", gateway).is_err());
+        let chat = "chatsim_connections 7\nchatsim_messages_out_total 40\n\
+                    chatsim_process_cpu_microseconds_total 900\nchatsim_process_resident_bytes 4096\n";
+        let s = parse_scrape("http://chat/metrics", chat).expect("chat page");
+        assert_eq!((s.connections, s.messages_out, s.cpu_us), (7, 40, 900));
     }
 }

@@ -260,13 +260,26 @@ pub(crate) async fn connect_ws(shared: &Shared, user_id: &str) -> Result<Ws, Str
     connect_device(shared, user_id, "load").await
 }
 
+/// The entry point for `user_id` (`RUN-uN`, `RUN-iN`): user N goes to entry point N mod
+/// the number of entry points (`target`, then `gateways`), so pair partners u0, u1 sit on
+/// different gateways of a cluster; ids without a number go to `target`.
+pub(crate) fn entry_point<'a>(target: &'a str, gateways: &'a [String], user_id: &str) -> &'a str {
+    let n = gateways.len() + 1;
+    let digits = user_id.len() - user_id.trim_end_matches(|c: char| c.is_ascii_digit()).len();
+    let index: usize = user_id[user_id.len() - digits..].parse().unwrap_or(0);
+    match index % n {
+        0 => target,
+        k => &gateways[k - 1],
+    }
+}
+
 /// Connects and authenticates one device; returns the socket after `auth_success`.
 pub(crate) async fn connect_device(
     shared: &Shared,
     user_id: &str,
     device_id: &str,
 ) -> Result<Ws, String> {
-    let base = shared.cfg.target.trim_end_matches('/');
+    let base = entry_point(&shared.cfg.target, &shared.cfg.gateways, user_id).trim_end_matches('/');
     let hostport = base.trim_start_matches("ws://");
     let url = format!("{base}/ws");
     let stream = tcp(hostport, shared.cfg.source_ip).await?;
@@ -794,4 +807,21 @@ async fn on_stop(shared: Arc<Shared>, user: &mut GooseUser) -> TransactionResult
         let _ = dev.sink.lock().await.close().await;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::entry_point;
+
+    #[test]
+    fn pair_partners_connect_through_different_gateways() {
+        let gws = vec!["ws://127.0.0.1:8083".to_string()];
+        let t = "ws://127.0.0.1:8082";
+        assert_eq!(entry_point(t, &gws, "r1-u0"), t);
+        assert_eq!(entry_point(t, &gws, "r1-u1"), gws[0]);
+        assert_eq!(entry_point(t, &gws, "r1-s1-u7"), gws[0]);
+        assert_eq!(entry_point(t, &gws, "r1-i4"), t);
+        assert_eq!(entry_point(t, &gws, "r1-probe"), t);
+        assert_eq!(entry_point(t, &[], "r1-u1"), t);
+    }
 }
