@@ -159,7 +159,7 @@ pub fn render(server: &Server) -> String {
 }
 
 /// (CPU microseconds, resident bytes) of this process, from /proc on Linux.
-fn process_usage() -> Option<(u64, u64)> {
+pub(crate) fn process_usage() -> Option<(u64, u64)> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
     // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
     let after = stat.rsplit_once(')')?.1;

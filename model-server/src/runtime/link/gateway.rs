@@ -489,19 +489,27 @@ impl GatewayNode {
                 )
                 .into_bytes(),
             ),
-            ("GET", "/metrics") => (
-                200,
-                "text/plain; version=0.0.4",
-                format!(
+            ("GET", "/metrics") => {
+                let mut page = format!(
                     "# TYPE chatsim_gateway_connections gauge\nchatsim_gateway_connections {}\n\
                      # TYPE chatsim_gateway_chat_link_up gauge\nchatsim_gateway_chat_link_up {}\n\
                      # TYPE chatsim_gateway_links_made_total counter\nchatsim_gateway_links_made_total {}\n",
                     self.connections(),
                     u8::from(linked),
                     self.links_made()
-                )
-                .into_bytes(),
-            ),
+                );
+                // Named apart from the chat service's process figures, so a load report
+                // never takes a gateway's page for the chat service's.
+                if let Some((cpu_us, rss)) = crate::runtime::metrics::process_usage() {
+                    page.push_str(&format!(
+                        "# TYPE chatsim_gateway_process_cpu_microseconds_total counter\n\
+                         chatsim_gateway_process_cpu_microseconds_total {cpu_us}\n\
+                         # TYPE chatsim_gateway_process_resident_bytes gauge\n\
+                         chatsim_gateway_process_resident_bytes {rss}\n"
+                    ));
+                }
+                (200, "text/plain; version=0.0.4", page.into_bytes())
+            }
             _ => (404, "application/json", http::error_json(404, "not found")),
         };
         let _ = http::respond(stream, code, ctype, &body).await;
