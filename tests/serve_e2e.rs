@@ -319,6 +319,18 @@ async fn health_metrics_and_graceful_shutdown() {
     assert!(metrics.contains("chatsim_connections 1"), "{metrics}");
     assert!(metrics.contains("chatsim_messages_in_total 1"), "{metrics}");
     assert!(metrics.contains("chatsim_inbox_entries 1"), "{metrics}");
+    // Traffic per storage partition: the one message in exactly one of them.
+    let per_partition: Vec<u64> = metrics
+        .lines()
+        .filter(|l| l.starts_with("chatsim_partition_messages_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    assert_eq!(per_partition.len(), 16, "{metrics}");
+    assert_eq!(per_partition.iter().sum::<u64>(), 1, "{metrics}");
+    assert!(
+        metrics.contains("chatsim_hottest_conversation_messages 0"),
+        "no minute has passed yet: {metrics}"
+    );
     assert!(!metrics.contains(&ct("x")), "metrics never carry content");
     let pid = srv.child.id();
     let _ = std::process::Command::new("kill")

@@ -245,6 +245,7 @@ impl<S: KvStore> ChatCore<S> {
             self.db.commit(batch)?;
             self.stats.messages_stored += 1;
         }
+        self.stats.hot.record(&m.conv, now);
         let gateway = self
             .reg
             .conns

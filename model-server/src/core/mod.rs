@@ -7,6 +7,7 @@
 //! presence); the tokio runtime (`crate::runtime`) and the simulator only move bytes.
 
 mod groups;
+pub mod hot;
 mod media;
 mod messaging;
 pub mod outbound;
@@ -145,6 +146,8 @@ pub struct Stats {
     pub bodies_purged: u64,
     /// Highest outbound depth any connection reached, in frames.
     pub outbound_high_water: u64,
+    /// Messages per storage partition and the hottest conversations.
+    pub hot: hot::Hot,
 }
 
 /// A step of the server's work, recorded for playback when the event log is on.

@@ -155,6 +155,34 @@ pub fn render(server: &Server) -> String {
             rss,
         );
     }
+    // Traffic per storage partition and the hottest conversation (core/hot.rs).
+    let _ = writeln!(
+        out,
+        "# HELP chatsim_partition_messages_total Messages stored, by partition of the conversation keyspace (FNV-1a of the id mod {}).\n# TYPE chatsim_partition_messages_total counter",
+        crate::core::hot::PARTITIONS
+    );
+    for (p, n) in s.hot.per_partition.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "chatsim_partition_messages_total{{partition=\"{p}\"}} {n}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP chatsim_hottest_conversation_messages Messages stored in the busiest conversation of the last complete minute (Space-Saving estimate, at least this many).\n# TYPE chatsim_hottest_conversation_messages gauge"
+    );
+    match s.hot.hottest(server.now()) {
+        Some((conv, n)) => {
+            let _ = writeln!(
+                out,
+                "chatsim_hottest_conversation_messages{{conversation=\"{conv}\",partition=\"{}\"}} {n}",
+                crate::core::hot::partition_of(&conv)
+            );
+        }
+        None => {
+            let _ = writeln!(out, "chatsim_hottest_conversation_messages 0");
+        }
+    }
     out
 }
 
