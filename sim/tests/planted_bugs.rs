@@ -150,3 +150,20 @@ fn no_inbox_when_online_loses_what_a_cut_off_gateway_was_handed() {
     let (r, _) = sim::run_seed(&flat, flat.seed, &opts).expect("runs");
     assert!(r.passed, "untiered: {:?}", r.failures);
 }
+
+#[test]
+fn no_inbox_when_online_loses_what_was_routed_to_a_vanished_gateways_stale_connections() {
+    passes_without_bugs("stale-registry-after-gateway-crash");
+    caught_at(
+        "stale-registry-after-gateway-crash",
+        "no-inbox-when-online",
+        ViolationKind::Loss,
+    );
+    // In-process gateways learn of the crash at once: no stale window, no loss.
+    let mut flat = scenario("stale-registry-after-gateway-crash");
+    flat.topology.tiered = false;
+    let mut opts = RunOptions::default();
+    opts.bugs.enable("no-inbox-when-online").expect("known bug");
+    let (r, _) = sim::run_seed(&flat, flat.seed, &opts).expect("runs");
+    assert!(r.passed, "untiered: {:?}", r.failures);
+}
