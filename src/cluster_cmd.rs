@@ -242,8 +242,8 @@ fn start(mut cmd: Command, name: &str) -> Result<(Node, Vec<String>)> {
     ))
 }
 
-/// Closes every node's standard input (each shuts down gracefully), waits up to 10 s, then
-/// kills what is left; gateways first, so their clients are closed before the chat service.
+/// Closes every node's standard input (each shuts down gracefully: a gateway closes its
+/// clients with 1012), waits up to 10 s in all, then kills what is left.
 fn stop_all(nodes: &mut [Node]) {
     for n in nodes.iter_mut().rev() {
         drop(n.child.stdin.take());

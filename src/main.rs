@@ -374,6 +374,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         region: a.region.as_str().into(),
         ..RuntimeConfig::default()
     };
+    let cfg_gateway = cfg.gateway.clone();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -412,6 +413,8 @@ fn serve(a: ServeArgs) -> Result<()> {
                 Clock::wall(),
                 Spawner::Tokio,
             );
+            // The name its own clients connect under is not for a gateway node to take.
+            links.reserve(cfg_gateway.clone());
             Some(tokio::spawn(links.serve(link_listener, links_stop)))
         } else {
             None

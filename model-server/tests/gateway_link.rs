@@ -244,3 +244,50 @@ fn a_gateway_without_the_server_secret_is_refused() {
     });
     sim.run().expect("simulation runs");
 }
+
+/// The chat service of `pumps_end_with_their_connections`, for the test to read.
+static LINKS: std::sync::Mutex<Option<std::sync::Arc<ChatLinks>>> = std::sync::Mutex::new(None);
+
+#[test]
+fn a_connections_pump_ends_when_its_client_leaves_while_the_link_lives_on() {
+    let mut sim = build(5);
+    sim.host("chat", || async {
+        let hub = Hub::new(
+            Limits::default(),
+            Secret::new(SECRET.to_vec())?,
+            Box::new(MemoryStore::new()),
+            None,
+        );
+        let links = ChatLinks::new(
+            hub,
+            LinkConfig::default(),
+            Clock::starting_at(EPOCH),
+            Spawner::Local,
+        );
+        *LINKS.lock().expect("lock") = Some(links.clone());
+        let listener = turmoil::net::TcpListener::bind(("0.0.0.0", LINK_PORT)).await?;
+        let (_stop, stop) = tokio::sync::watch::channel(false);
+        links.serve(listener, stop).await;
+        Ok(())
+    });
+    gateway_host(&mut sim, "gw-a", SECRET);
+    let pumps = |()| LINKS.lock().expect("lock").as_ref().map(|l| l.pumps());
+    let seen = Rc::new(RefCell::new(Vec::new()));
+    {
+        let seen = seen.clone();
+        sim.client("alice", async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let (ws, _) = login("gw-a", "alice").await?;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            seen.borrow_mut().push(pumps(()));
+            // An idle client leaves: its pump, waiting for frames, must end too.
+            drop(ws);
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            seen.borrow_mut().push(pumps(()));
+            Ok(())
+        });
+    }
+    sim.run().expect("simulation runs");
+    assert_eq!(*seen.borrow(), vec![Some(1), Some(0)]);
+    *LINKS.lock().expect("lock") = None;
+}

@@ -149,6 +149,10 @@ pub struct Ledger {
     pub max_queue: (u64, u64),
     /// Per device unlinked during the run.
     pub unlinks: BTreeMap<DeviceKey, UnlinkLog>,
+    /// (conversation, seq) -> simulated times of the steps in which the chat service
+    /// committed a message under it (the commit came within that step; the server's own
+    /// clock, which faults may step, is not used).
+    pub stored_ms: BTreeMap<(String, u64), Vec<u64>>,
     /// (user, conversation) pairs in which a phone of that user sent a `typing` notice.
     pub typed: std::collections::BTreeSet<(usize, String)>,
 }

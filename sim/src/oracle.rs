@@ -370,7 +370,9 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
             }
         }
     }
-    // When each seq was known stored: its ack, or the first time a device showed it.
+    // When each seq was stored: the step in which the chat service committed it, the
+    // last such before the seq was first seen (a crash may have lost an earlier commit
+    // of the same seq); failing that, its ack or the first time a device showed it.
     let mut stored_at: BTreeMap<(&str, u64), u64> = BTreeMap::new();
     for sl in &l.sends {
         if let Some((c, q, _, t)) = &sl.acked {
@@ -391,11 +393,21 @@ pub fn check(o: &Outcome) -> Vec<Violation> {
             }
         }
     }
+    for ((c, q), seen) in stored_at.iter_mut() {
+        if let Some(t) = l
+            .stored_ms
+            .get(&(c.to_string(), *q))
+            .and_then(|ts| ts.iter().copied().filter(|t| *t <= *seen).max())
+        {
+            *seen = t;
+        }
+    }
     // The sending device gets no inbox copy of its own message: it learns the message's
     // seq from the ack alone. So it cannot show a copy whose ack it never saw (one stored
     // again after retention let the first copy and its dedup record go).
     let own_unacked_copy = |i: usize, k: DeviceKey, q: u64| {
         (plan.sends[i].user, plan.sends[i].device) == k
+            && (restored(i) || l.sends[i].acked.is_none())
             && l.sends[i].acked.as_ref().map(|a| a.1) != Some(q)
     };
     for (conv, (users, rep)) in &members {

@@ -656,6 +656,18 @@ fn run_logged(
             }
             let mut events = faults.take_events();
             events.extend(hub.with_core(|c| c.take_events()));
+            let step_end = sim.elapsed().as_millis() as u64;
+            for e in &events {
+                if let model_server::core::CoreEvent::Stored {
+                    conversation, seq, ..
+                } = e
+                {
+                    l.stored_ms
+                        .entry((conversation.as_str().to_string(), seq.0))
+                        .or_default()
+                        .push(step_end);
+                }
+            }
             record_core_events(events, &mut l);
             l.max_queue = hub.fullest_queue();
             let mut broken = panics::take();

@@ -9,7 +9,10 @@
 //! `written` before draining the next one, so the core's bounded outbound queue, not the
 //! link, is where a slow reader's backlog builds up and overflows.
 
-use super::wire::{read_msg, write_msg, ToChat, ToGateway, LINK_VERSION};
+use super::wire::{
+    read_msg, write_msg, ToChat, ToGateway, BATCH_BYTES, LINK_VERSION, MAX_HELLO_BYTES,
+    MAX_LINK_FRAME_BYTES,
+};
 use super::LinkConfig;
 use crate::auth;
 use crate::ids::{ConnId, GatewayId};
@@ -32,7 +35,16 @@ pub struct ChatLinks {
     current: Mutex<BTreeMap<GatewayId, u64>>,
     next_link: AtomicU64,
     links: AtomicUsize,
+    /// Links still in their `hello` (unauthenticated): few at a time.
+    handshakes: AtomicUsize,
+    /// Connection pumps running.
+    pumps: Arc<AtomicUsize>,
+    /// Names no link may take: the chat service's own in-process gateways.
+    reserved: Mutex<std::collections::BTreeSet<GatewayId>>,
 }
+
+/// Most links in their `hello` at once (unauthenticated peers cannot hold more slots).
+const MAX_HANDSHAKES: usize = 16;
 
 /// A connection's pump: the gateway's `written` and the end of the connection.
 #[derive(Default)]
@@ -59,7 +71,21 @@ impl ChatLinks {
             current: Mutex::new(BTreeMap::new()),
             next_link: AtomicU64::new(1),
             links: AtomicUsize::new(0),
+            handshakes: AtomicUsize::new(0),
+            pumps: Arc::default(),
+            reserved: Mutex::new(Default::default()),
         })
+    }
+
+    /// Refuses links that name `gateway` (a gateway of this process's own, e.g. the one
+    /// its direct clients connect through).
+    pub fn reserve(&self, gateway: GatewayId) {
+        lock(&self.reserved).insert(gateway);
+    }
+
+    /// Connection pumps running (one per connection of a live link).
+    pub fn pumps(&self) -> usize {
+        self.pumps.load(Ordering::Relaxed)
     }
 
     /// Gateways with a live link now.
@@ -75,8 +101,17 @@ impl ChatLinks {
                 _ = stop.changed() => break,
                 r = listener.accept() => match r {
                     Ok((stream, peer)) => {
-                        if self.links.load(Ordering::Relaxed) >= self.cfg.max_links {
+                        // Counted here, before the task runs, so the bounds cannot be
+                        // overshot; the task gives both back.
+                        if self.links.fetch_add(1, Ordering::AcqRel) >= self.cfg.max_links {
+                            self.links.fetch_sub(1, Ordering::AcqRel);
                             tracing::warn!(%peer, "too many gateway links; refusing");
+                            continue;
+                        }
+                        if self.handshakes.fetch_add(1, Ordering::AcqRel) >= MAX_HANDSHAKES {
+                            self.handshakes.fetch_sub(1, Ordering::AcqRel);
+                            self.links.fetch_sub(1, Ordering::AcqRel);
+                            tracing::warn!(%peer, "too many links saying hello; refusing");
                             continue;
                         }
                         let me = self.clone();
@@ -96,11 +131,15 @@ impl ChatLinks {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        self.links.fetch_add(1, Ordering::Relaxed);
+        // Both counted at accept (`serve`); given back here.
         let _count = Count(&self.links);
+        let handshake = Count(&self.handshakes);
         let (mut rd, wr) = tokio::io::split(stream);
         let mut wr = BufWriter::new(wr);
-        let hello = tokio::time::timeout(self.cfg.hello_timeout, read_msg::<_, ToChat>(&mut rd));
+        let hello = tokio::time::timeout(
+            self.cfg.hello_timeout,
+            read_msg::<_, ToChat>(&mut rd, MAX_HELLO_BYTES),
+        );
         let (gateway, region) = match hello.await {
             Ok(Ok(Some(ToChat::Hello {
                 version,
@@ -134,31 +173,38 @@ impl ChatLinks {
                 return;
             }
         };
+        drop(handshake);
         let epoch = self.next_link.fetch_add(1, Ordering::Relaxed);
-        let taken = {
+        // Registered, and the gateway brought up in the core, under the `current` lock: an
+        // older link's clean-up (which takes it too) cannot come in between.
+        let refusal = {
             let mut cur = lock(&self.current);
-            let taken = cur.contains_key(&gateway);
-            if !taken {
+            if lock(&self.reserved).contains(&gateway) {
+                Some(format!(
+                    "{gateway} is a gateway of the chat service itself; choose another name"
+                ))
+            } else if cur.contains_key(&gateway) {
+                // Two nodes under one name would take each other's connections down; a
+                // restarted gateway gets in once its old link is declared dead (4 s).
+                Some(format!("a gateway named {gateway} is linked already"))
+            } else {
                 cur.insert(gateway.clone(), epoch);
+                let now = self.hub.now_on(&self.clock);
+                // Connections an older link of this gateway had are gone with that link.
+                self.hub.act(|c| {
+                    let fx = c.gateway_down(&gateway, now);
+                    c.add_gateway(gateway.clone(), region.clone());
+                    fx
+                });
+                None
             }
-            taken
         };
-        if taken {
-            // Two nodes under one name would take each other's connections down; a
-            // restarted gateway gets in once its old link is declared dead (4 s).
-            let reason = format!("a gateway named {gateway} is linked already");
+        if let Some(reason) = refusal {
             tracing::warn!(%gateway, %reason, "gateway link refused");
             let _ = write_msg(&mut wr, &ToGateway::Refused { reason }).await;
             let _ = wr.flush().await;
             return;
         }
-        let now = self.hub.now_on(&self.clock);
-        // Connections an older link of this gateway still had are gone with that link.
-        self.hub.act(|c| {
-            let fx = c.gateway_down(&gateway, now);
-            c.add_gateway(gateway.clone(), region.clone());
-            fx
-        });
         tracing::info!(%gateway, %region, "gateway linked");
         let max = self.hub.with_core(|c| c.limits().max_transport_frame_bytes);
         let (tx, mut rx) = mpsc::channel::<ToGateway>(self.cfg.queue);
@@ -185,8 +231,11 @@ impl ChatLinks {
         };
         let reader = async {
             loop {
-                let msg =
-                    tokio::time::timeout(self.cfg.dead_after, read_msg::<_, ToChat>(&mut rd)).await;
+                let msg = tokio::time::timeout(
+                    self.cfg.dead_after,
+                    read_msg::<_, ToChat>(&mut rd, MAX_LINK_FRAME_BYTES),
+                )
+                .await;
                 match msg {
                     Ok(Ok(Some(m))) => {
                         if !self.on_msg(&link, m).await {
@@ -218,17 +267,19 @@ impl ChatLinks {
                 signals.remove(c);
             }
         }
+        // Under the `current` lock (see above): a new link of this gateway cannot register
+        // between our removal and our `gateway_down`, which would take its connections.
         let newest = {
             let mut cur = lock(&self.current);
             let newest = cur.get(&gateway) == Some(&epoch);
             if newest {
                 cur.remove(&gateway);
+                let now = self.hub.now_on(&self.clock);
+                self.hub.act(|c| c.gateway_down(&gateway, now));
             }
             newest
         };
         if newest {
-            let now = self.hub.now_on(&self.clock);
-            self.hub.act(|c| c.gateway_down(&gateway, now));
             tracing::info!(%gateway, connections = conns.len(), "gateway link lost; its connections are closed");
         }
     }
@@ -248,7 +299,9 @@ impl ChatLinks {
                     let sig = self.hub.watch_conn(conn);
                     let ctl = Arc::new(PumpCtl::default());
                     lock(&link.mine).insert(conn, ctl.clone());
+                    self.pumps.fetch_add(1, Ordering::Relaxed);
                     let pump = Pump {
+                        pumps: self.pumps.clone(),
                         hub: self.hub.clone(),
                         link: link.clone(),
                         conn,
@@ -309,6 +362,8 @@ impl Drop for Count<'_> {
 
 /// Moves one connection's queued frames from the core to its gateway, a batch at a time.
 struct Pump {
+    /// The running count, given back when the pump ends.
+    pumps: Arc<AtomicUsize>,
     hub: Arc<Hub>,
     link: Arc<Link>,
     conn: ConnId,
@@ -320,6 +375,7 @@ struct Pump {
 
 impl Pump {
     async fn run(self) {
+        let _running = Count(&self.pumps);
         let mut dead = self.link.dead.clone();
         let conn = self.conn;
         loop {
@@ -327,6 +383,8 @@ impl Pump {
                 biased;
                 _ = dead.changed() => return,
                 _ = self.sig.notify.notified() => {}
+                // `gone` wakes an idle pump too (it notifies `written`): it must end.
+                _ = self.ctl.written.notified() => {}
             }
             if self.ctl.gone.load(Ordering::Relaxed) {
                 return;
@@ -356,30 +414,43 @@ impl Pump {
                 continue;
             }
             let faults = self.hub.faults();
-            let written = if faults.is_some() {
-                frames.clone()
-            } else {
-                Vec::new()
-            };
-            let sent = tokio::select! {
-                biased;
-                _ = dead.changed() => false,
-                r = self.link.tx.send(ToGateway::Frames { conn, frames }) => r.is_ok(),
-            };
-            if !sent {
-                return;
-            }
-            tokio::select! {
-                biased;
-                _ = dead.changed() => return,
-                _ = self.ctl.written.notified() => {}
-            }
-            if self.ctl.gone.load(Ordering::Relaxed) {
-                return;
-            }
-            if let Some(f) = faults {
-                if f.after_write(&self.link.gateway, &written) {
-                    f.crash(&self.hub);
+            // One `frames` message of about `BATCH_BYTES` at most at a time (at least one
+            // frame each), each answered by `written` before the next.
+            let mut rest = frames.into_iter().peekable();
+            while rest.peek().is_some() {
+                let mut chunk = Vec::new();
+                let mut bytes = 0;
+                while let Some(f) =
+                    rest.next_if(|f| chunk.is_empty() || bytes + f.len() <= BATCH_BYTES)
+                {
+                    bytes += f.len();
+                    chunk.push(f);
+                }
+                let written = if faults.is_some() {
+                    chunk.clone()
+                } else {
+                    Vec::new()
+                };
+                let sent = tokio::select! {
+                    biased;
+                    _ = dead.changed() => false,
+                    r = self.link.tx.send(ToGateway::Frames { conn, frames: chunk }) => r.is_ok(),
+                };
+                if !sent {
+                    return;
+                }
+                tokio::select! {
+                    biased;
+                    _ = dead.changed() => return,
+                    _ = self.ctl.written.notified() => {}
+                }
+                if self.ctl.gone.load(Ordering::Relaxed) {
+                    return;
+                }
+                if let Some(f) = &faults {
+                    if f.after_write(&self.link.gateway, &written) {
+                        f.crash(&self.hub);
+                    }
                 }
             }
         }

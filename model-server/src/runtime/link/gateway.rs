@@ -4,7 +4,9 @@
 //! dies the gateway closes its clients (1012) and refuses new ones (503) until it has made
 //! the link again; the devices reconnect (here or through another gateway) and sync.
 
-use super::wire::{read_msg, write_msg, ToChat, ToGateway, LINK_VERSION};
+use super::wire::{
+    read_msg, write_msg, ToChat, ToGateway, LINK_VERSION, MAX_HELLO_BYTES, MAX_LINK_FRAME_BYTES,
+};
 use super::LinkConfig;
 use crate::auth::{self, Secret};
 use crate::ids::ConnId;
@@ -112,7 +114,6 @@ struct Up {
     max_frame: usize,
     routes: BTreeMap<ConnId, mpsc::Sender<Down>>,
     waiting: BTreeMap<u64, Waiting>,
-    next_req: u64,
 }
 
 /// One gateway node.
@@ -124,6 +125,7 @@ pub struct GatewayNode {
     faults: Option<Arc<dyn FaultPoints>>,
     up: Mutex<Option<Up>>,
     links_made: AtomicUsize,
+    next_req: std::sync::atomic::AtomicU64,
     shutdown: watch::Sender<bool>,
     active: AtomicUsize,
     pending: Arc<AtomicUsize>,
@@ -148,6 +150,7 @@ impl GatewayNode {
             faults,
             up: Mutex::new(None),
             links_made: AtomicUsize::new(0),
+            next_req: Default::default(),
             shutdown: watch::channel(false).0,
             active: AtomicUsize::new(0),
             pending: Arc::default(),
@@ -262,7 +265,7 @@ impl GatewayNode {
         let greet = async {
             write_msg(&mut wr, &hello).await?;
             wr.flush().await?;
-            read_msg::<_, ToGateway>(&mut rd).await
+            read_msg::<_, ToGateway>(&mut rd, MAX_HELLO_BYTES).await
         };
         let max_frame = match tokio::time::timeout(self.link.hello_timeout, greet).await {
             Ok(Ok(Some(ToGateway::Welcome {
@@ -281,7 +284,6 @@ impl GatewayNode {
             max_frame,
             routes: BTreeMap::new(),
             waiting: BTreeMap::new(),
-            next_req: 0,
         });
         self.links_made.fetch_add(1, Ordering::Relaxed);
         tracing::info!(gateway = %self.cfg.gateway, "linked to the chat service");
@@ -297,9 +299,11 @@ impl GatewayNode {
         };
         let reader = async {
             loop {
-                let msg =
-                    tokio::time::timeout(self.link.dead_after, read_msg::<_, ToGateway>(&mut rd))
-                        .await;
+                let msg = tokio::time::timeout(
+                    self.link.dead_after,
+                    read_msg::<_, ToGateway>(&mut rd, MAX_LINK_FRAME_BYTES),
+                )
+                .await;
                 match msg {
                     Ok(Ok(Some(m))) => self.on_msg(m),
                     Ok(Ok(None)) | Ok(Err(_)) => break,
@@ -361,17 +365,20 @@ impl GatewayNode {
                     }
                 }
             }
-            ToGateway::Frames { conn, frames } => {
-                let full = up
-                    .routes
-                    .get(&conn)
-                    .is_some_and(|r| r.try_send(Down::Frames(frames)).is_err());
-                if full {
-                    // Never drop frames under a live socket: end the connection instead
-                    // (its device reconnects and syncs what it missed).
-                    up.routes.remove(&conn);
+            ToGateway::Frames { conn, frames } => match up.routes.get(&conn) {
+                Some(r) => {
+                    if r.try_send(Down::Frames(frames)).is_err() {
+                        // Never drop frames under a live socket: end the connection
+                        // instead (its device reconnects and syncs what it missed).
+                        up.routes.remove(&conn);
+                    }
                 }
-            }
+                None => {
+                    // A connection this gateway no longer has (its `gone` may still be on
+                    // the way): say so, so the chat service's pump ends.
+                    let _ = up.tx.try_send(ToChat::Gone { conn });
+                }
+            },
             ToGateway::Close {
                 conn,
                 code,
@@ -400,8 +407,9 @@ impl GatewayNode {
             if up.waiting.len() >= self.cfg.max_pending_streams {
                 return None;
             }
-            let req = up.next_req;
-            up.next_req += 1;
+            // Numbered across links, so a late answer or clean-up of an old link's
+            // request can never touch a newer link's.
+            let req = self.next_req.fetch_add(1, Ordering::Relaxed);
             up.waiting.insert(req, otx);
             (up.tx.clone(), req, up.max_frame)
         };
@@ -411,7 +419,9 @@ impl GatewayNode {
         };
         let answer = tokio::time::timeout(self.link.hello_timeout, asked).await;
         if let Some(up) = lock(&self.up).as_mut() {
-            up.waiting.remove(&req);
+            if up.tx.same_channel(&tx) {
+                up.waiting.remove(&req);
+            }
         }
         let (conn, down) = answer.ok().flatten()?;
         Some((conn, down, tx, max_frame))
@@ -612,9 +622,15 @@ impl GatewayNode {
         self.gone(conn, &tx);
     }
 
-    /// Tells the chat service a client socket is gone and forgets its route.
+    /// Tells the chat service a client socket is gone and forgets its route. With the
+    /// link's queue full, the notice waits for room (for as long as the link lives).
     fn gone(&self, conn: ConnId, tx: &mpsc::Sender<ToChat>) {
-        let _ = tx.try_send(ToChat::Gone { conn });
+        if let Err(mpsc::error::TrySendError::Full(msg)) = tx.try_send(ToChat::Gone { conn }) {
+            let tx = tx.clone();
+            self.cfg.spawner.spawn(async move {
+                let _ = tx.send(msg).await;
+            });
+        }
         if let Some(up) = lock(&self.up).as_mut() {
             if up.tx.same_channel(tx) {
                 up.routes.remove(&conn);

@@ -12,9 +12,18 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// Version both ends must speak; a gateway of another version is refused at `hello`.
 pub const LINK_VERSION: u32 = 1;
 
-/// Largest link frame either end reads (a batch of client frames, each at most the
-/// transport limit, fits many times over); a longer length prefix ends the link.
-pub const MAX_LINK_FRAME_BYTES: usize = 8 * 1024 * 1024;
+/// Largest link frame either end reads once the link is made; a longer length prefix ends
+/// the link. Batches are split well below it (`BATCH_BYTES`), so only a single server
+/// frame of more than 64 MiB (beyond every queue bound) could reach it.
+pub const MAX_LINK_FRAME_BYTES: usize = 64 * 1024 * 1024;
+
+/// Largest frame read before `hello`/`welcome` has been checked: an unauthenticated peer
+/// cannot make either end allocate more.
+pub const MAX_HELLO_BYTES: usize = 4096;
+
+/// The chat service splits a connection's batch into `frames` messages of about this
+/// many bytes at most (at least one frame each).
+pub const BATCH_BYTES: usize = 1024 * 1024;
 
 /// Gateway → chat service.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -86,8 +95,9 @@ where
     w.write_all(&body).await
 }
 
-/// Reads one framed message; `None` at a clean end of stream between messages.
-pub async fn read_msg<R, T>(r: &mut R) -> io::Result<Option<T>>
+/// Reads one framed message of at most `max` bytes; `None` at a clean end of stream
+/// between messages.
+pub async fn read_msg<R, T>(r: &mut R, max: usize) -> io::Result<Option<T>>
 where
     R: AsyncRead + Unpin,
     T: DeserializeOwned,
@@ -99,10 +109,10 @@ where
         Err(e) => return Err(e),
     }
     let n = u32::from_be_bytes(len) as usize;
-    if n > MAX_LINK_FRAME_BYTES {
+    if n > max {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("link frame of {n} bytes announced; the limit is {MAX_LINK_FRAME_BYTES}"),
+            format!("link frame of {n} bytes announced; the limit is {max}"),
         ));
     }
     let mut body = vec![0u8; n];
@@ -128,9 +138,9 @@ mod tests {
             .await
             .expect("write");
         let mut r = buf.as_slice();
-        let a: Option<ToGateway> = read_msg(&mut r).await.expect("read");
-        let b: Option<ToGateway> = read_msg(&mut r).await.expect("read");
-        let end: Option<ToGateway> = read_msg(&mut r).await.expect("read");
+        let a: Option<ToGateway> = read_msg(&mut r, MAX_LINK_FRAME_BYTES).await.expect("read");
+        let b: Option<ToGateway> = read_msg(&mut r, MAX_LINK_FRAME_BYTES).await.expect("read");
+        let end: Option<ToGateway> = read_msg(&mut r, MAX_LINK_FRAME_BYTES).await.expect("read");
         assert_eq!(a, Some(msg));
         assert_eq!(b, Some(ToGateway::Pong { n: 3 }));
         assert_eq!(end, None);
@@ -141,8 +151,20 @@ mod tests {
         let mut buf = ((MAX_LINK_FRAME_BYTES + 1) as u32).to_be_bytes().to_vec();
         buf.extend_from_slice(b"{}");
         let mut r = buf.as_slice();
-        let e = read_msg::<_, ToChat>(&mut r).await.expect_err("refused");
+        let e = read_msg::<_, ToChat>(&mut r, MAX_LINK_FRAME_BYTES)
+            .await
+            .expect_err("refused");
         assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+    }
+
+    #[tokio::test]
+    async fn before_hello_a_peer_may_announce_only_a_small_frame() {
+        let mut buf = ((MAX_HELLO_BYTES + 1) as u32).to_be_bytes().to_vec();
+        buf.extend_from_slice(b"{}");
+        let mut r = buf.as_slice();
+        assert!(read_msg::<_, ToChat>(&mut r, MAX_HELLO_BYTES)
+            .await
+            .is_err());
     }
 
     #[tokio::test]
@@ -151,6 +173,8 @@ mod tests {
         let mut buf = (body.len() as u32).to_be_bytes().to_vec();
         buf.extend_from_slice(body);
         let mut r = buf.as_slice();
-        assert!(read_msg::<_, ToChat>(&mut r).await.is_err());
+        assert!(read_msg::<_, ToChat>(&mut r, MAX_LINK_FRAME_BYTES)
+            .await
+            .is_err());
     }
 }
