@@ -7,8 +7,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-/// Seeds that finish in a second or two in a debug build, for both scenarios.
-const SEEDS: [u64; 2] = [3, 17];
+/// Seeds that finish in a second or two in a debug build, for both scenarios. Seed 4 of
+/// swarm-space has many phones download one file while group commit holds the answers:
+/// with the waiters of a round woken in tokio's per-process random order (a `watch`
+/// channel), two processes wrote different traces in most pairs of runs.
+const SEEDS: [u64; 3] = [3, 4, 17];
 
 /// Two traces of one seed, each written by its own `chatsim run` process.
 struct Replays {
@@ -145,16 +148,22 @@ fn assert_same_bytes(scenario: &str, runs: &[Replays]) {
 }
 
 fn assert_seeds_differ(scenario: &str, runs: &[Replays]) {
-    let [a, b] = runs else {
-        panic!("expected two seeds, got {}", runs.len())
-    };
-    assert_ne!(a.seed, b.seed);
     assert!(
-        a.first != b.first,
-        "{scenario}: seeds {} and {} wrote the same trace; the seed is not reaching the run",
-        a.seed,
-        b.seed
+        runs.len() >= 2,
+        "expected several seeds, got {}",
+        runs.len()
     );
+    for (i, a) in runs.iter().enumerate() {
+        for b in &runs[i + 1..] {
+            assert_ne!(a.seed, b.seed);
+            assert!(
+                a.first != b.first,
+                "{scenario}: seeds {} and {} wrote the same trace; the seed is not reaching the run",
+                a.seed,
+                b.seed
+            );
+        }
+    }
 }
 
 #[test]

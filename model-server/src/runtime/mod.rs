@@ -154,9 +154,47 @@ pub struct Hub {
     /// Replaced with the store by `restart_core`.
     syncer: Mutex<Option<Arc<dyn Syncer>>>,
     /// (restarts of the core, commits known durable): what waiters for a sync watch.
-    durable: watch::Sender<(u64, u64)>,
+    durable: Mark,
     /// Set when a core call may have committed: the group-commit loop wakes to sync.
     sync_wanted: Notify,
+}
+
+/// (incarnation, durable commits) with its waiters woken in the order they began waiting.
+/// Not a `tokio::sync::watch`: a watch wakes its receivers in an order drawn from tokio's
+/// per-process random source, so two simulation runs of one seed diverged wherever
+/// several connections waited for the same group-commit round.
+#[derive(Default)]
+struct Mark {
+    state: Mutex<(u64, u64)>,
+    changed: Notify,
+}
+
+impl Mark {
+    fn get(&self) -> (u64, u64) {
+        *lock(&self.state)
+    }
+
+    /// Applies `f`; wakes every waiter when it says it changed something.
+    fn update(&self, f: impl FnOnce(&mut (u64, u64)) -> bool) {
+        let changed = f(&mut lock(&self.state));
+        if changed {
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// Waits until `pred` holds; returns the state then.
+    async fn wait_for(&self, pred: impl Fn(&(u64, u64)) -> bool) -> (u64, u64) {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let now = self.get();
+            if pred(&now) {
+                return now;
+            }
+            notified.await;
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -188,7 +226,7 @@ impl Hub {
             fullest: Mutex::new((0, 0)),
             faults: std::sync::OnceLock::new(),
             syncer: Mutex::new(syncer),
-            durable: watch::channel((0, 0)).0,
+            durable: Mark::default(),
             sync_wanted: Notify::new(),
         })
     }
@@ -222,7 +260,7 @@ impl Hub {
         };
         if !fsync_time.is_zero() {
             tokio::time::sleep(fsync_time).await;
-            if self.durable.borrow().0 != incarnation {
+            if self.durable.get().0 != incarnation {
                 // The process "died" during the fsync: its round is lost with it.
                 return Ok(true);
             }
@@ -242,7 +280,7 @@ impl Hub {
             }
             c.released(target)
         };
-        self.durable.send_if_modified(|d| {
+        self.durable.update(|d| {
             let newer = d.0 == incarnation && target > d.1;
             if newer {
                 d.1 = target;
@@ -286,7 +324,6 @@ impl Hub {
         if !self.grouping() {
             return true;
         }
-        let mut rx = self.durable.subscribe();
         {
             let c = lock(&self.core);
             if c.incarnation() != incarnation {
@@ -298,10 +335,11 @@ impl Hub {
         }
         self.sync_wanted.notify_one();
         let wait = async {
-            rx.wait_for(|d| d.0 != incarnation || d.1 >= after)
+            self.durable
+                .wait_for(|d| d.0 != incarnation || d.1 >= after)
                 .await
-                .map(|d| d.0 == incarnation)
-                .unwrap_or(false)
+                .0
+                == incarnation
         };
         tokio::time::timeout(timeout, wait).await.unwrap_or(false)
     }
@@ -347,7 +385,10 @@ impl Hub {
         let incarnation = guard.incarnation() + 1;
         core.set_incarnation(incarnation);
         let commits = core.commits();
-        self.durable.send_modify(|d| *d = (incarnation, commits));
+        self.durable.update(|d| {
+            *d = (incarnation, commits);
+            true
+        });
         // A connection task of the old core may still read a frame before it sees its
         // close: its id must not name a new connection (one user acting as another).
         core.continue_conn_ids_after(last_conn);
