@@ -404,7 +404,8 @@ fn serve(a: ServeArgs) -> Result<()> {
             let link_addr = link_listener.local_addr()?;
             println!("  links: gateway nodes link to {link_addr}");
             println!(
-                "    chatsim serve --role gateway --chat {link_addr} --chat-http {addr} --gateway gw-2 --listen 127.0.0.1:8081 --secret-file {}",
+                "    chatsim serve --role gateway --chat {link_addr} --chat-http {addr} --gateway gw-2 --listen {} --secret-file {}",
+                suggest_gateway_listen(addr, link_addr),
                 secret_path.display()
             );
             let links = ChatLinks::new(
@@ -431,6 +432,16 @@ fn serve(a: ServeArgs) -> Result<()> {
         }
         anyhow::Ok(())
     })
+}
+
+/// A listen address for the gateway command the chat role suggests: the next ports after
+/// its own, skipping its link port.
+fn suggest_gateway_listen(own: SocketAddr, link: SocketAddr) -> SocketAddr {
+    let mut port = own.port().wrapping_add(1);
+    while port == link.port() || port == own.port() || port == 0 {
+        port = port.wrapping_add(1);
+    }
+    SocketAddr::new(own.ip(), port)
 }
 
 /// `serve --role gateway`: a gateway node linked to the chat service at `--chat`.
@@ -467,7 +478,7 @@ fn serve_gateway(a: ServeArgs) -> Result<()> {
         let node = GatewayNode::new(cfg, LinkConfig::default(), &secret, Clock::wall(), None);
         println!("chatsim serve: listening on {addr}");
         println!(
-            "  gateway node {name} (region {}) linked to the chat service at {}",
+            "  gateway node {name} (region {}), linking to the chat service at {} (GET /health says when the link is up)",
             a.region, a.chat
         );
         println!("  WebSocket  ws://{addr}/ws   health http://{addr}/health   metrics http://{addr}/metrics");

@@ -222,18 +222,31 @@ impl GatewayNode {
     async fn keep_link<C: Connector>(self: Arc<Self>, connector: Arc<C>) {
         let mut stop = self.shutdown.subscribe();
         let mut wait = self.link.retry_initial;
+        let mut failing = false;
         loop {
             if *stop.borrow() {
                 break;
             }
-            match tokio::time::timeout(self.link.hello_timeout, connector.connect()).await {
-                Ok(Ok(stream)) => {
-                    if self.run_link(stream, &mut stop).await {
-                        wait = self.link.retry_initial;
+            let failed =
+                match tokio::time::timeout(self.link.hello_timeout, connector.connect()).await {
+                    Ok(Ok(stream)) => {
+                        if self.run_link(stream, &mut stop).await {
+                            wait = self.link.retry_initial;
+                        }
+                        None
                     }
+                    Ok(Err(e)) => Some(e.to_string()),
+                    Err(_) => Some("timed out".to_string()),
+                };
+            // The first failure of a streak is a warning (an operator sees why clients get
+            // 503); the retries after it are debug.
+            match failed {
+                Some(why) if !failing => {
+                    tracing::warn!(gateway = %self.cfg.gateway, error = %why, "cannot reach the chat service; retrying");
+                    failing = true;
                 }
-                Ok(Err(e)) => tracing::debug!(error = %e, "chat service unreachable"),
-                Err(_) => tracing::debug!("connecting to the chat service timed out"),
+                Some(why) => tracing::debug!(error = %why, "chat service still unreachable"),
+                None => failing = false,
             }
             // Dropping the link's state closes every connection's channel (1012 to each
             // client) and fails every connect waiting for an id.
