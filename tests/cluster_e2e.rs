@@ -201,6 +201,16 @@ async fn a_message_crosses_two_gateway_processes_and_its_receipt_comes_back() {
     let r = alice.recv_type("delivery_ack").await;
     assert_eq!(r["payload"]["status"], "delivered", "{r}");
     assert_eq!(r["payload"]["by"], "bob", "{r}");
+    // A gateway node echoes a client's close frame too (RFC 6455).
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    use tokio_tungstenite::tungstenite::Message;
+    bob.send_raw(Message::Close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "bye".into(),
+    })))
+    .await;
+    assert_eq!(bob.closed().await, Some(1000));
 }
 
 #[tokio::test]

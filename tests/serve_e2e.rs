@@ -431,3 +431,20 @@ async fn http(addr: &str, req: &str) -> String {
         .expect("read");
     String::from_utf8_lossy(&out).into_owned()
 }
+
+#[tokio::test]
+async fn a_clients_close_frame_is_echoed_as_rfc_6455_asks() {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    let dir = tempfile::tempdir().expect("tmp");
+    let srv = ServerProc::start(dir.path(), &["--memory"]);
+    let (mut alice, _) = Client::login(&srv, "alice", "phone").await;
+    alice
+        .send_raw(Message::Close(Some(CloseFrame {
+            code: CloseCode::Normal,
+            reason: "bye".into(),
+        })))
+        .await;
+    assert_eq!(alice.closed().await, Some(1000), "the close comes back");
+    srv.stop();
+}

@@ -107,8 +107,10 @@ where
             e = reader => e,
         }
     };
-    if ending == Ending::TooBig {
-        close_too_big(tx, rx, write_timeout).await;
+    match ending {
+        Ending::TooBig => close_too_big(tx, rx, write_timeout).await,
+        Ending::ClientClosed => echo_close(&mut tx, write_timeout).await,
+        Ending::Closed => {}
     }
     server.hub.forget(conn, server.now());
 }
@@ -184,7 +186,8 @@ pub(super) fn classify(
         Some(Ok(Message::Text(t))) => Incoming::Text(t),
         Some(Ok(Message::Binary(_))) => Incoming::Binary,
         Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => Incoming::Skip,
-        Some(Ok(Message::Close(_))) | None => Incoming::End(Ending::Closed),
+        Some(Ok(Message::Close(_))) => Incoming::End(Ending::ClientClosed),
+        None => Incoming::End(Ending::Closed),
         Some(Err(tokio_tungstenite::tungstenite::Error::Capacity(e))) => {
             tracing::debug!(%conn, error = %e, "frame over transport limit");
             Incoming::End(Ending::TooBig)
@@ -267,11 +270,22 @@ pub(super) async fn close_too_big<St>(
     }
 }
 
+/// Sends the close frame tungstenite queued in answer to the client's, within `timeout`.
+pub(super) async fn echo_close<Si>(tx: &mut Si, timeout: std::time::Duration)
+where
+    Si: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
+{
+    let _ = tokio::time::timeout(timeout, futures_util::SinkExt::flush(tx)).await;
+}
+
 /// Why a connection's task ends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Ending {
     /// Closed by either side, or a write failed or timed out.
     Closed,
+    /// The client sent a close frame: RFC 6455 wants it echoed (tungstenite has queued
+    /// the echo; a flush sends it).
+    ClientClosed,
     /// The client sent a frame past the transport limit: close with 1009.
     TooBig,
 }

@@ -629,8 +629,10 @@ impl GatewayNode {
                 e = reader => e,
             }
         };
-        if ending == Ending::TooBig {
-            ws::close_too_big(sink, source, write_timeout).await;
+        match ending {
+            Ending::TooBig => ws::close_too_big(sink, source, write_timeout).await,
+            Ending::ClientClosed => ws::echo_close(&mut sink, write_timeout).await,
+            Ending::Closed => {}
         }
         self.gone(conn, &tx);
     }
