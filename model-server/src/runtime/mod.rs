@@ -600,31 +600,25 @@ impl Server {
     /// A gateway attached to a shared hub (registers the gateway in its region).
     pub fn on_hub(hub: Arc<Hub>, cfg: RuntimeConfig, clock: Clock) -> Arc<Self> {
         hub.with_core(|c| c.add_gateway(cfg.gateway.clone(), cfg.region.clone()));
-        let (shutdown, _) = watch::channel(false);
-        Arc::new(Server {
-            hub,
-            cfg,
-            clock,
-            shutdown,
-            active: Default::default(),
-            pending: Default::default(),
-            http_only: false,
-        })
+        Self::build(hub, cfg, clock, false)
     }
 
     /// The chat service's HTTP side alone (health, metrics, the media lane), which gateway
     /// nodes pass media requests through to: WebSocket upgrades are refused (clients
     /// connect to a gateway) and no gateway is registered.
     pub fn http_only(hub: Arc<Hub>, cfg: RuntimeConfig, clock: Clock) -> Arc<Self> {
-        let (shutdown, _) = watch::channel(false);
+        Self::build(hub, cfg, clock, true)
+    }
+
+    fn build(hub: Arc<Hub>, cfg: RuntimeConfig, clock: Clock, http_only: bool) -> Arc<Self> {
         Arc::new(Server {
             hub,
             cfg,
             clock,
-            shutdown,
+            shutdown: watch::channel(false).0,
             active: Default::default(),
             pending: Default::default(),
-            http_only: true,
+            http_only,
         })
     }
 
